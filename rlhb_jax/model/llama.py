@@ -1,0 +1,267 @@
+"""A Llama-family decoder (Llama 2/3, Mistral, SmolLM2, Qwen2) in Flax NNX.
+
+Dimension letters, used in every einsum below:
+  B batch, T query length, S key length (cache size), D embed, N query heads, K kv heads,
+  G = N // K query heads per kv head, H head dim, F mlp hidden, V vocab, L layers.
+
+The layers are stacked (every layer parameter has a leading L axis) and run with `lax.scan`, so compile
+time does not grow with depth. The KV cache is a pytree passed in and returned; the module holds only
+parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_MASKED = -1e30  # finite, so fully masked rows (left padding) give a uniform softmax, not NaN
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  vocab_size: int
+  embed_dim: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float = 10000.0
+  # Llama-3 scaling: (factor, low_freq_factor, high_freq_factor, original_max_position) or None.
+  rope_scaling: tuple[float, float, float, int] | None = None
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  qkv_bias: bool = False  # Qwen2
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: bool = False
+
+  @property
+  def num_params(self) -> int:
+    D, N, K, H, F, V, L = (
+      self.embed_dim,
+      self.num_heads,
+      self.num_kv_heads,
+      self.head_dim,
+      self.mlp_dim,
+      self.vocab_size,
+      self.num_layers,
+    )
+    per_layer = D * (N + 2 * K) * H + N * H * D + 3 * D * F + 2 * D
+    if self.qkv_bias:
+      per_layer += (N + 2 * K) * H
+    return L * per_layer + V * D * (1 if self.tie_embeddings else 2) + D
+
+
+class Cache(NamedTuple):
+  """Key/value cache. k, v: (L, B, S, K, H); mask: (B, S) valid keys; index: next write slot."""
+
+  k: jax.Array
+  v: jax.Array
+  mask: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def zeros(cls, cfg: LlamaConfig, batch: int, size: int) -> Cache:
+    shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
+    dt = jnp.dtype(cfg.dtype)
+    return cls(
+      jnp.zeros(shape, dt),
+      jnp.zeros(shape, dt),
+      jnp.zeros((batch, size), bool),
+      jnp.zeros((), jnp.int32),
+    )
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None, ones=False) -> nnx.Param:
+  if ones:
+    value = jnp.ones(shape, dtype)
+  else:
+    fan_in = shape[-2] if len(shape) >= 2 else shape[-1]
+    std = scale if scale is not None else fan_in**-0.5
+    value = (std * jax.random.truncated_normal(rngs.params(), -2, 2, shape)).astype(dtype)
+  return nnx.Param(value, logical_axes=axes)
+
+
+class Layers(nnx.Module):
+  """All L decoder layers' parameters, stacked on a leading axis."""
+
+  def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+    L, D, N, K, H, F = (
+      cfg.num_layers,
+      cfg.embed_dim,
+      cfg.num_heads,
+      cfg.num_kv_heads,
+      cfg.head_dim,
+      cfg.mlp_dim,
+    )
+    pd = jnp.dtype(cfg.param_dtype)
+    out_scale = (D**-0.5) / (2 * L) ** 0.5  # small residual branches at init
+    self.attn_norm = _param(rngs, (L, D), ("layers", "embed"), pd, ones=True)
+    self.wq = _param(rngs, (L, D, N, H), ("layers", "embed", "heads", "head_dim"), pd, D**-0.5)
+    self.wk = _param(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), pd, D**-0.5)
+    self.wv = _param(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), pd, D**-0.5)
+    self.wo = _param(rngs, (L, N, H, D), ("layers", "heads", "head_dim", "embed"), pd, out_scale)
+    if cfg.qkv_bias:
+      zeros = lambda *s: jnp.zeros(s, pd)
+      self.bq = nnx.Param(zeros(L, N, H), logical_axes=("layers", "heads", "head_dim"))
+      self.bk = nnx.Param(zeros(L, K, H), logical_axes=("layers", "kv_heads", "head_dim"))
+      self.bv = nnx.Param(zeros(L, K, H), logical_axes=("layers", "kv_heads", "head_dim"))
+    self.mlp_norm = _param(rngs, (L, D), ("layers", "embed"), pd, ones=True)
+    self.w_gate = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), pd, D**-0.5)
+    self.w_up = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), pd, D**-0.5)
+    self.w_down = _param(rngs, (L, F, D), ("layers", "mlp", "embed"), pd, (F**-0.5) / (2 * L) ** 0.5)
+
+  def arrays(self) -> dict[str, jax.Array]:
+    return {k: v[...] for k, v in vars(self).items() if isinstance(v, nnx.Param)}
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_frequencies(cfg: LlamaConfig) -> jax.Array:
+  """Inverse frequencies (H/2,), with Llama-3 wavelength-dependent scaling when configured."""
+  H = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
+  if cfg.rope_scaling is None:
+    return inv
+  factor, low, high, original = cfg.rope_scaling
+  wavelen = 2 * jnp.pi / inv
+  low_wavelen, high_wavelen = original / low, original / high
+  smooth = (original / wavelen - low) / (high - low)
+  mid = (1 - smooth) * inv / factor + smooth * inv
+  return jnp.where(wavelen > low_wavelen, inv / factor, jnp.where(wavelen < high_wavelen, inv, mid))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotary embedding in the rotate-half layout. x: (B, T, *, H); positions: (B, T)."""
+  angles = positions[:, :, None].astype(jnp.float32) * inv_freq  # (B, T, H/2)
+  sin = jnp.sin(angles)[:, :, None, :]
+  cos = jnp.cos(angles)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def _layer(cfg: LlamaConfig, x, p, k_cache, v_cache, positions, allowed, index, inv_freq):
+  """One decoder layer. x: (B, T, D); k_cache/v_cache: (B, S, K, H); allowed: (B, T, S)."""
+  B, T, _ = x.shape
+  K, G = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
+  dt = x.dtype
+  h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
+  q = jnp.einsum("btd,dnh->btnh", h, p["wq"].astype(dt))
+  k = jnp.einsum("btd,dkh->btkh", h, p["wk"].astype(dt))
+  v = jnp.einsum("btd,dkh->btkh", h, p["wv"].astype(dt))
+  if cfg.qkv_bias:
+    q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
+  q = apply_rope(q, positions, inv_freq)
+  k = apply_rope(k, positions, inv_freq)
+  if k_cache is None:
+    keys, values = k, v
+  else:
+    keys = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+    values = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+  q = q.reshape(B, T, K, G, cfg.head_dim)
+  scores = jnp.einsum("btkgh,bskh->bkgts", q, keys.astype(dt)).astype(jnp.float32)
+  scores = scores * cfg.head_dim**-0.5
+  scores = jnp.where(allowed[:, None, None], scores, _MASKED)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+  attn = jnp.einsum("bkgts,bskh->btkgh", probs, values.astype(dt)).reshape(B, T, -1, cfg.head_dim)
+  x = x + jnp.einsum("btnh,nhd->btd", attn, p["wo"].astype(dt))
+  h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
+  gate = jnp.einsum("btd,df->btf", h, p["w_gate"].astype(dt))
+  up = jnp.einsum("btd,df->btf", h, p["w_up"].astype(dt))
+  x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"].astype(dt))
+  return x, k, v
+
+
+class Transformer(nnx.Module):
+  """Decoder-only LM. `trunk` gives final hidden states, `logits` the LM head on top."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = jnp.dtype(cfg.param_dtype)
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), pd, 1.0)
+    self.layers = Layers(cfg, rngs)
+    self.final_norm = _param(rngs, (cfg.embed_dim,), ("embed",), pd, ones=True)
+    if not cfg.tie_embeddings:
+      self.lm_head = _param(rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), pd)
+
+  def trunk(
+    self,
+    tokens: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array,
+    cache: Cache | None = None,
+  ) -> tuple[jax.Array, Cache | None]:
+    """Final normed hidden states (B, T, D) and the updated cache.
+
+    Args:
+      tokens: (B, T) int ids.
+      positions: (B, T) RoPE positions (count of real tokens before each one, so left padding
+        does not shift them).
+      mask: (B, T) True for real tokens, False for padding.
+      cache: None for a plain forward; otherwise the T new tokens are written at `cache.index`.
+    """
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.dtype)
+    B, T = tokens.shape
+    x = self.embed[...].astype(dt)[tokens]
+    inv_freq = rope_frequencies(cfg)
+    if cache is None:
+      causal = jnp.tril(jnp.ones((T, T), bool))
+      allowed = causal[None] & mask[:, None, :]
+      index = 0
+      kv_mask = None
+    else:
+      index = cache.index
+      kv_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, index))
+      S = cache.mask.shape[1]
+      key_pos = jnp.arange(S)[None, :]
+      query_pos = index + jnp.arange(T)[:, None]
+      allowed = (key_pos <= query_pos)[None] & kv_mask[:, None, :]
+
+    def body(x, xs):
+      p, k_c, v_c = xs
+      x, k, v = _layer(cfg, x, p, k_c, v_c, positions, allowed, index, inv_freq)
+      return x, (k, v)
+
+    if cfg.remat:
+      body = jax.checkpoint(body, prevent_cse=False)
+    params = self.layers.arrays()
+    if cache is None:
+      x, _ = jax.lax.scan(lambda c, p: body(c, (p, None, None)), x, params)
+      new_cache = None
+    else:
+      x, (k_new, v_new) = jax.lax.scan(body, x, (params, cache.k, cache.v))
+      new_cache = Cache(
+        jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), (0, 0, index, 0, 0)),
+        jax.lax.dynamic_update_slice(cache.v, v_new.astype(cache.v.dtype), (0, 0, index, 0, 0)),
+        kv_mask,
+        index + T,
+      )
+    return rms_norm(x, self.final_norm[...], cfg.norm_eps), new_cache
+
+  def logits(self, h: jax.Array) -> jax.Array:
+    """LM head: (B, T, D) -> (B, T, V) float32."""
+    if self.cfg.tie_embeddings:
+      w = self.embed[...].astype(h.dtype)
+      return jnp.einsum("btd,vd->btv", h, w).astype(jnp.float32)
+    return jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(h.dtype)).astype(jnp.float32)
+
+  def __call__(self, tokens, positions, mask, cache=None):
+    h, cache = self.trunk(tokens, positions, mask, cache)
+    return self.logits(h), cache
+
+
+def positions_from_mask(mask: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
+  """RoPE positions of left-padded rows: index among the row's real tokens (pads get 0)."""
+  return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0) + offset

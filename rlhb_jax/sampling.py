@@ -1,0 +1,150 @@
+"""Generator sampling: prefill + `lax.scan` decode over a fixed number of new tokens.
+
+Prompts are left-padded to a bucketed length, so all rows share one cache write index and a new
+batch of prompts reuses the compiled program. EOS ends a row: later tokens are padding and are masked
+out of the completion mask.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rlhb_jax.config import SamplingConfig
+from rlhb_jax.model.llama import Cache, Transformer, positions_from_mask
+
+
+class SampleOutput(NamedTuple):
+  tokens: jax.Array  # (B, Tn) int32; padding after EOS
+  logprobs: jax.Array  # (B, Tn) f32: log-softmax(logits / temperature) at the chosen token
+  mask: jax.Array  # (B, Tn) bool completion mask: generated tokens up to and including EOS
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+  for b in sorted(buckets):
+    if length <= b:
+      return b
+  raise ValueError(
+    f"prompt of {length} tokens exceeds the largest bucket {max(buckets)}; "
+    "raise config.sampling.prompt_buckets"
+  )
+
+
+def pad_prompts(
+  prompts: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads token lists to one bucketed length. Returns tokens (B, P) int32, mask (B, P) bool."""
+  P = bucket_length(max(len(p) for p in prompts), buckets)
+  tokens = np.full((len(prompts), P), pad_id, np.int32)
+  mask = np.zeros((len(prompts), P), bool)
+  for i, p in enumerate(prompts):
+    if len(p):
+      tokens[i, P - len(p) :] = p
+      mask[i, P - len(p) :] = True
+  return tokens, mask
+
+
+def _filter_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
+  """Top-k then top-p (nucleus) filtering of (B, V) logits already divided by temperature."""
+  if cfg.top_k > 0:
+    kth = jax.lax.top_k(logits, cfg.top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if cfg.top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
+    exclusive = jnp.cumsum(probs, axis=-1) - probs
+    cutoff_idx = jnp.sum(exclusive < cfg.top_p, axis=-1, keepdims=True) - 1
+    cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return logits
+
+
+def _choose(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+  """Picks one token per row from (B, V) f32 logits; returns (token, its log-prob)."""
+  if cfg.greedy:
+    token = jnp.argmax(logits, axis=-1)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+  else:
+    scaled = logits / cfg.temperature
+    token = jax.random.categorical(key, _filter_logits(scaled, cfg), axis=-1)
+    logp = jax.nn.log_softmax(scaled, axis=-1)
+  return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+
+
+def sample(
+  model: Transformer,
+  prompt_tokens: jax.Array,
+  prompt_mask: jax.Array,
+  rng: jax.Array,
+  cfg: SamplingConfig,
+  eos_ids: tuple[int, ...],
+  pad_id: int = 0,
+) -> SampleOutput:
+  """Samples `cfg.max_new_tokens` tokens after left-padded prompts (B, P). Traceable under jit."""
+  B, P = prompt_tokens.shape
+  Tn = cfg.max_new_tokens
+  cache = Cache.zeros(model.cfg, B, P + Tn)
+  positions = positions_from_mask(prompt_mask)
+  h, cache = model.trunk(prompt_tokens, positions, prompt_mask, cache)
+  logits = model.logits(h[:, -1:])[:, 0]
+  next_pos = prompt_mask.sum(axis=-1).astype(jnp.int32)
+  eos = jnp.asarray(eos_ids, jnp.int32)
+
+  def step(carry, key):
+    logits, cache, pos, done = carry
+    token, logp = _choose(logits, key, cfg)
+    token = jnp.where(done, pad_id, token)
+    live = ~done
+    done = done | jnp.isin(token, eos)
+    h, cache = model.trunk(token[:, None], pos[:, None], live[:, None], cache)
+    return (model.logits(h)[:, 0], cache, pos + 1, done), (token, jnp.where(live, logp, 0.0), live)
+
+  keys = jax.random.split(rng, Tn)
+  done0 = jnp.zeros((B,), bool)
+  _, (tokens, logprobs, live) = jax.lax.scan(step, (logits, cache, next_pos, done0), keys)
+  return SampleOutput(tokens.T, logprobs.T, live.T)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "eos_ids", "pad_id"))
+def sample_jit(graphdef, params, prompt_tokens, prompt_mask, rng, *, cfg, eos_ids, pad_id=0):
+  """`sample` on a split model: jit-compiled once per (graphdef, bucket, batch, cfg)."""
+  model = nnx.merge(graphdef, params)
+  return sample(model, prompt_tokens, prompt_mask, rng, cfg, eos_ids, pad_id)
+
+
+def generate_texts(
+  model: Transformer,
+  tokenizer,
+  prompts: Sequence[Sequence[int]],
+  rng: jax.Array,
+  cfg: SamplingConfig,
+  batch_size: int,
+) -> list[tuple[list[int], str]]:
+  """Host-side convenience: samples every prompt (in fixed-size batches) and decodes the responses.
+
+  The last batch is padded with copies of the first prompt so the batch shape never changes.
+  """
+  graphdef, params = nnx.split(model)
+  out = []
+  for start in range(0, len(prompts), batch_size):
+    chunk = list(prompts[start : start + batch_size])
+    n = len(chunk)
+    chunk += [chunk[0]] * (batch_size - n)
+    tokens, mask = pad_prompts(chunk, cfg.prompt_buckets, tokenizer.pad_id)
+    key = jax.random.fold_in(rng, start)
+    res = sample_jit(
+      graphdef, params, tokens, mask, key, cfg=cfg, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id
+    )
+    toks, live = np.asarray(res.tokens), np.asarray(res.mask)
+    for i in range(n):
+      ids = [int(t) for t, m in zip(toks[i], live[i], strict=True) if m]
+      ids = [t for t in ids if t not in tokenizer.eos_ids]
+      out.append((ids, tokenizer.decode(ids)))
+  return out
