@@ -189,7 +189,9 @@ class Transformer(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     pd = jnp.dtype(cfg.param_dtype)
-    self.embed = _param(rngs, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), pd, 1.0)
+    self.embed = _param(
+      rngs, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), pd, cfg.embed_dim**-0.5
+    )
     self.layers = Layers(cfg, rngs)
     self.final_norm = _param(rngs, (cfg.embed_dim,), ("embed",), pd, ones=True)
     if not cfg.tie_embeddings:

@@ -1,0 +1,152 @@
+"""Building the roles (generator, critic, reference, discriminator) and the sharded RLHB state."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from rlhb_jax import sharding, steps
+from rlhb_jax.config import Config, ModelSpec
+from rlhb_jax.model.heads import ScalarModel
+from rlhb_jax.model.llama import LlamaConfig, Transformer
+
+
+def tiny_llama_config(spec: ModelSpec, vocab_size: int) -> LlamaConfig:
+  return LlamaConfig(
+    vocab_size=vocab_size,
+    embed_dim=spec.embed_dim,
+    num_layers=spec.num_layers,
+    num_heads=spec.num_heads,
+    num_kv_heads=spec.num_kv_heads,
+    head_dim=spec.head_dim,
+    mlp_dim=spec.mlp_dim,
+    rope_theta=spec.rope_theta,
+    tie_embeddings=spec.tie_embeddings,
+    dtype=spec.dtype,
+    param_dtype=spec.param_dtype,
+    remat=spec.remat,
+  )
+
+
+def build_lm(spec: ModelSpec, vocab_size: int, seed: int) -> tuple[Transformer, Any]:
+  """The generator LM and, for a checkpoint, its tokenizer (None for `tiny`)."""
+  if spec.source == "tiny":
+    return Transformer(tiny_llama_config(spec, vocab_size), rngs=nnx.Rngs(seed)), None
+  from rlhb_jax.model import loading
+
+  return loading.load_model(spec)
+
+
+def scalar_from_lm(lm: Transformer, num_outputs: int, seed: int) -> ScalarModel:
+  """A ScalarModel whose trunk starts as a copy of `lm` (critic from generator, RM, classifier)."""
+  model = ScalarModel(lm.cfg, num_outputs, rngs=nnx.Rngs(seed))
+  nnx.update(model.lm, jax.tree.map(jnp.copy, nnx.state(lm, nnx.Param)))
+  return model
+
+
+def build_disc(cfg: Config, actor: Transformer, vocab_size: int) -> ScalarModel:
+  """The discriminator: from the generator's weights, a fresh tiny trunk, or its own checkpoint."""
+  seed = cfg.seed + 2
+  if cfg.disc.init_from_generator:
+    return scalar_from_lm(actor, 1, seed)
+  if cfg.disc.model.source == "tiny":
+    return ScalarModel(tiny_llama_config(cfg.disc.model, vocab_size), 1, rngs=nnx.Rngs(seed))
+  lm, _ = build_lm(cfg.disc.model, vocab_size, seed)
+  return scalar_from_lm(lm, 1, seed)
+
+
+def params_of(model: nnx.Module):
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def init_state(
+  cfg: Config,
+  actor: Transformer,
+  critic: ScalarModel,
+  disc: ScalarModel,
+  eos_ids: tuple[int, ...],
+  pad_id: int,
+  disc_opt_state: Any = None,
+) -> tuple[steps.Roles, steps.RLHBState]:
+  """Roles (static) and the initial RLHB state; the reference is a frozen copy of the actor."""
+  total = cfg.rlhb.steps * cfg.ppo.epochs * cfg.ppo.minibatches
+  roles = steps.Roles(
+    actor=nnx.graphdef(actor),
+    critic=nnx.graphdef(critic),
+    disc=nnx.graphdef(disc),
+    actor_tx=steps.make_optimizer(cfg.ppo.actor_optim, total),
+    critic_tx=steps.make_optimizer(cfg.ppo.critic_optim, total),
+    disc_tx=steps.make_optimizer(cfg.disc.optim, cfg.rlhb.steps * cfg.disc.updates_per_step),
+    eos_ids=tuple(eos_ids),
+    pad_id=pad_id,
+  )
+  a, c, d = params_of(actor), params_of(critic), params_of(disc)
+  state = steps.RLHBState(
+    step=jnp.zeros((), jnp.int32),
+    actor=a,
+    actor_opt=roles.actor_tx.init(a),
+    critic=c,
+    critic_opt=roles.critic_tx.init(c),
+    disc=d,
+    disc_opt=roles.disc_tx.init(d),
+    ref=jax.tree.map(jnp.copy, a),
+    kl_coef=jnp.asarray(cfg.ppo.kl_coef, jnp.float32),
+    nonfinite=jnp.zeros((), jnp.int32),
+    nonfinite_run=jnp.zeros((), jnp.int32),
+  )
+  return roles, state
+
+
+def opt_shardings(tx, opt_state, param_sh, mesh: Mesh):
+  return optax.tree_map_params(
+    tx,
+    lambda _, s: s,
+    opt_state,
+    param_sh,
+    transform_non_params=lambda _: sharding.replicated(mesh),
+  )
+
+
+def state_shardings(
+  roles: steps.Roles, state: steps.RLHBState, models: dict[str, nnx.Module], mesh: Mesh, rules
+) -> steps.RLHBState:
+  """NamedShardings for every leaf of the RLHB state, from the parameters' logical axes."""
+  ps = {
+    name: sharding.param_shardings(getattr(state, name), sharding.logical_axes(m), mesh, rules)
+    for name, m in models.items()
+  }
+  rep = sharding.replicated(mesh)
+  return steps.RLHBState(
+    step=rep,
+    actor=ps["actor"],
+    actor_opt=opt_shardings(roles.actor_tx, state.actor_opt, ps["actor"], mesh),
+    critic=ps["critic"],
+    critic_opt=opt_shardings(roles.critic_tx, state.critic_opt, ps["critic"], mesh),
+    disc=ps["disc"],
+    disc_opt=opt_shardings(roles.disc_tx, state.disc_opt, ps["disc"], mesh),
+    ref=ps["actor"],
+    kl_coef=rep,
+    nonfinite=rep,
+    nonfinite_run=rep,
+  )
+
+
+def batch_shardings(batch: dict, mesh: Mesh) -> dict:
+  return {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
+
+
+def compile_train_step(roles: steps.Roles, cfg: Config, state_sh, batch_sh, mesh: Mesh):
+  """The one jitted RLHB step, with shardings and the state donated."""
+  rep = sharding.replicated(mesh)
+  return jax.jit(
+    functools.partial(steps.train_step, roles, cfg),
+    in_shardings=(state_sh, batch_sh, rep),
+    out_shardings=(state_sh, rep),
+    donate_argnums=(0,),
+  )

@@ -1,0 +1,101 @@
+"""Device mesh and the logical-axis rules that place every parameter on it.
+
+Every parameter carries logical axis names (`batch, length, embed, heads, kv_heads, head_dim, mlp,
+vocab, layers, out`). One rules table (config.mesh.rules) maps them to the mesh axes
+`('data', 'fsdp', 'tensor')`; FSDP vs. tensor parallelism is a change of that table, not of code.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from rlhb_jax.config import MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Mesh of shape cfg.shape over ('data', 'fsdp', 'tensor'); one -1 takes the remaining devices."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = list(cfg.shape)
+  if len(shape) != 3:
+    raise ValueError(f"config.mesh.shape={cfg.shape}: expected 3 sizes (data, fsdp, tensor)")
+  if shape.count(-1) > 1:
+    raise ValueError(f"config.mesh.shape={cfg.shape}: at most one -1")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    shape[shape.index(-1)] = len(devices) // known
+  if math.prod(shape) != len(devices):
+    raise ValueError(f"config.mesh.shape={cfg.shape} needs {math.prod(shape)} devices, have {len(devices)}")
+  return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_to_spec(
+  axes: Sequence[str | None], rules: Sequence[tuple[str, Any]], shape=None, mesh: Mesh | None = None
+) -> PartitionSpec:
+  """PartitionSpec for logical axes. A dimension not divisible by its mesh axes stays replicated.
+
+  Raises:
+    ValueError: an unknown logical axis, or two logical axes of one array on the same mesh axis.
+  """
+  table = dict(rules)
+  used: dict[str, str] = {}
+  spec = []
+  for i, name in enumerate(axes):
+    if name is None:
+      spec.append(None)
+      continue
+    if name not in table:
+      raise ValueError(f"logical axis {name!r} has no rule in config.mesh.rules")
+    target = table[name]
+    mesh_axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+    for m in mesh_axes:
+      if m in used:
+        raise ValueError(f"logical axes {used[m]!r} and {name!r} both map to mesh axis {m!r}")
+      used[m] = name
+    if mesh is not None and shape is not None and mesh_axes:
+      size = math.prod(mesh.shape[m] for m in mesh_axes)
+      if shape[i] % size:
+        logging.debug("axis %s (%d) not divisible by %d: replicated", name, shape[i], size)
+        mesh_axes = ()
+    spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+  return PartitionSpec(*spec)
+
+
+def logical_axes(module: nnx.Module) -> dict:
+  """Pure dict (same tree as the params) of each parameter's logical axis names."""
+  state = nnx.state(module, nnx.Param)
+  axes = jax.tree.map(
+    lambda v: v.get_metadata().get("logical_axes"),
+    state,
+    is_leaf=lambda x: isinstance(x, nnx.Variable),
+  )
+  return nnx.to_pure_dict(axes)
+
+
+def param_shardings(params: Any, axes: Any, mesh: Mesh, rules) -> Any:
+  """NamedShardings for a param tree, given a matching tree of logical axis tuples."""
+  return jax.tree.map(
+    lambda p, a: NamedSharding(mesh, logical_to_spec(a, rules, np.shape(p), mesh)),
+    params,
+    axes,
+    is_leaf=lambda x: isinstance(x, tuple),
+  )
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Leading (batch) dimension over ('data', 'fsdp'), the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
