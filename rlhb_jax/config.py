@@ -79,6 +79,17 @@ class GenerateConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PromptConfig:
+  """How (query, behavior, response) become text for the generator and the discriminator."""
+
+  # The generator's user message; with no behavior the message is exactly the query.
+  generator: str = "{behavior} Question: {query}"
+  chat_template: bool = True  # wrap the generator message in the tokenizer's chat template
+  # The discriminator reads this prefix, then the response tokens; it scores the last token.
+  disc: str = "Question: {query} Users: {behavior} Answer:"
+
+
+@dataclasses.dataclass(frozen=True)
 class OptimConfig:
   learning_rate: float = 3e-4
   warmup_steps: int = 10
@@ -190,6 +201,7 @@ class Config:
   distributed: bool = False  # call jax.distributed.initialize() (multi-host TPU slices)
   model: ModelSpec = ModelSpec()
   sampling: SamplingConfig = SamplingConfig()
+  prompt: PromptConfig = PromptConfig()
   generate: GenerateConfig = GenerateConfig()
   behavior: BehaviorConfig = BehaviorConfig()
   data: DataConfig = DataConfig()

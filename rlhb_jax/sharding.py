@@ -35,7 +35,9 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
   if -1 in shape:
     shape[shape.index(-1)] = len(devices) // known
   if math.prod(shape) != len(devices):
-    raise ValueError(f"config.mesh.shape={cfg.shape} needs {math.prod(shape)} devices, have {len(devices)}")
+    raise ValueError(
+      f"config.mesh.shape={cfg.shape} needs {math.prod(shape)} devices, have {len(devices)}"
+    )
   return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 

@@ -58,7 +58,10 @@ class Roles:
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
   warmup = max(1, min(cfg.warmup_steps, total_steps))
   schedule = optax.join_schedules(
-    [optax.linear_schedule(0.0, cfg.learning_rate, warmup), optax.constant_schedule(cfg.learning_rate)],
+    [
+      optax.linear_schedule(0.0, cfg.learning_rate, warmup),
+      optax.constant_schedule(cfg.learning_rate),
+    ],
     [warmup],
   )
   return optax.chain(
@@ -135,11 +138,14 @@ class Experience(NamedTuple):
   returns: jax.Array
 
 
-def make_experience(roles: Roles, state: RLHBState, ro: Rollout, seq_reward: jax.Array, cfg: Config):
+def make_experience(
+  roles: Roles, state: RLHBState, ro: Rollout, seq_reward: jax.Array, cfg: Config
+):
   """Old log-probs, reference log-probs, values, KL-shaped token rewards and GAE advantages."""
   mask = ro.mask.astype(jnp.float32)
   old_lp = token_logprobs(
-    policy_logits(roles.actor, state.actor, ro.prompt, ro.prompt_mask, ro.tokens, ro.mask), ro.tokens
+    policy_logits(roles.actor, state.actor, ro.prompt, ro.prompt_mask, ro.tokens, ro.mask),
+    ro.tokens,
   )
   ref_lp = token_logprobs(
     policy_logits(roles.actor, state.ref, ro.prompt, ro.prompt_mask, ro.tokens, ro.mask), ro.tokens
@@ -265,7 +271,9 @@ def disc_batch(batch: dict, ro: Rollout | None, seq_reward, cfg: Config) -> Disc
   rows. The top `bootstrap_ratio` share of generated rows by reward counts twice.
   """
   d = cfg.disc
-  real_t, real_m = _concat(batch["prefix"], batch["prefix_mask"], batch["real"], batch["real_mask"])
+  real_t, real_m = _concat(
+    batch["real_prefix"], batch["real_prefix_mask"], batch["real"], batch["real_mask"]
+  )
   swap_t, swap_m = _concat(
     batch["swap_prefix"], batch["swap_prefix_mask"], batch["real"], batch["real_mask"]
   )
@@ -310,11 +318,16 @@ def disc_update(disc_def, tx, params, opt_state, db: DiscBatch, cfg: Config):
   new_params = optax.apply_updates(params, updates)
   params, opt_state = _guarded(finite, (new_params, new_opt), (params, opt_state))
   metrics = {f"disc_{k}" if not k.startswith("d_") else k: v for k, v in metrics.items()}
-  return params, opt_state, metrics | {
-    "disc_loss": loss,
-    "disc_grad_norm": optax.global_norm(grads),
-    "disc_finite": finite.astype(jnp.float32),
-  }
+  return (
+    params,
+    opt_state,
+    metrics
+    | {
+      "disc_loss": loss,
+      "disc_grad_norm": optax.global_norm(grads),
+      "disc_finite": finite.astype(jnp.float32),
+    },
+  )
 
 
 def train_step(roles: Roles, cfg: Config, state: RLHBState, batch: dict, rng: jax.Array):
@@ -342,7 +355,9 @@ def train_step(roles: Roles, cfg: Config, state: RLHBState, batch: dict, rng: ja
     )
     state = state.replace(disc=disc, disc_opt=disc_opt)
     disc_metrics = jax.tree.map(lambda x: x[-1], dm)
-    state = state.replace(nonfinite=state.nonfinite + jnp.sum(1 - dm["disc_finite"]).astype(jnp.int32))
+    state = state.replace(
+      nonfinite=state.nonfinite + jnp.sum(1 - dm["disc_finite"]).astype(jnp.int32)
+    )
 
   kl_coef = state.kl_coef
   if cfg.ppo.adaptive_kl:

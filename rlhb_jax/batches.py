@@ -1,0 +1,181 @@
+"""Host-side batches of fixed shape for SFT, discriminator warm-up and RLHB steps.
+
+Every example is tokenized once. Lengths are fixed for the whole run (prompt and prefix buckets from
+the longest example, responses cut to `sampling.max_new_tokens`), so no batch triggers a recompile.
+The batch of step s depends only on (seed, s): the data position is the step, which makes resuming a
+killed run exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import numpy as np
+
+from rlhb_jax.config import Config
+from rlhb_jax.sampling import bucket_length
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  query: str
+  response: str
+  behavior: str  # verbalized logged behavior
+
+
+def generator_message(cfg: Config, query: str, behavior: str | None) -> str:
+  if not behavior:
+    return query
+  return cfg.prompt.generator.format(behavior=behavior, query=query)
+
+
+class Encoder:
+  """Tokenizes generator prompts, discriminator prefixes and responses, with caching."""
+
+  def __init__(self, cfg: Config, tokenizer):
+    self.cfg = cfg
+    self.tok = tokenizer
+
+  @functools.lru_cache(maxsize=200_000)  # noqa: B019 (one encoder per run)
+  def prompt(self, query: str, behavior: str | None) -> tuple[int, ...]:
+    msg = generator_message(self.cfg, query, behavior)
+    ids = self.tok.chat_prompt(msg) if self.cfg.prompt.chat_template else self.tok.encode(msg)
+    return tuple(ids)
+
+  @functools.lru_cache(maxsize=200_000)  # noqa: B019
+  def prefix(self, query: str, behavior: str) -> tuple[int, ...]:
+    return tuple(self.tok.encode(self.cfg.prompt.disc.format(query=query, behavior=behavior)))
+
+  @functools.lru_cache(maxsize=200_000)  # noqa: B019
+  def response(self, text: str) -> tuple[int, ...]:
+    """Response ids plus EOS, cut to max_new_tokens (a cut response has no EOS, like a sample)."""
+    ids = [*self.tok.encode(" " + text.strip()), self.tok.eos_ids[0]]
+    return tuple(ids[: self.cfg.sampling.max_new_tokens])
+
+
+def left_pad(seqs: Sequence[Sequence[int]], length: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+  tokens = np.full((len(seqs), length), pad, np.int32)
+  mask = np.zeros((len(seqs), length), bool)
+  for i, s in enumerate(seqs):
+    if len(s) > length:
+      raise ValueError(f"sequence of {len(s)} tokens does not fit in {length}")
+    if len(s):
+      tokens[i, length - len(s) :] = s
+      mask[i, length - len(s) :] = True
+  return tokens, mask
+
+
+def right_pad(
+  seqs: Sequence[Sequence[int]], length: int, pad: int
+) -> tuple[np.ndarray, np.ndarray]:
+  tokens = np.full((len(seqs), length), pad, np.int32)
+  mask = np.zeros((len(seqs), length), bool)
+  for i, s in enumerate(seqs):
+    s = list(s)[:length]
+    tokens[i, : len(s)] = s
+    mask[i, : len(s)] = True
+  return tokens, mask
+
+
+class Batcher:
+  """Fixed-shape batches drawn from logged examples; batch(step) is a pure function of the step."""
+
+  def __init__(self, cfg: Config, tokenizer, examples: Sequence[Example], best_behavior: str):
+    if not examples:
+      raise ValueError("no training examples")
+    self.cfg = cfg
+    self.enc = Encoder(cfg, tokenizer)
+    self.examples = list(examples)
+    self.best = best_behavior
+    self.pad = tokenizer.pad_id
+    behaviors = sorted({e.behavior for e in self.examples} | {best_behavior})
+    self.behaviors = behaviors
+    buckets = cfg.sampling.prompt_buckets
+    self.P = bucket_length(
+      max(len(self.enc.prompt(e.query, b)) for e in self.examples for b in (e.behavior, self.best)),
+      buckets,
+    )
+    longest_b = max(behaviors, key=lambda b: len(self.enc.prefix("", b)))
+    self.Pd = bucket_length(
+      max(len(self.enc.prefix(e.query, longest_b)) for e in self.examples) + 2, buckets
+    )
+    self.Tn = cfg.sampling.max_new_tokens
+
+  def indices(self, step: int, size: int) -> np.ndarray:
+    """Example indices of a step: consecutive slices of per-epoch permutations."""
+    n = len(self.examples)
+    start = step * size
+    out = []
+    while len(out) < size:
+      epoch, offset = divmod(start + len(out), n)
+      perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(n)
+      out.extend(perm[offset : offset + size - len(out)].tolist())
+    return np.asarray(out)
+
+  def swapped(self, example: Example, rng: np.random.Generator) -> str:
+    """Another logged behavior text than the example's own (behavior-swap negative)."""
+    if len(self.behaviors) == 1:
+      return example.behavior
+    while True:
+      b = self.behaviors[rng.integers(len(self.behaviors))]
+      if b != example.behavior:
+        return b
+
+  def sft(self, step: int) -> dict[str, np.ndarray]:
+    """Prompt (logged behavior) + logged response; loss on response tokens only."""
+    exs = [self.examples[i] for i in self.indices(step, self.cfg.sft.batch_size)]
+    prompt, prompt_mask = left_pad(
+      [self.enc.prompt(e.query, e.behavior) for e in exs], self.P, self.pad
+    )
+    resp, resp_mask = right_pad([self.enc.response(e.response) for e in exs], self.Tn, self.pad)
+    return {
+      "prompt": prompt,
+      "prompt_mask": prompt_mask,
+      "response": resp,
+      "response_mask": resp_mask,
+    }
+
+  def _disc_fields(self, exs, rng, target: str | None) -> dict[str, np.ndarray]:
+    real_prefix = left_pad([self.enc.prefix(e.query, e.behavior) for e in exs], self.Pd, self.pad)
+    swap_prefix = left_pad(
+      [self.enc.prefix(e.query, self.swapped(e, rng)) for e in exs], self.Pd, self.pad
+    )
+    real = right_pad([self.enc.response(e.response) for e in exs], self.Tn, self.pad)
+    out = {
+      "real_prefix": real_prefix[0],
+      "real_prefix_mask": real_prefix[1],
+      "swap_prefix": swap_prefix[0],
+      "swap_prefix_mask": swap_prefix[1],
+      "real": real[0],
+      "real_mask": real[1],
+    }
+    if target is not None:
+      prefix = left_pad(
+        [self.enc.prefix(e.query, target or e.behavior) for e in exs], self.Pd, self.pad
+      )
+      out["prefix"], out["prefix_mask"] = prefix
+    return out
+
+  def disc(self, step: int) -> dict[str, np.ndarray]:
+    """Discriminator warm-up: real triplets and behavior-swapped ones."""
+    exs = [self.examples[i] for i in self.indices(step, self.cfg.disc.batch_size)]
+    rng = np.random.default_rng([self.cfg.seed, step, 1])
+    return self._disc_fields(exs, rng, None)
+
+  def rlhb(self, step: int) -> dict[str, np.ndarray]:
+    """Generator prompts for the target behavior plus the discriminator's real/swap rows."""
+    exs = [self.examples[i] for i in self.indices(step, self.cfg.ppo.prompts_per_step)]
+    rng = np.random.default_rng([self.cfg.seed, step, 2])
+    best = self.cfg.rlhb.target_behavior == "best"
+    targets = [self.best if best else e.behavior for e in exs]
+    prompt = left_pad(
+      [self.enc.prompt(e.query, t) for e, t in zip(exs, targets, strict=True)], self.P, self.pad
+    )
+    out = self._disc_fields(exs, rng, self.best if best else "")
+    out["prompt"], out["prompt_mask"] = prompt
+    return out
+
+  def eval_prompts(self, queries: Sequence[str], behavior: str | None) -> list[tuple[int, ...]]:
+    return [self.enc.prompt(q, behavior) for q in queries]

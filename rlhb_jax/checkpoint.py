@@ -1,0 +1,64 @@
+"""Orbax checkpoints of a run: the whole train state plus the JSON needed to resume it exactly.
+
+A checkpoint holds `state` (every role's parameters and optimizer state, the step, KL coefficient and
+counters) and `meta` (config, data position, bin edges, tokenizer, free-form extras). The RNG is not
+stored separately: per-step keys are `fold_in(key(seed), step)`, and the step is in the state.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from rlhb_jax.config import CheckpointConfig
+
+
+class Checkpointer:
+  """Keep-N, fixed-interval, optionally async checkpoints under `directory`."""
+
+  def __init__(self, directory: pathlib.Path, cfg: CheckpointConfig):
+    self.directory = pathlib.Path(directory).absolute()
+    self.cfg = cfg
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=cfg.keep,
+      save_interval_steps=max(1, cfg.every_steps),
+      enable_async_checkpointing=cfg.async_save,
+    )
+    self.manager = ocp.CheckpointManager(
+      self.directory, options=options, item_names=("state", "meta")
+    )
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
+    return self.manager.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+      force=force,
+    )
+
+  def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict]:
+    """Restores into the structure, dtypes and shardings of `target` (arrays or ShapeDtypeStructs)."""
+    step = self.latest_step() if step is None else step
+    abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      target,
+    )
+    out = self.manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+      ),
+    )
+    return out["state"], out["meta"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,77 @@
+"""Command line: `python -m rlhb_jax.main --config configs/<name>.py --workdir DIR [--config.a.b=v]`.
+
+Parses flags, converts the locked config once into frozen dataclasses, initialises multi-host JAX when
+asked, and dispatches on `config.mode` to `rlhb_jax.jobs.<module>.run(config, workdir)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import pathlib
+import sys
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from rlhb_jax import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Path to a config file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Run directory (outputs, checkpoints).")
+
+# config.mode -> module under rlhb_jax.jobs
+JOBS = {
+  "pipeline": "pipeline",
+  "generate": "generate",
+  "simulate": "simulate",
+  "inspect_logs": "inspect_logs",
+  "sft": "train",
+  "disc_warmup": "train",
+  "rlhb": "train",
+  "eval": "evaluate",
+  "reward_model": "baselines",
+  "rlhf": "train",
+  "behavior_classifier": "baselines",
+  "rlhbc": "train",
+  "online": "online",
+  "serve": "serve",
+}
+
+
+def run(cfg: config_lib.Config, workdir: pathlib.Path) -> dict:
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(
+    json.dumps(config_lib.to_configdict(cfg).to_dict(), indent=2, default=list)
+  )
+  module = importlib.import_module(f"rlhb_jax.jobs.{JOBS[cfg.mode]}")
+  return module.run(cfg, workdir)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.getLogger().setLevel(logging.INFO)
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required, e.g. --config configs/default.py")
+  try:
+    cfg = config_lib.from_configdict(_CONFIG.value)
+  except (KeyError, TypeError, ValueError) as e:
+    print(f"config error: {e}", file=sys.stderr)
+    sys.exit(2)
+  if cfg.distributed:
+    jax.distributed.initialize()
+  from rlhb_jax.data import BadRecordError
+
+  try:
+    run(cfg, pathlib.Path(_WORKDIR.value))
+  except BadRecordError as e:
+    print(f"bad record: {e}", file=sys.stderr)
+    sys.exit(3)
+
+
+if __name__ == "__main__":
+  app.run(main)

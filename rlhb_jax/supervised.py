@@ -1,0 +1,68 @@
+"""Supervised steps: behavior-conditioned SFT of the generator and discriminator warm-up."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from rlhb_jax import losses, steps
+from rlhb_jax.config import Config
+
+
+@struct.dataclass
+class SupervisedState:
+  step: jax.Array
+  params: Any
+  opt: Any
+
+
+def init(params: Any, tx: optax.GradientTransformation) -> SupervisedState:
+  return SupervisedState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+
+def sft_step(graphdef, tx, state: SupervisedState, batch: dict, rng=None):
+  """Token cross-entropy on the logged response given the prompt with its logged behavior.
+
+  loss = -sum_t m_t log p(y_t | prompt, y_<t) / (sum_t m_t + eps), m the response mask.
+  """
+  del rng
+
+  def loss_fn(params):
+    logits = steps.policy_logits(
+      graphdef,
+      params,
+      batch["prompt"],
+      batch["prompt_mask"],
+      batch["response"],
+      batch["response_mask"],
+    )
+    return losses.sft_loss(logits, batch["response"], batch["response_mask"].astype(jnp.float32))
+
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  finite = steps._all_finite(loss, grads)
+  updates, opt = tx.update(grads, state.opt, state.params)
+  params = optax.apply_updates(state.params, updates)
+  params, opt = steps._guarded(finite, (params, opt), (state.params, state.opt))
+  metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+  return state.replace(step=state.step + 1, params=params, opt=opt), metrics
+
+
+def disc_warmup_step(graphdef, tx, cfg: Config, state: SupervisedState, batch: dict, rng=None):
+  """Real logged triplets (label 1) vs. the same triplets with a swapped behavior (label 0)."""
+  del rng
+  db = steps.disc_batch(batch, None, None, cfg)
+  params, opt, metrics = steps.disc_update(graphdef, tx, state.params, state.opt, db, cfg)
+  return state.replace(step=state.step + 1, params=params, opt=opt), metrics
+
+
+def compile_sft(graphdef, tx):
+  return jax.jit(functools.partial(sft_step, graphdef, tx), donate_argnums=(0,))
+
+
+def compile_disc_warmup(graphdef, tx, cfg: Config):
+  return jax.jit(functools.partial(disc_warmup_step, graphdef, tx, cfg), donate_argnums=(0,))

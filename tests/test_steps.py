@@ -1,0 +1,151 @@
+"""The RLHB train step: sharded == single device, shardings follow the rules, one compile, NaN skip."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from rlhb_jax import config as C
+from rlhb_jax import roles as R
+from rlhb_jax import sharding
+
+V, Bp, P, Pd, Tn = 64, 8, 12, 10, 6
+
+
+def small_config(mesh_shape=(1, 1, 1)) -> C.Config:
+  return C.replace(
+    C.Config(mode="rlhb"),
+    **{
+      "model.embed_dim": 32,
+      "model.num_layers": 2,
+      "model.num_heads": 4,
+      "model.num_kv_heads": 4,
+      "model.head_dim": 8,
+      "model.mlp_dim": 64,
+      "disc.model.embed_dim": 32,
+      "disc.model.num_layers": 1,
+      "disc.model.num_heads": 4,
+      "disc.model.num_kv_heads": 4,
+      "disc.model.head_dim": 8,
+      "disc.model.mlp_dim": 64,
+      "disc.bootstrap_ratio": 0.25,
+      "ppo.prompts_per_step": Bp,
+      "ppo.rollouts_per_prompt": 2,
+      "ppo.epochs": 2,
+      "ppo.minibatches": 2,
+      "sampling.max_new_tokens": Tn,
+      "mesh.shape": mesh_shape,
+    },
+  )
+
+
+def make_batch(seed: int) -> dict:
+  rng = np.random.default_rng(seed)
+
+  def left(B, L):
+    t = rng.integers(5, V, (B, L)).astype(np.int32)
+    m = np.arange(L)[None] >= rng.integers(0, L // 2, (B, 1))
+    return np.where(m, t, 0).astype(np.int32), m
+
+  b = {}
+  b["prompt"], b["prompt_mask"] = left(Bp, P)
+  b["prefix"], b["prefix_mask"] = left(Bp, Pd)
+  b["real_prefix"], b["real_prefix_mask"] = b["prefix"], b["prefix_mask"]
+  b["swap_prefix"], b["swap_prefix_mask"] = left(Bp, Pd)
+  b["real"] = rng.integers(5, V, (Bp, Tn)).astype(np.int32)
+  b["real_mask"] = np.arange(Tn)[None] < rng.integers(2, Tn + 1, (Bp, 1))
+  return b
+
+
+def build(cfg: C.Config, devices):
+  actor, _ = R.build_lm(cfg.model, V, 0)
+  critic = R.scalar_from_lm(actor, 1, 1)
+  disc = R.build_disc(cfg, actor, V)
+  roles, state = R.init_state(cfg, actor, critic, disc, (1,), 0)
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  models = {"actor": actor, "critic": critic, "disc": disc}
+  ssh = R.state_shardings(roles, state, models, mesh, cfg.mesh.rules)
+  bsh = R.batch_shardings(make_batch(0), mesh)
+  with jax.set_mesh(mesh):
+    state = jax.device_put(state, ssh)
+    step = R.compile_train_step(roles, cfg, ssh, bsh, mesh)
+  return mesh, state, step, ssh
+
+
+def run_steps(cfg, devices, n=2):
+  mesh, state, step, _ = build(cfg, devices)
+  out = []
+  with jax.set_mesh(mesh):
+    for i in range(n):
+      state, m = step(state, make_batch(i), jax.random.key(0))
+      out.append(jax.device_get(m))
+  return jax.device_get(state), out, step
+
+
+@pytest.fixture(scope="module")
+def single():
+  return run_steps(small_config(), jax.devices()[:1])
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 2, 4)])
+def test_sharded_step_equals_single_device(single, shape):
+  assert len(jax.devices()) == 8
+  ref_state, ref_metrics, _ = single
+  state, metrics, _ = run_steps(small_config(shape), jax.devices())
+  for a, b in zip(jax.tree.leaves(ref_state), jax.tree.leaves(state), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+  for m_ref, m in zip(ref_metrics, metrics, strict=True):
+    for k in m_ref:
+      np.testing.assert_allclose(m_ref[k], m[k], rtol=1e-3, atol=1e-4, err_msg=k)
+  # The step changed the actor (the comparison is not between two untouched states).
+  init_state = build(small_config(), jax.devices()[:1])[1]
+  delta = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), init_state.actor, ref_state.actor)
+  assert max(jax.tree.leaves(delta)) > 0
+
+
+def test_parameters_carry_rule_shardings():
+  cfg = small_config((1, 2, 4))
+  mesh, state, _, ssh = build(cfg, jax.devices())
+  lay = state.actor["layers"]
+  assert lay["wq"].sharding.spec == PartitionSpec(None, "fsdp", "tensor", None)
+  assert lay["w_down"].sharding.spec == PartitionSpec(None, "tensor", "fsdp")
+  assert state.actor["embed"].sharding.spec == PartitionSpec("tensor", "fsdp")
+  # Adam moments follow their parameters.
+  mu = state.actor_opt[1][0].mu["layers"]["wq"]
+  assert mu.sharding.spec == lay["wq"].sharding.spec
+  # FSDP-only is a rules change: the same code shards nothing over 'tensor'.
+  rules = tuple((k, None if v == "tensor" else v) for k, v in cfg.mesh.rules)
+  spec = sharding.logical_to_spec(
+    ("layers", "embed", "heads", "head_dim"), rules, (2, 32, 4, 8), mesh
+  )
+  assert spec == PartitionSpec(None, "fsdp", None, None)
+
+
+def test_rules_refuse_two_logical_axes_on_one_mesh_axis():
+  rules = (("embed", "fsdp"), ("mlp", "fsdp"))
+  with pytest.raises(ValueError, match="both map to mesh axis 'fsdp'"):
+    sharding.logical_to_spec(("embed", "mlp"), rules)
+
+
+def test_step_compiles_once(single):
+  *_, step = single
+  assert step._cache_size() == 1
+
+
+def test_nan_reward_is_skipped_and_counted():
+  cfg = small_config()
+  mesh, state, step, _ = build(cfg, jax.devices()[:1])
+  # A NaN discriminator bias makes every reward NaN: PPO and D updates must all be skipped.
+  state = state.replace(disc={**state.disc, "head_b": jnp.full_like(state.disc["head_b"], jnp.nan)})
+  before = jax.device_get(state.actor)
+  with jax.set_mesh(mesh):
+    state, m = step(state, make_batch(0), jax.random.key(0))
+  per_step = cfg.ppo.epochs * cfg.ppo.minibatches + cfg.disc.updates_per_step
+  assert int(m["nonfinite"]) == per_step
+  assert int(m["nonfinite_run"]) == cfg.ppo.epochs * cfg.ppo.minibatches
+  for a, b in zip(
+    jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state.actor)), strict=True
+  ):
+    np.testing.assert_array_equal(a, b)
+  assert int(state.step) == 1
