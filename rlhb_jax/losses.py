@@ -157,8 +157,9 @@ def token_rewards(
   last = jnp.max(jnp.where(valid, positions, -1), axis=1)  # -1 for an empty row
   at_last = positions[None, :] == last[:, None]
   seq_reward = jax.lax.stop_gradient(_f32(seq_reward))
+  # 0 at masked positions: kl is, and `at_last` only marks valid ones.
   rewards = jnp.where(at_last, seq_reward[:, None], 0.0) - kl_coef * kl
-  return jnp.where(valid, rewards, 0.0), kl
+  return rewards, kl
 
 
 def update_kl_coef(
@@ -339,8 +340,9 @@ def disc_loss(
     "accuracy": masked_mean(correct, w),
     "d_real": masked_mean(prob, w * is_real),
     "d_fake": masked_mean(prob, w * ~is_real),
-    "n_real": jnp.sum(is_real & (w != 0)),
-    "n_fake": jnp.sum(~is_real & (w != 0)),
+    # float32 like every other metric, so that metric trees average and log uniformly.
+    "n_real": jnp.sum(is_real & (w != 0), dtype=jnp.float32),
+    "n_fake": jnp.sum(~is_real & (w != 0), dtype=jnp.float32),
   }
   return loss, metrics
 

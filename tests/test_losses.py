@@ -446,6 +446,11 @@ def test_sft_loss(rng):
   _close(metrics["accuracy"], np_masked_mean(logits.argmax(-1) == targets, mask))
   assert float(metrics["accuracy"]) > 0.0
   _close(metrics["num_tokens"], mask.sum())
+  # Padding ids at masked positions (e.g. -100) change nothing, in the value or the gradient.
+  padded = np.where(mask > 0, targets, -100)
+  _close(losses.sft_loss(logits, padded, mask)[0], loss)
+  grad = jax.grad(lambda z: losses.sft_loss(z, padded, mask)[0])(jnp.asarray(logits))
+  assert np.all(np.isfinite(np.asarray(grad))) and np.all(np.asarray(grad)[mask == 0] == 0.0)
 
 
 # ----------------------------------------------------------------------------- jit

@@ -1,0 +1,72 @@
+"""mode=generate: sample responses for a JSONL of {"query", "behavior"?} prompts."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+import jax
+
+from rlhb_jax.batches import generator_message
+from rlhb_jax.config import Config
+from rlhb_jax.run import Run
+from rlhb_jax.sampling import generate_texts
+
+BUILTIN_QUERIES = (
+  "What is the capital of France?",
+  "How many centimeters are in a meter?",
+  "What is 12 plus 30?",
+)
+
+
+def read_prompts(path: str) -> list[dict]:
+  """Prompts from JSONL; a bad line is an error naming the file, line and field."""
+  if not path:
+    return [{"query": q} for q in BUILTIN_QUERIES]
+  prompts = []
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+      if not isinstance(obj, dict) or not isinstance(obj.get("query"), str) or not obj["query"]:
+        raise ValueError(f"{path}:{n}: field 'query' must be a non-empty string")
+      if obj.get("behavior") is not None and not isinstance(obj["behavior"], str):
+        raise ValueError(f"{path}:{n}: field 'behavior' must be a string")
+      prompts.append(obj)
+  return prompts
+
+
+def run(cfg: Config, workdir: pathlib.Path) -> dict:
+  run_ = Run(cfg, workdir)
+  tok = run_.tokenizer
+  model = run_.actor_model()
+  prompts = read_prompts(cfg.generate.prompts_file)
+  ids = []
+  for p in prompts:
+    msg = generator_message(cfg, p["query"], p.get("behavior"))
+    ids.append(tok.chat_prompt(msg) if cfg.generate.chat_template else tok.encode(msg))
+  t0 = time.perf_counter()
+  outs = generate_texts(
+    model, tok, ids, jax.random.key(cfg.seed), cfg.sampling, cfg.generate.batch_size
+  )
+  seconds = time.perf_counter() - t0
+  path = workdir / "generations.jsonl"
+  with path.open("w", encoding="utf-8") as f:
+    for p, prompt_ids, (resp_ids, text) in zip(prompts, ids, outs, strict=True):
+      row = {
+        "query": p["query"],
+        "behavior": p.get("behavior"),
+        "prompt_token_ids": list(prompt_ids),
+        "response_token_ids": resp_ids,
+        "response": text,
+      }
+      f.write(json.dumps(row, ensure_ascii=False) + "\n")
+  for p, (_, text) in zip(prompts, outs, strict=True):
+    print(f"> {p['query']}\n{text}\n")
+  print(f"wrote {len(outs)} generations to {path} in {seconds:.1f}s (compile included)")
+  return {"generations": len(outs), "path": str(path)}

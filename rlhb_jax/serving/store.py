@@ -1,0 +1,400 @@
+"""Append-only, crash-safe store of served responses and the behavior events users send back.
+
+Two tables (schema in docs/SERVING.md): `responses`, one row per answer the server gave, and
+`events`, one row per behavior event, unique on `event_id` so a retried POST is stored once. Every
+row gets a monotonically increasing `seq`; the trainer keeps a cursor `{"responses": int, "events":
+int}` (the last `seq` it consumed from each table) in its checkpoint and asks `read_new(cursor)` for
+what came after. Writes are serialised (SQLite has one writer; on PostgreSQL a transaction-scoped
+advisory lock does it), so `seq` order is commit order and a reader never sees seq 11 before seq 10
+is visible: a cursor saved with the model therefore gives exactly-once consumption across restarts.
+
+SQLite (the default, `DIR/feedback.db`) runs in WAL mode with `synchronous=FULL`: a commit returns
+only once the WAL is on disk, so an event acknowledged with 200 survives a process kill and a power
+cut. `synchronous=NORMAL` is also safe against process kills (the WAL is in the OS page cache) but
+may lose the last commits on power loss; it is a config option for throughput-bound users.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime
+import math
+import os
+import sqlite3
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+SCHEMA_VERSION = 1
+CURSOR_KEYS = ("responses", "events")
+# Arbitrary constant naming the PostgreSQL advisory lock that serialises writers.
+_PG_WRITE_LOCK = 0x726C6862
+
+_DDL = (
+  """CREATE TABLE IF NOT EXISTS store_meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+  )""",
+  """CREATE TABLE IF NOT EXISTS responses (
+    seq {serial},
+    id TEXT NOT NULL UNIQUE,
+    query TEXT NOT NULL,
+    behavior TEXT,
+    response TEXT NOT NULL,
+    model_step BIGINT NOT NULL,
+    created_at TEXT NOT NULL
+  )""",
+  """CREATE TABLE IF NOT EXISTS events (
+    seq {serial},
+    event_id TEXT NOT NULL UNIQUE,
+    response_id TEXT NOT NULL REFERENCES responses (id),
+    type TEXT NOT NULL,
+    value {real} NOT NULL,
+    created_at TEXT NOT NULL
+  )""",
+  "CREATE INDEX IF NOT EXISTS events_response_id ON events (response_id)",
+)
+
+
+class UnknownResponseError(KeyError):
+  """Feedback names a response id the store has never served."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ResponseRow:
+  """One served response."""
+
+  seq: int
+  id: str
+  query: str
+  behavior: str | None  # the behavior condition it was generated under; None = policy default
+  response: str
+  model_step: int
+  created_at: str  # ISO 8601, UTC
+
+
+@dataclasses.dataclass(frozen=True)
+class EventRow:
+  """One behavior event, joined with the response it is about."""
+
+  seq: int
+  event_id: str
+  response_id: str
+  type: str
+  value: float
+  created_at: str
+  query: str
+  response: str
+  behavior: str | None
+  model_step: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Feed:
+  """What `read_new` returns: rows committed after the cursor, each list in `seq` order."""
+
+  responses: list[ResponseRow]
+  events: list[EventRow]
+
+
+def start_cursor() -> dict[str, int]:
+  """The cursor of a consumer that has read nothing yet."""
+  return dict.fromkeys(CURSOR_KEYS, 0)
+
+
+def _check_cursor(cursor: dict[str, int] | None) -> dict[str, int]:
+  if cursor is None:
+    return start_cursor()
+  if set(cursor) != set(CURSOR_KEYS) or not all(
+    isinstance(cursor[k], int) and cursor[k] >= 0 for k in CURSOR_KEYS
+  ):
+    raise ValueError(f"cursor {cursor!r}: expected {{'responses': int >= 0, 'events': int >= 0}}")
+  return dict(cursor)
+
+
+def _utc_now() -> str:
+  now = datetime.datetime.now(datetime.UTC)
+  return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dialect:
+  """What differs between the DB-API drivers; the SQL is otherwise shared."""
+
+  name: str
+  serial: str  # column type of the auto-increasing `seq` primary key
+  real: str  # column type of a float
+  placeholder: str  # parameter marker of the driver's paramstyle
+  write_lock: str  # statement that starts a serialised write transaction
+
+  def sql(self, statement: str) -> str:
+    return statement.replace("?", self.placeholder)
+
+
+_SQLITE = _Dialect(
+  name="sqlite",
+  serial="INTEGER PRIMARY KEY AUTOINCREMENT",  # AUTOINCREMENT: a seq is never reused
+  real="REAL",
+  placeholder="?",
+  write_lock="BEGIN IMMEDIATE",  # takes the single writer lock up front
+)
+_POSTGRES = _Dialect(
+  name="postgresql",
+  serial="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+  real="DOUBLE PRECISION",
+  placeholder="%s",
+  write_lock=f"SELECT pg_advisory_xact_lock({_PG_WRITE_LOCK})",
+)
+
+
+def _connect_sqlite(path: str, synchronous: str) -> Any:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  # isolation_level=None: no implicit transactions; writes open theirs with BEGIN IMMEDIATE.
+  conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+  mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+  if mode.lower() != "wal":
+    raise RuntimeError(f"{path}: could not switch SQLite to WAL mode (got {mode!r})")
+  conn.execute(f"PRAGMA synchronous={synchronous}")
+  conn.execute("PRAGMA foreign_keys=ON")
+  conn.execute("PRAGMA busy_timeout=30000")
+  return conn
+
+
+def _connect_postgres(url: str) -> Any:
+  try:
+    import psycopg  # noqa: PLC0415 - optional dependency, only for postgresql:// URLs
+  except ImportError as e:
+    raise ImportError(
+      f"store_url {url.split('@')[-1]!r} needs the PostgreSQL driver: pip install 'psycopg[binary]'"
+    ) from e
+  return psycopg.connect(url)
+
+
+class FeedbackStore:
+  """Served responses and behavior events behind one DB-API connection (thread-safe).
+
+  Open with `open_store`. Producers call `add_responses` / `add_event`; the trainer calls
+  `read_new(cursor)` and keeps the returned cursor in its checkpoint.
+  """
+
+  def __init__(self, conn: Any, dialect: _Dialect, where: str):
+    self._conn = conn
+    self._dialect = dialect
+    self._lock = threading.Lock()
+    self.where = where  # path or URL without credentials, for messages
+    self._create_schema()
+
+  # -- plumbing -----------------------------------------------------------------------------------
+
+  def _execute(self, statement: str, params: Sequence[Any] = ()) -> Any:
+    return self._conn.execute(self._dialect.sql(statement), tuple(params))
+
+  def _write(self, body: Callable[[], T]) -> T:
+    """Runs `body()` in one serialised write transaction and commits it."""
+    with self._lock:
+      self._execute(self._dialect.write_lock)
+      try:
+        result = body()
+      except BaseException:
+        self._conn.rollback()
+        raise
+      self._conn.commit()
+      return result
+
+  def _read(self, statement: str, params: Sequence[Any] = ()) -> list[tuple]:
+    with self._lock:
+      rows = self._execute(statement, params).fetchall()
+      self._conn.commit()  # ends the read snapshot (a no-op in SQLite autocommit mode)
+      return rows
+
+  def _create_schema(self) -> None:
+    def create():
+      for statement in _DDL:
+        self._execute(statement.format(serial=self._dialect.serial, real=self._dialect.real))
+      self._execute(
+        "INSERT INTO store_meta (key, value) VALUES ('schema_version', ?) "
+        "ON CONFLICT (key) DO NOTHING",
+        (str(SCHEMA_VERSION),),
+      )
+      return self._execute("SELECT value FROM store_meta WHERE key = 'schema_version'").fetchone()
+
+    (version,) = self._write(create)
+    if int(version) != SCHEMA_VERSION:
+      raise RuntimeError(
+        f"{self.where}: feedback store schema version {version}, this code reads {SCHEMA_VERSION}"
+      )
+
+  # -- producers ----------------------------------------------------------------------------------
+
+  def add_responses(
+    self,
+    queries: Sequence[str],
+    behaviors: Sequence[str | None],
+    responses: Sequence[str],
+    model_step: int,
+  ) -> list[str]:
+    """Records a batch of served responses in one transaction; returns their new ids."""
+    if not len(queries) == len(behaviors) == len(responses):
+      raise ValueError("add_responses: queries, behaviors and responses differ in length")
+    ids = [uuid.uuid4().hex for _ in queries]
+    now = _utc_now()
+
+    def insert():
+      for rid, query, behavior, response in zip(ids, queries, behaviors, responses, strict=True):
+        self._execute(
+          "INSERT INTO responses (id, query, behavior, response, model_step, created_at) "
+          "VALUES (?, ?, ?, ?, ?, ?)",
+          (rid, query, behavior, response, int(model_step), now),
+        )
+
+    self._write(insert)
+    return ids
+
+  def add_event(self, response_id: str, event_id: str, type: str, value: float = 1.0) -> bool:
+    """Records one behavior event; True if it is new, False if `event_id` was already stored.
+
+    The first event with a given `event_id` wins; a repeat changes nothing, whatever it carries.
+
+    Raises:
+      UnknownResponseError: `response_id` was never served.
+    """
+
+    def insert():
+      known = self._execute("SELECT 1 FROM responses WHERE id = ?", (response_id,)).fetchone()
+      if known is None:
+        raise UnknownResponseError(response_id)
+      cur = self._execute(
+        "INSERT INTO events (event_id, response_id, type, value, created_at) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
+        (event_id, response_id, type, float(value), _utc_now()),
+      )
+      return cur.rowcount == 1
+
+    return self._write(insert)
+
+  # -- consumers ----------------------------------------------------------------------------------
+
+  def counts(self) -> dict[str, int]:
+    """`{"responses": n, "events": m}`: rows stored so far."""
+    (row,) = self._read(
+      "SELECT (SELECT COUNT(*) FROM responses), (SELECT COUNT(*) FROM events)", ()
+    )
+    return {"responses": int(row[0]), "events": int(row[1])}
+
+  def read_new(
+    self, cursor: dict[str, int] | None = None, limit: int | None = None
+  ) -> tuple[Feed, dict[str, int]]:
+    """Rows committed after `cursor`, and the cursor to pass next time.
+
+    Args:
+      cursor: `{"responses": seq, "events": seq}` as returned by the previous call (or
+        `start_cursor()` / None for everything). Keep it in the checkpoint next to the model that
+        consumed the rows: restoring both together gives exactly-once consumption.
+      limit: at most this many rows from each table (None = all); the cursor then advances only
+        past the rows returned.
+
+    Returns:
+      `(feed, new_cursor)`; `feed.events` carry their response's query, text and condition.
+    """
+    cursor = _check_cursor(cursor)
+    tail = "" if limit is None else f" LIMIT {int(limit)}"
+    responses = [
+      ResponseRow(*row)
+      for row in self._read(
+        "SELECT seq, id, query, behavior, response, model_step, created_at FROM responses "
+        "WHERE seq > ? ORDER BY seq" + tail,
+        (cursor["responses"],),
+      )
+    ]
+    events = [
+      EventRow(*row)
+      for row in self._read(
+        "SELECT e.seq, e.event_id, e.response_id, e.type, e.value, e.created_at, "
+        "r.query, r.response, r.behavior, r.model_step "
+        "FROM events e JOIN responses r ON r.id = e.response_id "
+        "WHERE e.seq > ? ORDER BY e.seq" + tail,
+        (cursor["events"],),
+      )
+    ]
+    new_cursor = {
+      "responses": responses[-1].seq if responses else cursor["responses"],
+      "events": events[-1].seq if events else cursor["events"],
+    }
+    return Feed(responses, events), new_cursor
+
+  def close(self) -> None:
+    with self._lock:
+      self._conn.close()
+
+  def __enter__(self) -> FeedbackStore:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def open_store(
+  url: str = "", workdir: str | os.PathLike = ".", synchronous: str = "FULL"
+) -> FeedbackStore:
+  """Opens (creating if needed) the store named by `url`.
+
+  Args:
+    url: "" = `workdir/feedback.db`; a file path or `sqlite:///path` = SQLite there;
+      `postgresql://...` (or `postgres://`) = PostgreSQL with the same schema (needs `psycopg`).
+    workdir: where the default SQLite file lives.
+    synchronous: SQLite durability, "FULL" or "NORMAL" (see the module docstring).
+  """
+  if url.startswith(("postgresql://", "postgres://")):
+    return FeedbackStore(_connect_postgres(url), _POSTGRES, url.split("@")[-1])
+  if url.startswith("sqlite:///"):
+    path = url[len("sqlite:///") :]  # sqlite:///rel.db is relative, sqlite:////abs.db absolute
+  elif "://" in url:
+    raise ValueError(f"store_url {url!r}: expected a path, sqlite:///path or postgresql://...")
+  else:
+    path = url or os.path.join(os.fspath(workdir), "feedback.db")
+  return FeedbackStore(_connect_sqlite(path, synchronous), _SQLITE, path)
+
+
+def _plain_number(total: float) -> int | float:
+  return int(total) if math.isfinite(total) and total == int(total) else total
+
+
+def aggregate_records(
+  events: Iterable[EventRow], behavior_types: Sequence[str] = (), source: str = "serve"
+) -> list[dict[str, Any]]:
+  """Consumed events as behavior log records (RLHB.md section 7), one per response.
+
+  Each record sums the values of its response's events per type (`{"likes": 3, ...}`); every type in
+  `behavior_types` is present (0 when no event came), other types seen are kept too. Integral sums
+  are ints, so counts stay integers while `dwell_seconds` may be a float. The timestamp is that of
+  the latest event. A response whose events straddle two `read_new` calls yields one record per
+  call, with disjoint counts.
+  """
+  grouped: dict[str, list[EventRow]] = collections.defaultdict(list)
+  for event in events:
+    grouped[event.response_id].append(event)
+  records = []
+  for response_id, group in grouped.items():
+    totals: dict[str, float] = dict.fromkeys(behavior_types, 0.0)
+    for event in group:
+      totals[event.type] = totals.get(event.type, 0.0) + event.value
+    first = group[0]
+    records.append(
+      {
+        "id": response_id,
+        "query": first.query,
+        "response": first.response,
+        "behavior": {k: _plain_number(v) for k, v in totals.items()},
+        "timestamp": max(e.created_at for e in group),
+        "meta": {
+          "source": source,
+          "behavior_condition": first.behavior,
+          "model_step": first.model_step,
+          "events": len(group),
+        },
+      }
+    )
+  return records
