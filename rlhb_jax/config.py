@@ -18,6 +18,7 @@ import ml_collections
 
 from rlhb_jax.behavior import BehaviorConfig
 from rlhb_jax.data.config import DataConfig
+from rlhb_jax.serving.config import ServeConfig
 from rlhb_jax.sim.config import SimConfig
 
 MODES = (
@@ -214,6 +215,7 @@ class Config:
   checkpoint: CheckpointConfig = CheckpointConfig()
   eval: EvalConfig = EvalConfig()
   log: LogConfig = LogConfig()
+  serve: ServeConfig = ServeConfig()
 
   def __post_init__(self):
     if self.mode not in MODES:

@@ -140,7 +140,14 @@ def generate_texts(
     tokens, mask = pad_prompts(chunk, cfg.prompt_buckets, tokenizer.pad_id)
     key = jax.random.fold_in(rng, start)
     res = sample_jit(
-      graphdef, params, tokens, mask, key, cfg=cfg, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id
+      graphdef,
+      params,
+      tokens,
+      mask,
+      key,
+      cfg=cfg,
+      eos_ids=tokenizer.eos_ids,
+      pad_id=tokenizer.pad_id,
     )
     toks, live = np.asarray(res.tokens), np.asarray(res.mask)
     for i in range(n):

@@ -15,7 +15,8 @@ class ScalarModel(nnx.Module):
   def __init__(self, cfg: LlamaConfig, num_outputs: int = 1, *, rngs: nnx.Rngs):
     self.lm = Transformer(cfg, rngs=rngs)
     self.head_w = nnx.Param(
-      jnp.zeros((cfg.embed_dim, num_outputs), jnp.dtype(cfg.param_dtype)), logical_axes=("embed", "out")
+      jnp.zeros((cfg.embed_dim, num_outputs), jnp.dtype(cfg.param_dtype)),
+      logical_axes=("embed", "out"),
     )
     self.head_b = nnx.Param(jnp.zeros((num_outputs,), jnp.float32), logical_axes=("out",))
 

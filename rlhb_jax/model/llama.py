@@ -114,7 +114,9 @@ class Layers(nnx.Module):
     self.mlp_norm = _param(rngs, (L, D), ("layers", "embed"), pd, ones=True)
     self.w_gate = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), pd, D**-0.5)
     self.w_up = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), pd, D**-0.5)
-    self.w_down = _param(rngs, (L, F, D), ("layers", "mlp", "embed"), pd, (F**-0.5) / (2 * L) ** 0.5)
+    self.w_down = _param(
+      rngs, (L, F, D), ("layers", "mlp", "embed"), pd, (F**-0.5) / (2 * L) ** 0.5
+    )
 
   def arrays(self) -> dict[str, jax.Array]:
     return {k: v[...] for k, v in vars(self).items() if isinstance(v, nnx.Param)}
