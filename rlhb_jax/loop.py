@@ -15,6 +15,8 @@ from rlhb_jax.checkpoint import Checkpointer
 from rlhb_jax.config import Config
 from rlhb_jax.metrics import MetricsWriter, Progress
 
+log = logging.getLogger(__name__)
+
 Monitor = Callable[[int, dict[str, float]], None]
 
 
@@ -46,7 +48,7 @@ def train_loop(
   ckpt = Checkpointer(workdir / "checkpoints" / name, cfg.checkpoint)
   if ckpt.latest_step() is not None:
     state, _ = ckpt.restore(state)
-    logging.info("%s: resumed from step %d", name, int(state.step))
+    log.info("%s: resumed from step %d", name, int(state.step))
   start = int(state.step)
   writer = MetricsWriter(workdir, tensorboard=cfg.log.tensorboard, stream=name)
   writer.truncate_from(start)
@@ -84,7 +86,8 @@ def train_loop(
       ckpt.save(s + 1, state, meta)
     if pending is not None:
       flush(pending)
-    if start < num_steps or ckpt.latest_step() != num_steps:
+    ckpt.wait()
+    if ckpt.latest_step() != num_steps:
       ckpt.save(num_steps, state, meta, force=True)
   finally:
     progress.close()
@@ -107,7 +110,7 @@ def rlhb_monitor(cfg: Config) -> Monitor:
     pinned = d_fake > cfg.rlhb.collapse_high or d_fake < cfg.rlhb.collapse_low
     run["collapsed"] = run["collapsed"] + 1 if pinned else 0
     if run["collapsed"] == cfg.rlhb.collapse_patience:
-      logging.warning(
+      log.warning(
         "COLLAPSE ALARM at step %d: mean D(fake) = %.3f has stayed outside [%.2f, %.2f] for %d steps",
         step,
         d_fake,

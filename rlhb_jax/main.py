@@ -14,6 +14,7 @@ import sys
 
 import jax
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from rlhb_jax import config as config_lib
@@ -54,7 +55,8 @@ def run(cfg: config_lib.Config, workdir: pathlib.Path) -> dict:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.getLogger().setLevel(logging.INFO)
+  absl_logging.set_verbosity(absl_logging.WARNING)  # keep Orbax / grain chatter out of the log
+  logging.getLogger("rlhb_jax").setLevel(logging.INFO)
   if _CONFIG.value is None:
     raise app.UsageError("--config is required, e.g. --config configs/default.py")
   try:

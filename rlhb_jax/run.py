@@ -23,9 +23,12 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from rlhb_jax import roles
+from rlhb_jax.batches import Batcher, Example
 from rlhb_jax.config import Config
 from rlhb_jax.model.llama import Transformer
 from rlhb_jax.tokenization import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 class Run:
@@ -52,11 +55,13 @@ class Run:
     tok_dir = self.workdir / "tokenizer"
     if (tok_dir / "tokenizer.json").exists():
       return Tokenizer.load(tok_dir)
-    from rlhb_jax import data_prep
+    from rlhb_jax.sim.bpe import tokenizer_corpus, train_bpe
 
-    tok = data_prep.train_tokenizer(self)
+    extra = [self.cfg.prompt.generator, self.cfg.prompt.disc]
+    texts = tokenizer_corpus(self.simulator, self.cfg.behavior, extra=extra)
+    tok = Tokenizer.from_tokenizers(train_bpe(texts, self.cfg.model.vocab_size))
     tok.save(tok_dir)
-    logging.info("trained a %d-token BPE on the simulator corpus: %s", tok.vocab_size, tok_dir)
+    log.info("trained a %d-token BPE on the simulator corpus: %s", tok.vocab_size, tok_dir)
     return tok
 
   def base_actor(self) -> Transformer:
@@ -73,7 +78,7 @@ class Run:
       params = self.load_params(name, model)
       if params is not None:
         nnx.update(model, params)
-        logging.info("generator weights from %s", self.workdir / "models" / name)
+        log.info("generator weights from %s", self.workdir / "models" / name)
         break
     return model
 
@@ -95,3 +100,69 @@ class Run:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
     with ocp.StandardCheckpointer() as ckptr:
       return ckptr.restore(path, abstract)
+
+  # -- Data ------------------------------------------------------------------------------------------
+
+  @functools.cached_property
+  def simulator(self):
+    from rlhb_jax.sim.simulator import Simulator
+
+    return Simulator(self.cfg.sim, self.cfg.seed)
+
+  @functools.cached_property
+  def logs_path(self) -> pathlib.Path:
+    """config.data.path, or simulated logs (and annotator preferences) written into the run."""
+    if self.cfg.data.path:
+      return pathlib.Path(self.cfg.data.path)
+    path = self.workdir / "logs.jsonl"
+    if not path.exists():
+      n = self.simulator.write_logs(self.workdir / "logs.jsonl.tmp")
+      (self.workdir / "logs.jsonl.tmp").rename(path)
+      self.simulator.write_preferences(self.workdir / "preferences.jsonl")
+      log.info("simulated %d log records: %s", n, path)
+    return path
+
+  @functools.cached_property
+  def records(self) -> list[dict]:
+    from rlhb_jax.data import read_records
+
+    reader = read_records(self.logs_path, self.cfg.data, self.workdir, self.cfg.behavior)
+    records = list(reader)
+    report = reader.report
+    log.info(
+      "logs %s: %d records ok, %d rejected%s",
+      self.logs_path,
+      report.records_ok,
+      report.records_rejected,
+      f" (quarantined in {report.quarantine_path})" if report.records_rejected else "",
+    )
+    return records
+
+  @functools.cached_property
+  def binner(self):
+    """Bin edges fitted on the training logs, saved with the run and reused on resume."""
+    from rlhb_jax.behavior import Binner
+
+    path = self.workdir / "bin_edges.json"
+    if path.exists():
+      return Binner.load(path, self.cfg.behavior)
+    binner = Binner.fit(self.records, self.cfg.behavior)
+    binner.save(path)
+    return binner
+
+  @functools.cached_property
+  def examples(self) -> list[Example]:
+    from rlhb_jax.behavior import verbalize_records
+
+    texts = verbalize_records(self.records, self.binner)
+    return [Example(r["query"], r["response"], t) for r, t in zip(self.records, texts, strict=True)]
+
+  @functools.cached_property
+  def best_behavior(self) -> str:
+    from rlhb_jax.behavior import most_preferred_text
+
+    return most_preferred_text(self.cfg.behavior)
+
+  @functools.cached_property
+  def batcher(self) -> Batcher:
+    return Batcher(self.cfg, self.tokenizer, self.examples, self.best_behavior)

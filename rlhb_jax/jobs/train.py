@@ -16,6 +16,8 @@ from rlhb_jax import loop, roles, sharding, steps, supervised
 from rlhb_jax.config import Config
 from rlhb_jax.run import Run
 
+log = logging.getLogger(__name__)
+
 
 def _meta(run: Run, stage: str) -> dict:
   edges = run.workdir / "bin_edges.json"
@@ -114,7 +116,7 @@ def rlhb(run: Run) -> None:
     )
   run.save_params("rlhb_actor", jax.device_get(state.actor))
   run.save_params("rlhb_disc", jax.device_get(state.disc))
-  logging.info("RLHB done: %d steps, %d non-finite updates skipped", int(state.step), int(state.nonfinite))
+  log.info("RLHB done: %d steps, %d non-finite updates skipped", int(state.step), int(state.nonfinite))
 
 
 def run(cfg: Config, workdir: pathlib.Path) -> dict:

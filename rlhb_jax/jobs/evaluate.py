@@ -1,0 +1,85 @@
+"""mode=eval: held-out simulator queries, conditioned on the most preferred behavior.
+
+Expected like / dislike / requery / click rates and accuracy come from the simulator's ground truth;
+Win / Tie / Loss against the SFT generator from the simulated users' judge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import jax
+import numpy as np
+
+from rlhb_jax.config import Config
+from rlhb_jax.judges import SimulatedUsersJudge, win_tie_loss
+from rlhb_jax.metrics import format_table
+from rlhb_jax.run import Run
+from rlhb_jax.sampling import generate_texts
+
+RATE_KEYS = ("like_rate", "dislike_rate", "requery_rate", "click_rate", "accuracy")
+
+
+def heldout_queries(run: Run) -> list[str]:
+  queries = run.simulator.queries("heldout")
+  rng = np.random.default_rng([run.cfg.seed, 7])
+  n = min(run.cfg.eval.num_queries, len(queries))
+  return [queries[i] for i in sorted(rng.choice(len(queries), n, replace=False))]
+
+
+def respond(run: Run, model, queries: list[str]) -> list[str]:
+  """Greedy responses conditioned on the most preferred behavior."""
+  cfg = run.cfg
+  prompts = run.batcher.eval_prompts(queries, run.best_behavior)
+  sampling = dataclasses.replace(cfg.sampling, greedy=True)
+  outs = generate_texts(
+    model, run.tokenizer, prompts, jax.random.key(cfg.seed), sampling, cfg.eval.batch_size
+  )
+  return [text for _, text in outs]
+
+
+def ground_truth(run: Run, queries: list[str], responses: list[str], round: int | None = None):
+  sim = run.simulator
+  rates = [sim.expected_rates(q, r, round) for q, r in zip(queries, responses, strict=True)]
+  correct = [sim.features(q, r).answer == "correct" for q, r in zip(queries, responses, strict=True)]
+  out = {f"{k}_rate": float(np.mean([r[k] for r in rates])) for k in rates[0]}
+  out["accuracy"] = float(np.mean(correct))
+  return out
+
+
+def evaluate(run: Run, methods: dict[str, str]) -> dict:
+  """Scores each method's generator (name -> models/<params>) and compares it with SFT."""
+  queries = heldout_queries(run)
+  responses, results = {}, {}
+  for name, params_name in methods.items():
+    model = run.actor_model(prefer=(params_name,))
+    responses[name] = respond(run, model, queries)
+    results[name] = ground_truth(run, queries, responses[name])
+  judge = SimulatedUsersJudge(run.simulator)
+  for name in methods:
+    if name != "sft" and "sft" in responses:
+      results[name] |= win_tie_loss(judge, queries, responses[name], responses["sft"])
+  samples = [
+    {"query": q, **{m: responses[m][i] for m in methods}} for i, q in enumerate(queries[:20])
+  ]
+  (run.workdir / "eval_samples.json").write_text(json.dumps(samples, indent=1))
+  return results
+
+
+def print_results(results: dict) -> None:
+  rows = [{"method": m, **v} for m, v in results.items()]
+  cols = ["method", *RATE_KEYS, "win", "tie", "loss"]
+  print(format_table(rows, [c for c in cols if any(c in r for r in rows)]))
+
+
+def run(cfg: Config, workdir: pathlib.Path) -> dict:
+  run_ = Run(cfg, workdir)
+  methods = {"sft": "sft_actor"}
+  if run_.has_params("rlhb_actor"):
+    methods["rlhb"] = "rlhb_actor"
+  results = evaluate(run_, methods)
+  (run_.workdir / "eval.json").write_text(json.dumps(results, indent=2))
+  print_results(results)
+  return results

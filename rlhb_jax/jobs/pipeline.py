@@ -1,0 +1,50 @@
+"""The default demo: simulate logs -> tokenizer -> tiny model -> SFT -> D warm-up -> RLHB -> eval.
+
+Writes DIR/summary.json and prints the same as a table. Every stage resumes from what the run
+directory already holds, so re-running after an interruption continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+from rlhb_jax.config import Config
+from rlhb_jax.jobs import evaluate, train
+from rlhb_jax.metrics import plot_training, read_jsonl
+from rlhb_jax.run import Run
+
+
+def run(cfg: Config, workdir: pathlib.Path) -> dict:
+  t0 = time.perf_counter()
+  run_ = Run(cfg, workdir)
+  print(f"logs: {run_.logs_path} ({len(run_.examples)} records)")
+  print(f"most preferred behavior: {run_.best_behavior!r}")
+  train.sft(run_)
+  train.disc_warmup(run_)
+  train.rlhb(run_)
+  results = evaluate.evaluate(run_, {"sft": "sft_actor", "rlhb": "rlhb_actor"})
+  rl = read_jsonl(run_.workdir / "rlhb.jsonl")
+  tail = rl[-max(1, len(rl) // 10) :]
+  mean = lambda k: sum(r[k] for r in tail if r.get(k) is not None) / max(
+    1, sum(r.get(k) is not None for r in tail)
+  )
+  summary = {
+    "methods": {
+      "sft": {k: results["sft"][k] for k in evaluate.RATE_KEYS},
+      "rlhb": {k: results["rlhb"][k] for k in (*evaluate.RATE_KEYS, "win", "tie", "loss")},
+    },
+    "disc": {"real_mean": mean("d_real"), "fake_mean": mean("d_fake")},
+    "wall_seconds": time.perf_counter() - t0,
+  }
+  (run_.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+  if cfg.log.plots:
+    plot_training(run_.workdir, stream="rlhb")
+  evaluate.print_results(results)
+  print(
+    f"discriminator (last 10% of steps): D(real)={summary['disc']['real_mean']:.3f} "
+    f"D(fake)={summary['disc']['fake_mean']:.3f}; wall {summary['wall_seconds']:.0f}s"
+  )
+  print(f"summary: {run_.workdir / 'summary.json'}")
+  return summary
