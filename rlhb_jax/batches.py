@@ -23,12 +23,20 @@ class Example:
   query: str
   response: str
   behavior: str  # verbalized logged behavior
+  context: str = ""  # the search result the answer was shown with (optional)
 
 
-def generator_message(cfg: Config, query: str, behavior: str | None) -> str:
-  if not behavior:
+def _context(cfg: Config, context: str) -> str:
+  return cfg.prompt.context.format(context=context) if context else ""
+
+
+def generator_message(cfg: Config, query: str, behavior: str | None, context: str = "") -> str:
+  if not behavior and not context:
     return query
-  return cfg.prompt.generator.format(behavior=behavior, query=query)
+  msg = cfg.prompt.generator.format(
+    behavior=behavior or "", query=query, context=_context(cfg, context)
+  )
+  return msg.strip()
 
 
 class Encoder:
@@ -39,14 +47,17 @@ class Encoder:
     self.tok = tokenizer
 
   @functools.lru_cache(maxsize=200_000)  # noqa: B019 (one encoder per run)
-  def prompt(self, query: str, behavior: str | None) -> tuple[int, ...]:
-    msg = generator_message(self.cfg, query, behavior)
+  def prompt(self, query: str, behavior: str | None, context: str = "") -> tuple[int, ...]:
+    msg = generator_message(self.cfg, query, behavior, context)
     ids = self.tok.chat_prompt(msg) if self.cfg.prompt.chat_template else self.tok.encode(msg)
     return tuple(ids)
 
   @functools.lru_cache(maxsize=200_000)  # noqa: B019
-  def prefix(self, query: str, behavior: str) -> tuple[int, ...]:
-    return tuple(self.tok.encode(self.cfg.prompt.disc.format(query=query, behavior=behavior)))
+  def prefix(self, query: str, behavior: str, context: str = "") -> tuple[int, ...]:
+    text = self.cfg.prompt.disc.format(
+      query=query, behavior=behavior, context=_context(self.cfg, context)
+    )
+    return tuple(self.tok.encode(text))
 
   @functools.lru_cache(maxsize=200_000)  # noqa: B019
   def response(self, text: str) -> tuple[int, ...]:
@@ -94,12 +105,12 @@ class Batcher:
     self.behaviors = behaviors
     buckets = cfg.sampling.prompt_buckets
     self.P = bucket_length(
-      max(len(self.enc.prompt(e.query, b)) for e in self.examples for b in (e.behavior, self.best)),
+      max(len(self.enc.prompt(e.query, b, e.context)) for e in self.examples for b in (e.behavior, self.best)),
       buckets,
     )
     longest_b = max(behaviors, key=lambda b: len(self.enc.prefix("", b)))
     self.Pd = bucket_length(
-      max(len(self.enc.prefix(e.query, longest_b)) for e in self.examples) + 2, buckets
+      max(len(self.enc.prefix(e.query, longest_b, e.context)) for e in self.examples) + 2, buckets
     )
     self.Tn = cfg.sampling.max_new_tokens
 
@@ -127,7 +138,7 @@ class Batcher:
     """Prompt (logged behavior) + logged response; loss on response tokens only."""
     exs = [self.examples[i] for i in self.indices(step, self.cfg.sft.batch_size)]
     prompt, prompt_mask = left_pad(
-      [self.enc.prompt(e.query, e.behavior) for e in exs], self.P, self.pad
+      [self.enc.prompt(e.query, e.behavior, e.context) for e in exs], self.P, self.pad
     )
     resp, resp_mask = right_pad([self.enc.response(e.response) for e in exs], self.Tn, self.pad)
     return {
@@ -138,9 +149,9 @@ class Batcher:
     }
 
   def _disc_fields(self, exs, rng, target: str | None) -> dict[str, np.ndarray]:
-    real_prefix = left_pad([self.enc.prefix(e.query, e.behavior) for e in exs], self.Pd, self.pad)
+    real_prefix = left_pad([self.enc.prefix(e.query, e.behavior, e.context) for e in exs], self.Pd, self.pad)
     swap_prefix = left_pad(
-      [self.enc.prefix(e.query, self.swapped(e, rng)) for e in exs], self.Pd, self.pad
+      [self.enc.prefix(e.query, self.swapped(e, rng), e.context) for e in exs], self.Pd, self.pad
     )
     real = right_pad([self.enc.response(e.response) for e in exs], self.Tn, self.pad)
     out = {
@@ -153,7 +164,7 @@ class Batcher:
     }
     if target is not None:
       prefix = left_pad(
-        [self.enc.prefix(e.query, target or e.behavior) for e in exs], self.Pd, self.pad
+        [self.enc.prefix(e.query, target or e.behavior, e.context) for e in exs], self.Pd, self.pad
       )
       out["prefix"], out["prefix_mask"] = prefix
     return out
@@ -171,11 +182,14 @@ class Batcher:
     best = self.cfg.rlhb.target_behavior == "best"
     targets = [self.best if best else e.behavior for e in exs]
     prompt = left_pad(
-      [self.enc.prompt(e.query, t) for e, t in zip(exs, targets, strict=True)], self.P, self.pad
+      [self.enc.prompt(e.query, t, e.context) for e, t in zip(exs, targets, strict=True)], self.P, self.pad
     )
     out = self._disc_fields(exs, rng, self.best if best else "")
     out["prompt"], out["prompt_mask"] = prompt
     return out
 
-  def eval_prompts(self, queries: Sequence[str], behavior: str | None) -> list[tuple[int, ...]]:
-    return [self.enc.prompt(q, behavior) for q in queries]
+  def eval_prompts(
+    self, queries: Sequence[str], behavior: str | None, contexts: Sequence[str] | None = None
+  ) -> list[tuple[int, ...]]:
+    contexts = contexts or [""] * len(queries)
+    return [self.enc.prompt(q, behavior, c) for q, c in zip(queries, contexts, strict=True)]

@@ -48,7 +48,7 @@ class ModelSpec:
   source: str = "tiny"
   path: str = ""
   # Shape of the tiny model (ignored when weights come from a checkpoint).
-  vocab_size: int = 512
+  vocab_size: int = 1024  # tiny model: size of the BPE trained on the simulator corpus
   embed_dim: int = 128
   num_layers: int = 2
   num_heads: int = 4
@@ -64,7 +64,7 @@ class ModelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-  max_new_tokens: int = 32  # fixed decode length (static shape); EOS ends a row early
+  max_new_tokens: int = 24  # fixed decode length (static shape); EOS ends a row early
   greedy: bool = False
   temperature: float = 1.0
   top_k: int = 0  # 0 = off
@@ -83,11 +83,13 @@ class GenerateConfig:
 class PromptConfig:
   """How (query, behavior, response) become text for the generator and the discriminator."""
 
-  # The generator's user message; with no behavior the message is exactly the query.
-  generator: str = "{behavior} Question: {query}"
+  # The generator's user message; with no behavior and no context the message is exactly the query.
+  generator: str = "{behavior}{context} Question: {query}"
   chat_template: bool = True  # wrap the generator message in the tokenizer's chat template
   # The discriminator reads this prefix, then the response tokens; it scores the last token.
-  disc: str = "Question: {query} Users: {behavior} Answer:"
+  disc: str = "Question: {query}{context} Users: {behavior} Answer:"
+  # How a record's optional "context" (the search result shown with the answer) enters {context}.
+  context: str = " Search result: {context}"
 
 
 @dataclasses.dataclass(frozen=True)

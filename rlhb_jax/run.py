@@ -155,7 +155,15 @@ class Run:
     from rlhb_jax.behavior import verbalize_records
 
     texts = verbalize_records(self.records, self.binner)
-    return [Example(r["query"], r["response"], t) for r, t in zip(self.records, texts, strict=True)]
+    return [
+      Example(r["query"], r["response"], t, r.get("context") or "")
+      for r, t in zip(self.records, texts, strict=True)
+    ]
+
+  @functools.cached_property
+  def uses_context(self) -> bool:
+    """Whether the logs carry the search result each answer was shown with."""
+    return any(e.context for e in self.examples)
 
   @functools.cached_property
   def best_behavior(self) -> str:

@@ -32,7 +32,8 @@ def heldout_queries(run: Run) -> list[str]:
 def respond(run: Run, model, queries: list[str]) -> list[str]:
   """Greedy responses conditioned on the most preferred behavior."""
   cfg = run.cfg
-  prompts = run.batcher.eval_prompts(queries, run.best_behavior)
+  contexts = [run.simulator.context(q) for q in queries] if run.uses_context else None
+  prompts = run.batcher.eval_prompts(queries, run.best_behavior, contexts)
   sampling = dataclasses.replace(cfg.sampling, greedy=True)
   outs = generate_texts(
     model, run.tokenizer, prompts, jax.random.key(cfg.seed), sampling, cfg.eval.batch_size

@@ -48,7 +48,7 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
   prompts = read_prompts(cfg.generate.prompts_file)
   ids = []
   for p in prompts:
-    msg = generator_message(cfg, p["query"], p.get("behavior"))
+    msg = generator_message(cfg, p["query"], p.get("behavior"), p.get("context") or "")
     ids.append(tok.chat_prompt(msg) if cfg.generate.chat_template else tok.encode(msg))
   t0 = time.perf_counter()
   outs = generate_texts(
