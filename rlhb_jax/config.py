@@ -143,7 +143,7 @@ class PPOConfig:
   kl_target: float = 6.0
   kl_horizon: int = 10000
   reward_transform: str = "prob"  # f(D): prob | log | logit
-  reward_norm: str = "none"  # none | center | whiten
+  reward_norm: str = "none"  # none | center | whiten (batch) | group (per prompt's n rollouts)
   actor_optim: OptimConfig = OptimConfig(learning_rate=1e-4)
   critic_optim: OptimConfig = OptimConfig(learning_rate=3e-4)
 
@@ -231,7 +231,7 @@ class Config:
       raise ValueError(f"config.ppo.kl_estimator={self.ppo.kl_estimator!r}: expected k1 or k3")
     if self.ppo.reward_transform not in ("prob", "log", "logit"):
       raise ValueError(f"config.ppo.reward_transform={self.ppo.reward_transform!r}")
-    if self.ppo.reward_norm not in ("none", "center", "whiten"):
+    if self.ppo.reward_norm not in ("none", "center", "whiten", "group"):
       raise ValueError(f"config.ppo.reward_norm={self.ppo.reward_norm!r}")
 
 

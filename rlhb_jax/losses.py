@@ -21,7 +21,7 @@ Metrics = dict[str, Array]
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 REWARD_TRANSFORMS = ("prob", "log", "logit")
-REWARD_NORMALIZATIONS = ("none", "center", "whiten")
+REWARD_NORMALIZATIONS = ("none", "center", "whiten", "group")
 
 
 def _f32(x: Array) -> Array:
@@ -197,10 +197,13 @@ def reward_from_disc(disc_logits: Array, transform: str = "prob") -> Array:
   raise ValueError(f"unknown reward transform {transform!r}; expected one of {REWARD_TRANSFORMS}")
 
 
-def normalize_rewards(rewards: Array, mode: str = "none") -> Array:
-  """Normalises (B,) sequence rewards over the batch; `mode` is static.
+def normalize_rewards(rewards: Array, mode: str = "none", group_size: int = 1) -> Array:
+  """Normalises (B,) sequence rewards; `mode` and `group_size` are static.
 
-  'none': r;   'center': r - mean(r);   'whiten': (r - mean(r)) / sqrt(var(r) + EPS)
+  'none': r;   'center': r - mean(r);   'whiten': (r - mean(r)) / sqrt(var(r) + EPS) over the batch;
+  'group': the same whitening within each group of `group_size` consecutive rows (the n rollouts
+  of one prompt), so that only how a response compares with its siblings counts, not how hard its
+  query is:  r_ij -> (r_ij - mean_j r_ij) / sqrt(var_j r_ij + EPS).
   """
   r = _f32(rewards)
   if mode == "none":
@@ -209,6 +212,10 @@ def normalize_rewards(rewards: Array, mode: str = "none") -> Array:
     return r - jnp.mean(r)
   if mode == "whiten":
     return (r - jnp.mean(r)) * jax.lax.rsqrt(jnp.var(r) + EPS)
+  if mode == "group":
+    g = r.reshape(-1, group_size)
+    g = (g - g.mean(axis=1, keepdims=True)) * jax.lax.rsqrt(g.var(axis=1, keepdims=True) + EPS)
+    return g.reshape(r.shape)
   raise ValueError(
     f"unknown reward normalization {mode!r}; expected one of {REWARD_NORMALIZATIONS}"
   )

@@ -337,7 +337,9 @@ def train_step(roles: Roles, cfg: Config, state: RLHBState, batch: dict, rng: ja
   ro = rollout(roles, state.actor, batch, k_roll, cfg)
   d_logits = score(roles.disc, state.disc, ro.prefix, ro.prefix_mask, ro.tokens, ro.mask)
   raw_reward = losses.reward_from_disc(d_logits, cfg.ppo.reward_transform)
-  seq_reward = losses.normalize_rewards(raw_reward, cfg.ppo.reward_norm)
+  seq_reward = losses.normalize_rewards(
+    raw_reward, cfg.ppo.reward_norm, cfg.ppo.rollouts_per_prompt
+  )
   exp, stats = make_experience(roles, state, ro, seq_reward, cfg)
   state, ppo_metrics = ppo_update(roles, state, exp, k_ppo, cfg)
 

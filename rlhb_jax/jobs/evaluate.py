@@ -44,7 +44,9 @@ def respond(run: Run, model, queries: list[str]) -> list[str]:
 def ground_truth(run: Run, queries: list[str], responses: list[str], round: int | None = None):
   sim = run.simulator
   rates = [sim.expected_rates(q, r, round) for q, r in zip(queries, responses, strict=True)]
-  correct = [sim.features(q, r).answer == "correct" for q, r in zip(queries, responses, strict=True)]
+  correct = [
+    sim.features(q, r).answer == "correct" for q, r in zip(queries, responses, strict=True)
+  ]
   out = {f"{k}_rate": float(np.mean([r[k] for r in rates])) for k in rates[0]}
   out["accuracy"] = float(np.mean(correct))
   return out

@@ -27,8 +27,9 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
   results = evaluate.evaluate(run_, {"sft": "sft_actor", "rlhb": "rlhb_actor"})
   rl = read_jsonl(run_.workdir / "rlhb.jsonl")
   tail = rl[-max(1, len(rl) // 10) :]
-  mean = lambda k: sum(r[k] for r in tail if r.get(k) is not None) / max(
-    1, sum(r.get(k) is not None for r in tail)
+  mean = lambda k: (
+    sum(r[k] for r in tail if r.get(k) is not None)
+    / max(1, sum(r.get(k) is not None for r in tail))
   )
   summary = {
     "methods": {

@@ -116,7 +116,9 @@ def rlhb(run: Run) -> None:
     )
   run.save_params("rlhb_actor", jax.device_get(state.actor))
   run.save_params("rlhb_disc", jax.device_get(state.disc))
-  log.info("RLHB done: %d steps, %d non-finite updates skipped", int(state.step), int(state.nonfinite))
+  log.info(
+    "RLHB done: %d steps, %d non-finite updates skipped", int(state.step), int(state.nonfinite)
+  )
 
 
 def run(cfg: Config, workdir: pathlib.Path) -> dict:
@@ -133,4 +135,3 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
     case other:
       raise ValueError(f"jobs.train has no mode {other!r}")
   return {"workdir": str(workdir)}
-

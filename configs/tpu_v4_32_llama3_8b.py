@@ -1,0 +1,26 @@
+"""Llama-3-8B-Instruct on a TPU v4-32 slice (4 hosts x 4 chips, 32 GiB HBM each, 512 GiB in all).
+
+Untested here (no TPU was available while writing it). Multi-host: `distributed=True` calls
+jax.distributed.initialize(); run the same command on every host (docs/TPU.md shows gcloud's
+`--worker=all`). Data x FSDP x tensor = 2 x 4 x 2.
+"""
+
+import importlib.util
+import pathlib
+
+
+def _single_host():
+  path = pathlib.Path(__file__).with_name("tpu_v5e_8_llama3_8b.py")
+  spec = importlib.util.spec_from_file_location("tpu_v5e_8_llama3_8b", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config():
+  c = _single_host().get_config()
+  c.distributed = True
+  c.mesh.shape = (2, 4, 2)
+  c.model.param_dtype = "float32"  # room for f32 master weights and Adam moments
+  c.ppo.prompts_per_step = 64
+  return c

@@ -1,0 +1,120 @@
+"""End to end through the CLI: a smoke run of the default pipeline, and kill-and-resume exactness."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = [
+  "--config.model.embed_dim=32",
+  "--config.model.num_layers=1",
+  "--config.model.num_heads=2",
+  "--config.model.num_kv_heads=1",
+  "--config.model.head_dim=16",
+  "--config.model.mlp_dim=64",
+  "--config.model.vocab_size=400",
+  "--config.disc.init_from_generator=True",
+  "--config.sim.num_records=300",
+  "--config.sft.steps=4",
+  "--config.sft.batch_size=8",
+  "--config.disc.warmup_steps=2",
+  "--config.disc.batch_size=8",
+  "--config.ppo.prompts_per_step=4",
+  "--config.ppo.rollouts_per_prompt=2",
+  "--config.sampling.max_new_tokens=8",
+  "--config.eval.num_queries=8",
+  "--config.eval.batch_size=8",
+  "--config.log.progress=False",
+]
+
+
+def cli(workdir, *args, mode="pipeline") -> list[str]:
+  return [
+    sys.executable,
+    "-m",
+    "rlhb_jax.main",
+    "--config",
+    str(ROOT / "configs/default.py"),
+    "--workdir",
+    str(workdir),
+    f"--config.mode={mode}",
+    *TINY,
+    *args,
+  ]
+
+
+def env() -> dict:
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.mark.slow
+def test_default_pipeline_smoke(tmp_path):
+  out = subprocess.run(
+    cli(tmp_path, "--config.rlhb.steps=2"), capture_output=True, text=True, env=env(), timeout=600
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  for method in ("sft", "rlhb"):
+    for key in ("like_rate", "dislike_rate", "requery_rate", "accuracy"):
+      assert 0.0 <= summary["methods"][method][key] <= 1.0
+  rl = summary["methods"]["rlhb"]
+  assert rl["win"] + rl["tie"] + rl["loss"] == pytest.approx(1.0)
+  assert 0.0 < summary["disc"]["fake_mean"] < 1.0
+  rows = [json.loads(line) for line in (tmp_path / "rlhb.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1, 2]
+  assert (tmp_path / "plots" / "disc_scores.png").exists()
+  assert "like_rate" in out.stdout
+
+
+def _params(path: pathlib.Path):
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(path)
+
+
+def _metrics(path: pathlib.Path) -> list[dict]:
+  drop = {"time", "step_time", "tokens_per_s"}
+  rows = [json.loads(line) for line in path.read_text().splitlines()]
+  return [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
+
+@pytest.mark.slow
+def test_kill_and_resume_is_bit_identical(tmp_path):
+  args = ["--config.rlhb.steps=8", "--config.checkpoint.every_steps=2"]
+  full, killed = tmp_path / "full", tmp_path / "killed"
+  done = subprocess.run(cli(full, *args, mode="rlhb"), capture_output=True, text=True, env=env())
+  assert done.returncode == 0, done.stderr[-3000:]
+
+  proc = subprocess.Popen(
+    cli(killed, *args, mode="rlhb"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env()
+  )
+  ckpt_dir = killed / "checkpoints" / "rlhb"
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    # A finished Orbax step directory has no ".orbax-checkpoint-tmp" suffix.
+    steps = [p for p in ckpt_dir.glob("*") if p.name.isdigit()] if ckpt_dir.exists() else []
+    if any(int(p.name) >= 2 for p in steps):
+      break
+    time.sleep(0.2)
+  assert proc.poll() is None, "the run ended before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (killed / "models" / "rlhb_actor").exists()
+
+  resumed = subprocess.run(
+    cli(killed, *args, mode="rlhb"), capture_output=True, text=True, env=env()
+  )
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  a, b = _params(full / "models" / "rlhb_actor"), _params(killed / "models" / "rlhb_actor")
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+  assert _metrics(full / "rlhb.jsonl") == _metrics(killed / "rlhb.jsonl")
+  assert [r["step"] for r in _metrics(killed / "rlhb.jsonl")] == list(range(1, 9))
