@@ -93,15 +93,23 @@ def right_pad(
 class Batcher:
   """Fixed-shape batches drawn from logged examples; batch(step) is a pure function of the step."""
 
-  def __init__(self, cfg: Config, tokenizer, examples: Sequence[Example], best_behavior: str):
+  def __init__(
+    self,
+    cfg: Config,
+    tokenizer,
+    examples: Sequence[Example],
+    best_behavior: str,
+    worst_behavior: str = "",
+  ):
     if not examples:
       raise ValueError("no training examples")
     self.cfg = cfg
     self.enc = Encoder(cfg, tokenizer)
     self.examples = list(examples)
     self.best = best_behavior
+    self.worst = worst_behavior or best_behavior
     self.pad = tokenizer.pad_id
-    behaviors = sorted({e.behavior for e in self.examples} | {best_behavior})
+    behaviors = sorted({e.behavior for e in self.examples} | {best_behavior, self.worst})
     self.behaviors = behaviors
     buckets = cfg.sampling.prompt_buckets
     self.P = bucket_length(
@@ -202,6 +210,8 @@ class Batcher:
       out["prefix"], out["prefix_mask"] = left_pad(gen_prefix, self.Pd, self.pad)
       prompts = [self.enc.prompt(e.query, self.best, e.context) for e in exs]
     out["prompt"], out["prompt_mask"] = left_pad(prompts, self.P, self.pad)
+    contrast = [self.enc.prefix(e.query, self.worst, e.context) for e in exs]
+    out["contrast_prefix"], out["contrast_prefix_mask"] = left_pad(contrast, self.Pd, self.pad)
     return out
 
   @functools.cached_property

@@ -244,6 +244,18 @@ def most_preferred_text(config: BehaviorConfig) -> str:
   return verbalize(most_preferred_bins(config), config)
 
 
+def least_preferred_bins(config: BehaviorConfig) -> np.ndarray:
+  """The opposite of `most_preferred_bins`: bin 0 of positive types, top bin of negative ones."""
+  top = config.num_bins - 1
+  by_polarity = {"positive": 0, "negative": top, "neutral": config.num_bins // 2}
+  return np.array([by_polarity[t[1]] for t in config.types], np.int32)
+
+
+def least_preferred_text(config: BehaviorConfig) -> str:
+  """The contrast behavior of `ppo.reward_contrast`."""
+  return verbalize(least_preferred_bins(config), config)
+
+
 def written_columns(config: BehaviorConfig) -> np.ndarray:
   """Indices of the types that appear in the text."""
   return np.array([i for i, t in enumerate(config.types) if t[2]], np.int64)

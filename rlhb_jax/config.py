@@ -50,7 +50,7 @@ class ModelSpec:
   # Shape of the tiny model (ignored when weights come from a checkpoint).
   vocab_size: int = 1024  # tiny model: size of the BPE trained on the simulator corpus
   embed_dim: int = 128
-  num_layers: int = 2
+  num_layers: int = 4
   num_heads: int = 4
   num_kv_heads: int = 2
   head_dim: int = 32
@@ -84,10 +84,10 @@ class PromptConfig:
   """How (query, behavior, response) become text for the generator and the discriminator."""
 
   # The generator's user message; with no behavior and no context the message is exactly the query.
-  generator: str = "{behavior}{context} Question: {query}"
+  generator: str = "{behavior} Question: {query}{context}"
   chat_template: bool = True  # wrap the generator message in the tokenizer's chat template
   # The discriminator reads this prefix, then the response tokens; it scores the last token.
-  disc: str = "Question: {query}{context} Users: {behavior} Answer:"
+  disc: str = "{behavior} Question: {query}{context} Answer:"
   # How a record's optional "context" (the search result shown with the answer) enters {context}.
   context: str = " Search result: {context}"
 
@@ -104,7 +104,7 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
-  steps: int = 300
+  steps: int = 700
   batch_size: int = 32
   optim: OptimConfig = OptimConfig(learning_rate=1e-3)
 
@@ -114,8 +114,8 @@ class DiscConfig:
   """The behavior-conditioned discriminator (and its warm-up)."""
 
   model: ModelSpec = ModelSpec()  # its own size; tokenizer is shared with the generator
-  init_from_generator: bool = False  # start the trunk from the SFT generator's weights
-  warmup_steps: int = 150
+  init_from_generator: bool = True  # start the trunk from the SFT generator's weights
+  warmup_steps: int = 100
   batch_size: int = 32
   optim: OptimConfig = OptimConfig(learning_rate=5e-4)
   swap_fraction: float = 0.5  # share of negatives that are behavior-swapped real triplets
@@ -127,7 +127,7 @@ class DiscConfig:
 @dataclasses.dataclass(frozen=True)
 class PPOConfig:
   rollouts_per_prompt: int = 4  # n responses per (query, behavior)
-  prompts_per_step: int = 16
+  prompts_per_step: int = 8
   epochs: int = 2
   minibatches: int = 2
   gamma: float = 1.0
@@ -143,6 +143,10 @@ class PPOConfig:
   kl_target: float = 6.0
   kl_horizon: int = 10000
   reward_transform: str = "prob"  # f(D): prob | log | logit
+  # reward = f(D(q, r, target) - D(q, r, least preferred)) in logits: how much better the
+  # response fits the target behavior than the opposite one. Artefacts that make any response look
+  # generated cancel out; what remains is behavior consistency.
+  reward_contrast: bool = False
   reward_norm: str = "none"  # none | center | whiten (batch) | group (per prompt's n rollouts)
   actor_optim: OptimConfig = OptimConfig(learning_rate=1e-4)
   critic_optim: OptimConfig = OptimConfig(learning_rate=3e-4)
@@ -151,7 +155,7 @@ class PPOConfig:
 @dataclasses.dataclass(frozen=True)
 class RLHBConfig:
   steps: int = 60
-  target_behavior: str = "batch"  # batch: the logged behavior | best: the most preferred one
+  target_behavior: str = "best"  # best: the most preferred behavior | batch: the logged one
   max_nonfinite_in_row: int = 5  # K skipped updates in a row stop the run
   collapse_high: float = 0.95  # mean D(fake) above this ...
   collapse_low: float = 0.05  # ... or below this ...

@@ -173,4 +173,7 @@ class Run:
 
   @functools.cached_property
   def batcher(self) -> Batcher:
-    return Batcher(self.cfg, self.tokenizer, self.examples, self.best_behavior)
+    from rlhb_jax.behavior import least_preferred_text
+
+    worst = least_preferred_text(self.cfg.behavior)
+    return Batcher(self.cfg, self.tokenizer, self.examples, self.best_behavior, worst)

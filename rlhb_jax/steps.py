@@ -336,7 +336,13 @@ def train_step(roles: Roles, cfg: Config, state: RLHBState, batch: dict, rng: ja
   k_roll, k_ppo = jax.random.split(rng)
   ro = rollout(roles, state.actor, batch, k_roll, cfg)
   d_logits = score(roles.disc, state.disc, ro.prefix, ro.prefix_mask, ro.tokens, ro.mask)
-  raw_reward = losses.reward_from_disc(d_logits, cfg.ppo.reward_transform)
+  reward_logits = d_logits
+  if cfg.ppo.reward_contrast:
+    n = cfg.ppo.rollouts_per_prompt
+    c_prefix = jnp.repeat(batch["contrast_prefix"], n, axis=0)
+    c_mask = jnp.repeat(batch["contrast_prefix_mask"], n, axis=0)
+    reward_logits = d_logits - score(roles.disc, state.disc, c_prefix, c_mask, ro.tokens, ro.mask)
+  raw_reward = losses.reward_from_disc(reward_logits, cfg.ppo.reward_transform)
   seq_reward = losses.normalize_rewards(
     raw_reward, cfg.ppo.reward_norm, cfg.ppo.rollouts_per_prompt
   )

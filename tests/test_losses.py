@@ -491,3 +491,16 @@ def test_everything_jits_and_matches_eager(rng):
     jitted = jax.jit(fn)(*args, **kwargs)
     for e, j in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
       _close(j, e, rtol=1e-5, atol=1e-5)
+
+
+def test_group_normalize_rewards_matches_numpy():
+  rng = np.random.default_rng(3)
+  r = rng.normal(size=12).astype(np.float32) * 3 + 1
+  out = np.asarray(losses.normalize_rewards(jnp.asarray(r), "group", 4))
+  for g in range(3):
+    x = r[4 * g : 4 * g + 4].astype(np.float64)
+    ref = (x - x.mean()) / np.sqrt(x.var() + losses.EPS)
+    np.testing.assert_allclose(out[4 * g : 4 * g + 4], ref, rtol=1e-5, atol=1e-6)
+  # A constant offset per prompt (an easy vs. a hard query) does not change the result.
+  shifted = r + np.repeat(np.array([5.0, -2.0, 0.0], np.float32), 4)
+  np.testing.assert_allclose(losses.normalize_rewards(jnp.asarray(shifted), "group", 4), out, atol=1e-5)
