@@ -146,8 +146,8 @@ class PPOConfig:
   # reward = f(D(q, r, target) - D(q, r, least preferred)) in logits: how much better the
   # response fits the target behavior than the opposite one. Artefacts that make any response look
   # generated cancel out; what remains is behavior consistency.
-  reward_contrast: bool = False
-  reward_norm: str = "none"  # none | center | whiten (batch) | group (per prompt's n rollouts)
+  reward_contrast: bool = True
+  reward_norm: str = "group"  # none | center | whiten (batch) | group (per prompt's n rollouts)
   actor_optim: OptimConfig = OptimConfig(learning_rate=1e-4)
   critic_optim: OptimConfig = OptimConfig(learning_rate=3e-4)
 

@@ -503,4 +503,6 @@ def test_group_normalize_rewards_matches_numpy():
     np.testing.assert_allclose(out[4 * g : 4 * g + 4], ref, rtol=1e-5, atol=1e-6)
   # A constant offset per prompt (an easy vs. a hard query) does not change the result.
   shifted = r + np.repeat(np.array([5.0, -2.0, 0.0], np.float32), 4)
-  np.testing.assert_allclose(losses.normalize_rewards(jnp.asarray(shifted), "group", 4), out, atol=1e-5)
+  np.testing.assert_allclose(
+    losses.normalize_rewards(jnp.asarray(shifted), "group", 4), out, atol=1e-5
+  )
