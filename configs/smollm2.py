@@ -18,6 +18,7 @@ def get_config():
   c.sampling.max_new_tokens = 32
   c.sampling.prompt_buckets = (64, 128, 256)
   c.sft.steps = 0
+  c.disc.init_from_generator = False  # a small fresh trunk, not a copy of the 135M generator
   c.disc.model.embed_dim = 128
   c.disc.model.num_layers = 2
   c.disc.model.num_heads = 4

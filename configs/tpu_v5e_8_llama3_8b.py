@@ -21,6 +21,7 @@ def get_config():
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "bfloat16"
   c.model.remat = True
+  c.disc.init_from_generator = False
   c.disc.model.source = "hf"
   c.disc.model.path = ""  # a smaller model of the same tokenizer family (e.g. Llama-3.2-1B)
   c.disc.model.dtype = "bfloat16"

@@ -34,6 +34,9 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def should_save(self, step: int) -> bool:
+    return self.manager.should_save(step)
+
   def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
     return self.manager.save(
       step,

@@ -51,7 +51,7 @@ def train_loop(
     log.info("%s: resumed from step %d", name, int(state.step))
   start = int(state.step)
   writer = MetricsWriter(workdir, tensorboard=cfg.log.tensorboard, stream=name)
-  writer.truncate_from(start)
+  writer.truncate_from(start + 1)  # rows up to the checkpointed step stay
   progress = Progress(total=num_steps, initial=start, desc=name, enabled=cfg.log.progress)
   pending: tuple[int, dict] | None = None
   last_time = time.perf_counter()
@@ -71,7 +71,9 @@ def train_loop(
       try:
         monitor(s + 1, values)
       except NonFiniteError:
-        ckpt.save(int(state.step), state, meta, force=True)
+        ckpt.wait()
+        if ckpt.latest_step() != int(state.step):
+          ckpt.save(int(state.step), state, meta, force=True)
         ckpt.close()
         writer.close()
         raise
@@ -83,7 +85,11 @@ def train_loop(
       if pending is not None:
         flush(pending)
       pending = (s, metrics)
-      ckpt.save(s + 1, state, meta)
+      if ckpt.should_save(s + 1):
+        # Log this step before checkpointing it, so a resumed run's metrics have no gap.
+        flush(pending)
+        pending = None
+        ckpt.save(s + 1, state, meta)
     if pending is not None:
       flush(pending)
     ckpt.wait()

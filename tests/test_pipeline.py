@@ -118,3 +118,29 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     np.testing.assert_array_equal(x, y)
   assert _metrics(full / "rlhb.jsonl") == _metrics(killed / "rlhb.jsonl")
   assert [r["step"] for r in _metrics(killed / "rlhb.jsonl")] == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_smollm2_rlhb_two_steps(tmp_path):
+  """The built-in real model through mode=rlhb: discriminator warm-up, then 2 RLHB steps."""
+  cmd = [
+    sys.executable,
+    "-m",
+    "rlhb_jax.main",
+    "--config",
+    str(ROOT / "configs/smollm2.py"),
+    "--workdir",
+    str(tmp_path),
+    "--config.rlhb.steps=2",
+    "--config.disc.warmup_steps=2",
+    "--config.sim.num_records=200",
+    "--config.log.progress=False",
+  ]
+  out = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=1200)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = [json.loads(line) for line in (tmp_path / "rlhb.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1, 2]
+  for r in rows:
+    assert r["nonfinite"] == 0
+    assert 0.0 < r["d_fake"] < 1.0 and r["response_length"] > 0
+  assert (tmp_path / "models" / "rlhb_actor").exists()

@@ -53,6 +53,7 @@ def make_batch(seed: int) -> dict:
   b["prefix"], b["prefix_mask"] = left(Bp, Pd)
   b["real_prefix"], b["real_prefix_mask"] = b["prefix"], b["prefix_mask"]
   b["swap_prefix"], b["swap_prefix_mask"] = left(Bp, Pd)
+  b["contrast_prefix"], b["contrast_prefix_mask"] = left(Bp, Pd)
   b["real"] = rng.integers(5, V, (Bp, Tn)).astype(np.int32)
   b["real_mask"] = np.arange(Tn)[None] < rng.integers(2, Tn + 1, (Bp, 1))
   return b
@@ -62,6 +63,8 @@ def build(cfg: C.Config, devices):
   actor, _ = R.build_lm(cfg.model, V, 0)
   critic = R.scalar_from_lm(actor, 1, 1)
   disc = R.build_disc(cfg, actor, V)
+  # A random head (it starts at zero) so that rewards differ between samples from the first step.
+  disc.head_w[...] = 0.5 * jax.random.normal(jax.random.key(7), disc.head_w[...].shape)
   roles, state = R.init_state(cfg, actor, critic, disc, (1,), 0)
   mesh = sharding.make_mesh(cfg.mesh, devices)
   models = {"actor": actor, "critic": critic, "disc": disc}
@@ -94,7 +97,8 @@ def test_sharded_step_equals_single_device(single, shape):
   ref_state, ref_metrics, _ = single
   state, metrics, _ = run_steps(small_config(shape), jax.devices())
   for a, b in zip(jax.tree.leaves(ref_state), jax.tree.leaves(state), strict=True):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+    # Adam turns tiny reduction-order differences of near-zero gradients into update-sized ones.
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-4)
   for m_ref, m in zip(ref_metrics, metrics, strict=True):
     for k in m_ref:
       np.testing.assert_allclose(m_ref[k], m[k], rtol=1e-3, atol=1e-4, err_msg=k)
