@@ -138,6 +138,8 @@ def main() -> None:
     "real_prefix_mask": np.ones((Bp, Pd), bool),
     "swap_prefix": text[:, -Pd:],
     "swap_prefix_mask": np.ones((Bp, Pd), bool),
+    "contrast_prefix": text[:, -Pd:],
+    "contrast_prefix_mask": np.ones((Bp, Pd), bool),
     "real": text[:, :Tn],
     "real_mask": np.ones((Bp, Tn), bool),
   }
