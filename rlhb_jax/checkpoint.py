@@ -1,8 +1,8 @@
 """Orbax checkpoints of a run: the whole train state plus the JSON needed to resume it exactly.
 
-A checkpoint holds `state` (every role's parameters and optimizer state, the step, KL coefficient and
-counters) and `meta` (config, data position, bin edges, tokenizer, free-form extras). The RNG is not
-stored separately: per-step keys are `fold_in(key(seed), step)`, and the step is in the state.
+A checkpoint holds `state` (every role's parameters and optimizer state, the step, the KL
+coefficient and counters) and `meta` (config, data position, bin edges, tokenizer, extras). The RNG
+is not stored: per-step keys are `fold_in(key(seed), step)`, and the step is in the state.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ class Checkpointer:
     )
 
   def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict]:
-    """Restores into the structure, dtypes and shardings of `target` (arrays or ShapeDtypeStructs)."""
+    """Restores into the structure, dtypes and shardings of `target` (arrays or
+    ShapeDtypeStructs)."""
     step = self.latest_step() if step is None else step
     abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),

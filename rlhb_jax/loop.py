@@ -117,7 +117,7 @@ def rlhb_monitor(cfg: Config) -> Monitor:
     run["collapsed"] = run["collapsed"] + 1 if pinned else 0
     if run["collapsed"] == cfg.rlhb.collapse_patience:
       log.warning(
-        "COLLAPSE ALARM at step %d: mean D(fake) = %.3f has stayed outside [%.2f, %.2f] for %d steps",
+        "COLLAPSE ALARM at step %d: mean D(fake) = %.3f stayed outside [%.2f, %.2f] for %d steps",
         step,
         d_fake,
         cfg.rlhb.collapse_low,

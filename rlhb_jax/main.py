@@ -1,6 +1,8 @@
-"""Command line: `python -m rlhb_jax.main --config configs/<name>.py --workdir DIR [--config.a.b=v]`.
+"""Command line: `python -m rlhb_jax.main --config configs/<name>.py --workdir DIR
+[--config.a.b=v]`.
 
-Parses flags, converts the locked config once into frozen dataclasses, initialises multi-host JAX when
+Parses flags, converts the locked config once into frozen dataclasses, initialises multi-host JAX
+when
 asked, and dispatches on `config.mode` to `rlhb_jax.jobs.<module>.run(config, workdir)`.
 """
 

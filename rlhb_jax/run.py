@@ -37,7 +37,7 @@ class Run:
     self.workdir = pathlib.Path(workdir).absolute()
     self.workdir.mkdir(parents=True, exist_ok=True)
 
-  # -- Models and tokenizer ---------------------------------------------------------------------------
+  # -- Models and tokenizer ------------------------------------------------------------------------
 
   @functools.cached_property
   def _checkpoint_model(self) -> tuple[Transformer, Tokenizer] | None:
@@ -82,7 +82,7 @@ class Run:
         break
     return model
 
-  # -- Stage outputs ------------------------------------------------------------------------------------
+  # -- Stage outputs -------------------------------------------------------------------------------
 
   def save_params(self, name: str, params: Any) -> None:
     path = self.workdir / "models" / name
@@ -101,7 +101,7 @@ class Run:
     with ocp.StandardCheckpointer() as ckptr:
       return ckptr.restore(path, abstract)
 
-  # -- Data ------------------------------------------------------------------------------------------
+  # -- Data ----------------------------------------------------------------------------------------
 
   @functools.cached_property
   def simulator(self):

@@ -1,7 +1,8 @@
 """Generator sampling: prefill + `lax.scan` decode over a fixed number of new tokens.
 
 Prompts are left-padded to a bucketed length, so all rows share one cache write index and a new
-batch of prompts reuses the compiled program. EOS ends a row: later tokens are padding and are masked
+batch of prompts reuses the compiled program. EOS ends a row: later tokens are padding and are
+masked
 out of the completion mask.
 """
 

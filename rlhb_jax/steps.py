@@ -2,10 +2,12 @@
 
 `train_step(state, batch, rng) -> (state, metrics)` composes
   rollout -> score (discriminator) -> advantages (KL, GAE) -> PPO update -> discriminator update
-and is jitted once with shardings (`compile_train_step`). Each phase is a function of its own that can
+and is jitted once with shardings (`compile_train_step`). Each phase is a function of its own that
+can
 be jitted alone for tests and profiling.
 
-Shapes: Bp prompts per step, n rollouts per prompt, B = Bp * n rows, P prompt bucket, Pd discriminator
+Shapes: Bp prompts per step, n rollouts per prompt, B = Bp * n rows, P prompt bucket, Pd
+discriminator
 prefix bucket, Tn new tokens, V vocab.
 """
 
@@ -101,13 +103,17 @@ def score(disc_def, disc: Params, prefix, prefix_mask, response, response_mask) 
   return nnx.merge(disc_def, disc).last_token(tokens, mask)[:, 0]
 
 
-def policy_logits(actor_def, actor: Params, prompt, prompt_mask, response, response_mask):
-  """Teacher-forced logits (B, Tn, V) that predict each response token."""
+def policy_logits(
+  actor_def, actor: Params, prompt, prompt_mask, response, response_mask, temperature: float = 1.0
+):
+  """Teacher-forced logits (B, Tn, V) that predict each response token, divided by the sampling
+  temperature so that PPO's ratios and KL are those of the distribution the rollouts came from."""
   P, Tn = prompt.shape[1], response.shape[1]
   tokens, mask = _concat(prompt, prompt_mask, response, response_mask)
   model = nnx.merge(actor_def, actor)
   h, _ = model.trunk(tokens, _positions(mask), mask)
-  return model.logits(h[:, P - 1 : P - 1 + Tn])
+  logits = model.logits(h[:, P - 1 : P - 1 + Tn])
+  return logits if temperature == 1.0 else logits / temperature
 
 
 def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -121,6 +127,10 @@ def critic_values(critic_def, critic: Params, prompt, prompt_mask, response, res
   tokens, mask = _concat(prompt, prompt_mask, response, response_mask)
   out = nnx.merge(critic_def, critic).per_token(tokens, mask)[..., 0]
   return out[:, P - 1 : P - 1 + Tn]
+
+
+def _temperature(cfg: Config) -> float:
+  return 1.0 if cfg.sampling.greedy else cfg.sampling.temperature
 
 
 def _positions(mask):
@@ -144,11 +154,11 @@ def make_experience(
   """Old log-probs, reference log-probs, values, KL-shaped token rewards and GAE advantages."""
   mask = ro.mask.astype(jnp.float32)
   old_lp = token_logprobs(
-    policy_logits(roles.actor, state.actor, ro.prompt, ro.prompt_mask, ro.tokens, ro.mask),
+    policy_logits(roles.actor, state.actor, *ro[:4], _temperature(cfg)),
     ro.tokens,
   )
   ref_lp = token_logprobs(
-    policy_logits(roles.actor, state.ref, ro.prompt, ro.prompt_mask, ro.tokens, ro.mask), ro.tokens
+    policy_logits(roles.actor, state.ref, *ro[:4], _temperature(cfg)), ro.tokens
   )
   values = critic_values(roles.critic, state.critic, ro.prompt, ro.prompt_mask, ro.tokens, ro.mask)
   rewards, kl = losses.token_rewards(
@@ -190,7 +200,7 @@ def ppo_update(roles: Roles, state: RLHBState, exp: Experience, rng: jax.Array, 
 
   def loss_fn(actor, critic, mb: Experience):
     mask = mb.mask.astype(jnp.float32)
-    logits = policy_logits(roles.actor, actor, mb.prompt, mb.prompt_mask, mb.tokens, mb.mask)
+    logits = policy_logits(roles.actor, actor, *mb[:4], _temperature(cfg))
     logp = token_logprobs(logits, mb.tokens)
     pl, pm = losses.ppo_policy_loss(
       logp, mb.old_logprobs, mb.advantages, mask, ppo.clip_eps, ppo.dual_clip

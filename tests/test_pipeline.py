@@ -1,4 +1,5 @@
-"""End to end through the CLI: a smoke run of the default pipeline, and kill-and-resume exactness."""
+"""End to end through the CLI: a smoke run of the default pipeline, and kill-and-resume
+exactness."""
 
 import json
 import os

@@ -33,7 +33,8 @@ def run(split, prompts, key=0, **kw):
 
 
 def reference_logits(split, prompt, continuation):
-  """Logits after each continuation prefix, from the plain (uncached) forward on one unpadded row."""
+  """Logits after each continuation prefix, from the plain (uncached) forward on one unpadded
+  row."""
   model = nnx.merge(*split)
   seq = jnp.asarray([list(prompt) + list(continuation)])
   mask = jnp.ones(seq.shape, bool)

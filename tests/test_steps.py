@@ -1,4 +1,5 @@
-"""The RLHB train step: sharded == single device, shardings follow the rules, one compile, NaN skip."""
+"""The RLHB train step: sharded == single device, shardings follow the rules, one compile, NaN
+skip."""
 
 import jax
 import jax.numpy as jnp

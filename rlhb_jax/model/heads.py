@@ -1,4 +1,5 @@
-"""Scalar heads on a decoder trunk: critic (per-token value), discriminator, reward model, classifier."""
+"""Scalar heads on a decoder trunk: critic (per-token value), discriminator, reward model,
+classifier."""
 
 from __future__ import annotations
 

@@ -4,8 +4,10 @@ Dimension letters, used in every einsum below:
   B batch, T query length, S key length (cache size), D embed, N query heads, K kv heads,
   G = N // K query heads per kv head, H head dim, F mlp hidden, V vocab, L layers.
 
-The layers are stacked (every layer parameter has a leading L axis) and run with `lax.scan`, so compile
-time does not grow with depth. The KV cache is a pytree passed in and returned; the module holds only
+The layers are stacked (every layer parameter has a leading L axis) and run with `lax.scan`, so
+compile
+time does not grow with depth. The KV cache is a pytree passed in and returned; the module holds
+only
 parameters.
 """
 
