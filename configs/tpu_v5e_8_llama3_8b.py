@@ -1,12 +1,12 @@
 """Llama-3-8B-Instruct on a TPU v5e-8 slice (one host, 8 chips, 16 GiB HBM each).
 
-Untested here (no TPU was available while writing it); sized by arithmetic, see docs/TPU.md.
-bf16 parameters and Adam moments, every layer rematerialised, FSDP over all 8 chips:
-actor 16 GB + reference 16 + critic 16 + Adam (bf16) 64 + a 1B discriminator ~8 = ~120 GB of 128.
-That is tight; `tpu_v4_32_llama3_8b.py` has room to spare.
+Untested here (no TPU was available while writing it); sized by arithmetic, see docs/TPU.md. bf16
+parameters and Adam moments, every layer rematerialised, FSDP over all 8 chips: actor 16 GB +
+reference 16 + critic 16 + Adam (bf16) 64 + a 1B discriminator ~8 = ~120 GB of 128. That is tight;
+`tpu_v4_32_llama3_8b.py` has room to spare.
 
-  python -m rlhb_jax.main --config configs/tpu_v5e_8_llama3_8b.py --workdir gs://BUCKET/runs/llama3
-  \
+  python -m rlhb_jax.main --config configs/tpu_v5e_8_llama3_8b.py \
+    --workdir gs://BUCKET/runs/llama3 \
     --config.model.path=/mnt/disks/ckpt/Meta-Llama-3-8B-Instruct \
     --config.disc.model.path=/mnt/disks/ckpt/Llama-3.2-1B-Instruct --config.data.path=logs.jsonl
 """

@@ -1,8 +1,7 @@
 """Sampler throughput: ours (jitted prefill + scan decode) vs. transformers' `generate`, same run.
 
 SmolLM2-135M-Instruct (the built-in GGUF), a ~46-token prompt, 64 new tokens with EOS ignored,
-greedy,
-batch 8 and 32. Prints a table and, as its last line, one JSON object for batch 8.
+greedy, batch 8 and 32. Prints a table and, as its last line, one JSON object for batch 8.
 
   python experiments/bench_sampler.py [--repeats 3] [--batches 8,32] [--skip-hf]
 """

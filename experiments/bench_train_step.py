@@ -1,11 +1,9 @@
-"""Speed of the one jitted RLHB train step on SmolLM2-135M-Instruct, and its model FLOPs
-utilisation.
+"""Speed of the one jitted RLHB train step on SmolLM2-135M-Instruct, and its model FLOPs use.
 
 Settings of the TRL comparison: batch 8 (2 prompts x 4 rollouts), 32 new tokens, 4 PPO epochs, one
 minibatch; a tiny discriminator. Prints seconds per step, generated tokens/s, model FLOPs per step
-and
-MFU against a matmul peak measured in the same run (f32 2048^2 on CPU, bf16 8192^2 on GPU), and the
-ratio to TRL 1.12's PPO step measured on the 2-core CPU (39.4 s, see docs/PERFORMANCE.md).
+and MFU against a matmul peak measured in the same run (f32 2048^2 on CPU, bf16 8192^2 on GPU), and
+the ratio to TRL 1.12's PPO step measured on the 2-core CPU (39.4 s, see docs/PERFORMANCE.md).
 
   python experiments/bench_train_step.py [--steps 3] [--dtype float32|bfloat16] [--prompt-len 128]
 """

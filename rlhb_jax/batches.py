@@ -109,8 +109,8 @@ class Batcher:
     self.best = best_behavior
     self.worst = worst_behavior or best_behavior
     self.pad = tokenizer.pad_id
-    behaviors = sorted({e.behavior for e in self.examples} | {best_behavior, self.worst})
-    self.behaviors = behaviors
+    self.behaviors = sorted({e.behavior for e in self.examples})  # the swap pool: logged texts
+    behaviors = sorted({*self.behaviors, best_behavior, self.worst})
     buckets = cfg.sampling.prompt_buckets
     self.P = bucket_length(
       max(

@@ -1,12 +1,11 @@
 """Typed, frozen configuration.
 
 Every option of the framework is a field of a frozen dataclass below (or of a section defined next
-to
-the code that uses it: `behavior.BehaviorConfig`, `data.config.DataConfig`, `sim.config.SimConfig`),
-with its default and a comment saying what it does. `configs/*.py` return an
-`ml_collections.ConfigDict`
-built from these defaults (`default_configdict`) with a few overrides; `main.py` converts the locked
-ConfigDict once with `from_configdict`, so jitted code only ever sees hashable dataclasses.
+to the code that uses it: `behavior.BehaviorConfig`, `data.config.DataConfig`,
+`sim.config.SimConfig`), with its default and a comment saying what it does. `configs/*.py` return
+an `ml_collections.ConfigDict` built from these defaults (`default_configdict`) with a few
+overrides; `main.py` converts the locked ConfigDict once with `from_configdict`, so jitted code
+only ever sees hashable dataclasses.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
-"""Command line: `python -m rlhb_jax.main --config configs/<name>.py --workdir DIR
-[--config.a.b=v]`.
+"""Command line: `python -m rlhb_jax.main --config configs/NAME.py --workdir DIR [--config.a=v]`.
 
 Parses flags, converts the locked config once into frozen dataclasses, initialises multi-host JAX
-when
-asked, and dispatches on `config.mode` to `rlhb_jax.jobs.<module>.run(config, workdir)`.
+when asked, and dispatches on `config.mode` to `rlhb_jax.jobs.<module>.run(config, workdir)`.
 """
 
 from __future__ import annotations

@@ -2,8 +2,7 @@
 
 Prompts are left-padded to a bucketed length, so all rows share one cache write index and a new
 batch of prompts reuses the compiled program. EOS ends a row: later tokens are padding and are
-masked
-out of the completion mask.
+masked out of the completion mask.
 """
 
 from __future__ import annotations

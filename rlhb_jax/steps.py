@@ -2,13 +2,11 @@
 
 `train_step(state, batch, rng) -> (state, metrics)` composes
   rollout -> score (discriminator) -> advantages (KL, GAE) -> PPO update -> discriminator update
-and is jitted once with shardings (`compile_train_step`). Each phase is a function of its own that
-can
-be jitted alone for tests and profiling.
+and is jitted once with shardings (`roles.compile_train_step`). Each phase is a function of its own
+that can be jitted alone for tests and profiling.
 
 Shapes: Bp prompts per step, n rollouts per prompt, B = Bp * n rows, P prompt bucket, Pd
-discriminator
-prefix bucket, Tn new tokens, V vocab.
+discriminator prefix bucket, Tn new tokens, V vocab.
 """
 
 from __future__ import annotations

@@ -1,5 +1,4 @@
-"""End to end through the CLI: a smoke run of the default pipeline, and kill-and-resume
-exactness."""
+"""End to end through the CLI: a smoke run of the pipeline, kill-and-resume, SmolLM2 RLHB."""
 
 import json
 import os

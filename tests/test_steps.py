@@ -1,5 +1,4 @@
-"""The RLHB train step: sharded == single device, shardings follow the rules, one compile, NaN
-skip."""
+"""The RLHB train step: sharded == single device, rule shardings, one compile, NaN skip."""
 
 import jax
 import jax.numpy as jnp

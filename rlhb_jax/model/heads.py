@@ -1,5 +1,4 @@
-"""Scalar heads on a decoder trunk: critic (per-token value), discriminator, reward model,
-classifier."""
+"""Scalar heads on a decoder trunk: critic (per-token value), discriminator, RM, classifier."""
 
 from __future__ import annotations
 

@@ -5,10 +5,8 @@ Dimension letters, used in every einsum below:
   G = N // K query heads per kv head, H head dim, F mlp hidden, V vocab, L layers.
 
 The layers are stacked (every layer parameter has a leading L axis) and run with `lax.scan`, so
-compile
-time does not grow with depth. The KV cache is a pytree passed in and returned; the module holds
-only
-parameters.
+compile time does not grow with depth. The KV cache is a pytree passed in and returned; the module
+holds only parameters.
 """
 
 from __future__ import annotations
