@@ -265,6 +265,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if value is None:
       return None
     args = typing.get_args(tp)
+    if not isinstance(value, list | tuple):
+      raise TypeError(f"config.{where}={value!r}: expected a sequence")
     if len(args) == 2 and args[1] is Ellipsis:
       return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
     return tuple(value)
@@ -272,7 +274,9 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     return value
   if tp is float and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
-  if tp in (int, float, str, bool) and not isinstance(value, tp):
+  if tp in (int, float, str, bool) and (
+    not isinstance(value, tp) or (tp is not bool and isinstance(value, bool))
+  ):
     raise TypeError(f"config.{where}={value!r}: expected {tp.__name__}")
   return value
 
@@ -280,6 +284,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
 def _build(cls: type, values: Any, where: str) -> Any:
   if isinstance(values, ml_collections.ConfigDict):
     values = values.to_dict()
+  if not isinstance(values, dict):
+    raise TypeError(f"config.{where or '<root>'}={values!r}: expected a section of {cls.__name__}")
   hints = typing.get_type_hints(cls)
   names = {f.name for f in dataclasses.fields(cls)}
   unknown = set(values) - names

@@ -180,3 +180,18 @@ def test_cli_reports_an_invalid_value_as_a_config_error():
   res = cli("--config.disc.bootstrap_ratio=0.5", "--workdir", "/nonexistent/never-created")
   assert res.returncode == 2
   assert "config error" in res.stderr and "collapses" in res.stderr
+
+
+def test_bools_are_not_ints_and_sections_must_be_sections():
+  d = default_configdict().to_dict()
+  d["ppo"]["epochs"] = True
+  with pytest.raises(TypeError, match="ppo.epochs"):
+    from_configdict(d)
+  d = default_configdict().to_dict()
+  d["ppo"] = 3
+  with pytest.raises(TypeError, match="config.ppo"):
+    from_configdict(d)
+  d = default_configdict().to_dict()
+  d["sampling"]["prompt_buckets"] = 64
+  with pytest.raises(TypeError, match="sampling.prompt_buckets"):
+    from_configdict(d)
