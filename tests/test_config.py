@@ -195,3 +195,22 @@ def test_bools_are_not_ints_and_sections_must_be_sections():
   d["sampling"]["prompt_buckets"] = 64
   with pytest.raises(TypeError, match="sampling.prompt_buckets"):
     from_configdict(d)
+
+
+def test_modes_not_built_yet_exit_with_a_clear_message(tmp_path):
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "rlhb_jax.main",
+      "--config",
+      str(pathlib.Path(__file__).resolve().parents[1] / "configs/default.py"),
+      "--workdir",
+      str(tmp_path),
+      "--config.mode=online",
+    ],
+    capture_output=True,
+    text=True,
+  )
+  assert out.returncode == 2
+  assert "not built yet" in out.stderr and "pipeline" in out.stderr
