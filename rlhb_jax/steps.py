@@ -174,11 +174,13 @@ def make_experience(
   return exp, stats
 
 
-def _guarded(finite, new, old):
+def where_finite(finite, new, old):
+  """`new` where `finite`, else `old`, leaf by leaf (skips a non-finite update inside jit)."""
   return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
 
-def _all_finite(*trees) -> jax.Array:
+def all_finite(*trees) -> jax.Array:
+  """True when every leaf of every tree is finite."""
   leaves = [jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree.leaves(t)]
   return jnp.all(jnp.stack(leaves))
 
@@ -224,7 +226,7 @@ def ppo_update(roles: Roles, state: RLHBState, exp: Experience, rng: jax.Array, 
     actor, actor_opt, critic, critic_opt, skipped, run = carry
     mb = jax.tree.map(lambda x: x[idx], exp)
     (loss, metrics), (g_a, g_c) = grad_fn(actor, critic, mb)
-    finite = _all_finite(loss, g_a, g_c)
+    finite = all_finite(loss, g_a, g_c)
     up_a, new_actor_opt = roles.actor_tx.update(g_a, actor_opt, actor)
     up_c, new_critic_opt = roles.critic_tx.update(g_c, critic_opt, critic)
     new = (
@@ -233,7 +235,7 @@ def ppo_update(roles: Roles, state: RLHBState, exp: Experience, rng: jax.Array, 
       optax.apply_updates(critic, up_c),
       new_critic_opt,
     )
-    actor, actor_opt, critic, critic_opt = _guarded(
+    actor, actor_opt, critic, critic_opt = where_finite(
       finite, new, (actor, actor_opt, critic, critic_opt)
     )
     skipped = skipped + (~finite).astype(jnp.int32)
@@ -321,10 +323,10 @@ def disc_update(disc_def, tx, params, opt_state, db: DiscBatch, cfg: Config):
     return loss, m
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-  finite = _all_finite(loss, grads)
+  finite = all_finite(loss, grads)
   updates, new_opt = tx.update(grads, opt_state, params)
   new_params = optax.apply_updates(params, updates)
-  params, opt_state = _guarded(finite, (new_params, new_opt), (params, opt_state))
+  params, opt_state = where_finite(finite, (new_params, new_opt), (params, opt_state))
   metrics = {f"disc_{k}" if not k.startswith("d_") else k: v for k, v in metrics.items()}
   return (
     params,

@@ -44,10 +44,10 @@ def sft_step(graphdef, tx, state: SupervisedState, batch: dict, rng=None):
     return losses.sft_loss(logits, batch["response"], batch["response_mask"].astype(jnp.float32))
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  finite = steps._all_finite(loss, grads)
+  finite = steps.all_finite(loss, grads)
   updates, opt = tx.update(grads, state.opt, state.params)
   params = optax.apply_updates(state.params, updates)
-  params, opt = steps._guarded(finite, (params, opt), (state.params, state.opt))
+  params, opt = steps.where_finite(finite, (params, opt), (state.params, state.opt))
   metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
   return state.replace(step=state.step + 1, params=params, opt=opt), metrics
 
