@@ -19,19 +19,11 @@ import numpy as np
 from flax import nnx
 
 from rlhb_jax.config import ModelSpec, SamplingConfig
-from rlhb_jax.model.llama import LlamaConfig, Transformer
+from rlhb_jax.model.llama import Transformer
+from rlhb_jax.model.shapes import SHAPES
 from rlhb_jax.sampling import pad_prompts, sample_jit
 
-SMOLLM2_SHAPE = LlamaConfig(
-  vocab_size=49152,
-  embed_dim=576,
-  num_layers=30,
-  num_heads=9,
-  num_kv_heads=3,
-  head_dim=64,
-  mlp_dim=1536,
-  rope_theta=100000.0,
-)
+SMOLLM2_SHAPE = SHAPES["smollm2-135m"]
 
 PROMPT = (
   "Users liked short, correct answers that cite a source. Question: what is the capital of Peru, "

@@ -23,30 +23,8 @@ from flax import nnx
 
 from rlhb_jax import config as C
 from rlhb_jax import roles, sharding
-from rlhb_jax.model.llama import LlamaConfig, Transformer
-
-SHAPES = {
-  "smollm2-135m": LlamaConfig(
-    vocab_size=49152,
-    embed_dim=576,
-    num_layers=30,
-    num_heads=9,
-    num_kv_heads=3,
-    head_dim=64,
-    mlp_dim=1536,
-    rope_theta=100000.0,
-  ),
-  "llama3.2-1b": LlamaConfig(
-    vocab_size=128256,
-    embed_dim=2048,
-    num_layers=16,
-    num_heads=32,
-    num_kv_heads=8,
-    head_dim=64,
-    mlp_dim=8192,
-    rope_theta=500000.0,
-  ),
-}
+from rlhb_jax.model.llama import Transformer
+from rlhb_jax.model.shapes import SHAPES
 
 TRL_CPU_SECONDS_PER_STEP = 39.4  # TRL 1.12 PPOTrainer, same settings, this project's 2-core CPU
 

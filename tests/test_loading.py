@@ -203,3 +203,16 @@ def test_loading_smollm2_needs_no_torch():
   )
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.strip().endswith("ok 30")
+
+
+def test_smollm2_shape_preset_matches_the_builtin_checkpoint():
+  import dataclasses
+
+  from rlhb_jax.model.shapes import SHAPES
+
+  cfg, _ = loading.load_gguf(loading.builtin_smollm2_path())
+  preset = SHAPES["smollm2-135m"]
+  got, want = dataclasses.asdict(cfg), dataclasses.asdict(preset)
+  assert got.pop("norm_eps") == pytest.approx(want.pop("norm_eps"))  # stored as f32 in the GGUF
+  assert got == want
+  assert preset.num_params == 134_515_008
