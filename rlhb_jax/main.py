@@ -45,9 +45,12 @@ JOBS = {
 
 def run(cfg: config_lib.Config, workdir: pathlib.Path) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(
-    json.dumps(config_lib.to_configdict(cfg).to_dict(), indent=2, default=list)
-  )
+  # The first job in a run directory writes config.json; later ones (eval, generate, a resumed
+  # stage) write config_<mode>.json beside it, so the training config is never overwritten.
+  path = workdir / "config.json"
+  if path.exists():
+    path = workdir / f"config_{cfg.mode}.json"
+  path.write_text(json.dumps(config_lib.to_configdict(cfg).to_dict(), indent=2, default=list))
   if JOBS[cfg.mode] is None:
     raise NotImplementedError(
       f"config.mode={cfg.mode!r} is not built yet; available: "

@@ -12,6 +12,7 @@ import pathlib
 import jax
 from flax import nnx
 
+from rlhb_jax import config as config_lib
 from rlhb_jax import loop, roles, sharding, steps, supervised
 from rlhb_jax.config import Config
 from rlhb_jax.run import Run
@@ -27,9 +28,7 @@ def _meta(run: Run, stage: str) -> dict:
     "data_position": "the step (batches are a pure function of seed and step)",
     "bin_edges": edges.read_text() if edges.exists() else None,
     "tokenizer_dir": str(run.workdir / "tokenizer"),
-    "config": (run.workdir / "config.json").read_text()
-    if (run.workdir / "config.json").exists()
-    else None,
+    "config": config_lib.to_configdict(run.cfg).to_json(),
   }
 
 
