@@ -100,7 +100,10 @@ class Batcher:
     examples: Sequence[Example],
     best_behavior: str,
     worst_behavior: str = "",
+    lengths: tuple[int, int] | None = None,
   ):
+    """`lengths` = (prompt, prefix) pins the padded lengths (e.g. to another batcher's, so a new
+    data pool reuses a compiled step); an example that does not fit is an error."""
     if not examples:
       raise ValueError("no training examples")
     self.cfg = cfg
@@ -124,6 +127,13 @@ class Batcher:
     self.Pd = bucket_length(
       max(len(self.enc.prefix(e.query, longest_b, e.context)) for e in self.examples) + 2, buckets
     )
+    if lengths is not None:
+      if self.P > lengths[0] or self.Pd > lengths[1]:
+        raise ValueError(
+          f"examples need prompt/prefix lengths {self.P}/{self.Pd}, more than the pinned "
+          f"{lengths[0]}/{lengths[1]}"
+        )
+      self.P, self.Pd = lengths
     self.Tn = cfg.sampling.max_new_tokens
 
   def indices(self, step: int, size: int) -> np.ndarray:

@@ -164,6 +164,29 @@ class RLHBConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class OnlineConfig:
+  """mode=online: rounds of deploy -> collect -> train (see README, "Online alignment")."""
+
+  rounds: int = 8
+  # sim: the simulator's users act on every served response (through HTTP, like real clients);
+  # live: serve on config.serve.port and wait for real clients' feedback in the store.
+  source: str = "sim"
+  queries_per_round: int = 256  # sim: training-split queries served per round
+  steps_per_round: int = 8  # RLHB steps per round on the fresh records
+  # Behavior-conditioned SFT steps per round on the fresh records (before the RLHB steps): the
+  # generator re-learns which answers earn which behavior from what users do now. 0 = RLHB only.
+  sft_steps: int = 8
+  # Which fresh records the online SFT learns from: "best" = those whose behavior is the most
+  # preferred text (what users like now), "all" = every record under its own behavior text.
+  sft_rows: str = "best"
+  sft_optim: OptimConfig = OptimConfig(learning_rate=3e-4, warmup_steps=0)
+  window_rounds: int = 2  # the training pool: records of the last W rounds
+  client_threads: int = 8  # sim: concurrent simulated clients
+  min_records: int = 64  # live: wait for this many new records before training
+  poll_seconds: float = 5.0  # live: how often to look for them
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
   shape: tuple[int, ...] = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices
   # Logical axis -> mesh axis (or None). FSDP vs. tensor parallel is a change here only.
@@ -218,6 +241,7 @@ class Config:
   disc: DiscConfig = DiscConfig()
   ppo: PPOConfig = PPOConfig()
   rlhb: RLHBConfig = RLHBConfig()
+  online: OnlineConfig = OnlineConfig()
   mesh: MeshConfig = MeshConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
   eval: EvalConfig = EvalConfig()
@@ -238,6 +262,12 @@ class Config:
       raise ValueError(f"config.ppo.reward_transform={self.ppo.reward_transform!r}")
     if self.ppo.reward_norm not in ("none", "center", "whiten", "group"):
       raise ValueError(f"config.ppo.reward_norm={self.ppo.reward_norm!r}")
+    if self.online.source not in ("sim", "live"):
+      raise ValueError(f"config.online.source={self.online.source!r}: expected sim or live")
+    if self.online.sft_rows not in ("best", "all"):
+      raise ValueError(f"config.online.sft_rows={self.online.sft_rows!r}: expected best or all")
+    if self.online.window_rounds < 1 or self.online.rounds < 1:
+      raise ValueError("config.online: rounds and window_rounds must be >= 1")
 
 
 def _to_plain(value: Any) -> Any:

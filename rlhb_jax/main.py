@@ -38,7 +38,7 @@ JOBS = {
   "rlhf": None,
   "behavior_classifier": None,
   "rlhbc": None,
-  "online": None,
+  "online": "online",
   "serve": None,
 }
 

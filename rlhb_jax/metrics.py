@@ -292,6 +292,7 @@ def plot_series(
   ylabel: str,
   hline: float | None = None,
   smooth: int = 0,
+  vline: tuple[float, str] | None = None,
 ) -> Path:
   """Draws named (x, y) line series into one PNG figure.
 
@@ -304,6 +305,7 @@ def plot_series(
     title, xlabel, ylabel: figure text.
     hline: draw a dashed horizontal reference line at this y (e.g. 0.5 for discriminator scores).
     smooth: moving-average window in points; 0 or 1 disables smoothing.
+    vline: (x, label): a dotted vertical marker, e.g. the round the users drifted.
 
   Returns:
     `path`.
@@ -328,11 +330,13 @@ def plot_series(
       ax.plot(x, y, color=color, linewidth=1.5, marker="o" if len(y) <= 20 else None, label=label)
   if hline is not None:
     ax.axhline(hline, color="gray", linestyle="--", linewidth=1)
+  if vline is not None:
+    ax.axvline(vline[0], color="gray", linestyle=":", linewidth=1.2, label=vline[1])
   ax.set_title(title)
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   ax.grid(True, alpha=0.3)
-  if series:
+  if series or vline is not None:
     ax.legend(loc="best")
   fig.tight_layout()
   fig.savefig(path, format="png")

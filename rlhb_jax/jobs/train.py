@@ -78,11 +78,10 @@ def disc_warmup(run: Run) -> None:
   run.save_params("disc_warmup", state.params)
 
 
-def rlhb(run: Run) -> None:
-  """The adversarial loop: PPO on the discriminator's reward, D trained on real vs. fake."""
+def setup_rlhb(run: Run, example_batch: dict):
+  """The RLHB train state (from the SFT generator and the warmed-up D), placed on the mesh, and the
+  compiled step for batches shaped like `example_batch`. Returns (state, step_fn, mesh)."""
   cfg = run.cfg
-  if run.has_params("rlhb_actor"):
-    return
   actor = run.actor_model(prefer=("sft_actor",))
   critic = roles.scalar_from_lm(actor, 1, cfg.seed + 1)
   disc = roles.build_disc(cfg, actor, run.tokenizer.vocab_size)
@@ -94,11 +93,21 @@ def rlhb(run: Run) -> None:
   mesh = sharding.make_mesh(cfg.mesh)
   models = {"actor": actor, "critic": critic, "disc": disc}
   state_sh = roles.state_shardings(rl_roles, state, models, mesh, cfg.mesh.rules)
-  batch_sh = roles.batch_shardings(run.batcher.rlhb(0), mesh)
-  rows = cfg.ppo.prompts_per_step * cfg.ppo.rollouts_per_prompt
+  batch_sh = roles.batch_shardings(example_batch, mesh)
   with jax.set_mesh(mesh):
     state = jax.device_put(state, state_sh)
-    step_fn = roles.compile_train_step(rl_roles, cfg, state_sh, batch_sh, mesh)
+  step_fn = roles.compile_train_step(rl_roles, cfg, state_sh, batch_sh, mesh)
+  return state, step_fn, mesh
+
+
+def rlhb(run: Run) -> None:
+  """The adversarial loop: PPO on the discriminator's reward, D trained on real vs. fake."""
+  cfg = run.cfg
+  if run.has_params("rlhb_actor"):
+    return
+  state, step_fn, mesh = setup_rlhb(run, run.batcher.rlhb(0))
+  rows = cfg.ppo.prompts_per_step * cfg.ppo.rollouts_per_prompt
+  with jax.set_mesh(mesh):
     state = loop.train_loop(
       name="rlhb",
       workdir=run.workdir,
