@@ -128,12 +128,13 @@ class Batcher:
       max(len(self.enc.prefix(e.query, longest_b, e.context)) for e in self.examples) + 2, buckets
     )
     if lengths is not None:
-      if self.P > lengths[0] or self.Pd > lengths[1]:
+      need, pinned = (self.P, self.Pd), tuple(lengths)
+      if need[0] > pinned[0] or need[1] > pinned[1]:
         raise ValueError(
           f"examples need prompt/prefix lengths {self.P}/{self.Pd}, more than the pinned "
           f"{lengths[0]}/{lengths[1]}"
         )
-      self.P, self.Pd = lengths
+      self.P, self.Pd = pinned
     self.Tn = cfg.sampling.max_new_tokens
 
   def indices(self, step: int, size: int) -> np.ndarray:

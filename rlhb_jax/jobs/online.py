@@ -121,8 +121,10 @@ class Online:
     if cfg.source == "sim":
       queries = self.sim.queries("train")
       rng = np.random.default_rng([self.cfg.seed, r, 5])
-      picked = [queries[i] for i in rng.choice(len(queries), cfg.queries_per_round, replace=True)]
-      observed = simulate_clients(server.url, self.sim, picked, r, self.cfg.seed, cfg.client_threads)
+      picked = [queries[i] for i in rng.choice(len(queries), cfg.queries_per_round)]
+      observed = simulate_clients(
+        server.url, self.sim, picked, r, self.cfg.seed, cfg.client_threads
+      )
     records: list[dict] = []
     while True:
       feed, cursor = store.read_new(cursor)
@@ -207,7 +209,8 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
       records, cursor, observed = on.collect(store, cursor, server, r)
       on.save_round(r, records)
       entry["records"] = len(records)
-      entry["like_rate_observed"] = observed.get("likes", 0) / max(observed.get("impressions", 0), 1)
+      shown = max(observed.get("impressions", 0), 1)
+      entry["like_rate_observed"] = observed.get("likes", 0) / shown
       pool = [x for k in range(max(0, r - ocfg.window_rounds + 1), r) for x in on.load_round(k)]
       examples = on.examples(pool + records)
       batcher = Batcher(
@@ -218,9 +221,13 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
         sft_batcher = batcher
         if ocfg.sft_rows == "best":
           best = [examples[i] for i in batcher.best_pool]
-          sft_batcher = Batcher(
-            cfg, run_.tokenizer, best, run_.best_behavior, on.worst, lengths=(base.P, base.Pd)
-          ) if best else None
+          sft_batcher = (
+            Batcher(
+              cfg, run_.tokenizer, best, run_.best_behavior, on.worst, lengths=(base.P, base.Pd)
+            )
+            if best
+            else None
+          )
         if ocfg.sft_steps > 0 and sft_batcher is not None:
           sft_state = sft_state.replace(params=state.actor)
           for _ in range(ocfg.sft_steps):

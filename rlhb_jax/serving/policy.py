@@ -4,8 +4,8 @@ Prompts are built exactly as in training (`batches.Encoder`: behavior text, quer
 result, chat template); responses are sampled with `config.sampling` in fixed-size batches, so the
 jitted sampler compiles once. New weights arrive either in-process (`set_params`, what the online
 loop does between rounds) or from disk: the online loop publishes `models/online_actor` plus
-`models/online_actor.json` (`{"step": int, "round": int}`), and `maybe_reload` swaps them in when the
-step is newer than the one serving.
+`models/online_actor.json` (`{"step": int, "round": int}`), and `maybe_reload` swaps them in when
+the step is newer than the one serving.
 """
 
 from __future__ import annotations
@@ -134,4 +134,3 @@ def from_run(cfg: Config, workdir: pathlib.Path) -> ModelPolicy:
     reload_fn=reload_fn,
     model_step=published_step(run.workdir) or 0,
   )
-
