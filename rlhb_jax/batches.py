@@ -223,6 +223,9 @@ class Batcher:
     out["prompt"], out["prompt_mask"] = left_pad(prompts, self.P, self.pad)
     contrast = [self.enc.prefix(e.query, self.worst, e.context) for e in exs]
     out["contrast_prefix"], out["contrast_prefix_mask"] = left_pad(contrast, self.Pd, self.pad)
+    if self.cfg.reward.source != "disc":  # RM / classifier read (query, response) only
+      rm = [self.enc.prefix(e.query, "", e.context) for e in exs]
+      out["rm_prefix"], out["rm_prefix_mask"] = left_pad(rm, self.Pd, self.pad)
     return out
 
   @functools.cached_property

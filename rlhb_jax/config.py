@@ -35,6 +35,7 @@ MODES = (
   "rlhf",
   "behavior_classifier",
   "rlhbc",
+  "rlhf_rlhb",  # RLHB continued from the RLHF policy (the paper's Q2)
   "online",
   "serve",
 )
@@ -154,6 +155,32 @@ class PPOConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RewardConfig:
+  """Where the generator's PPO reward comes from, and the baselines' reward models (README,
+  "Baselines")."""
+
+  # disc: RLHB (the behavior-conditioned discriminator) | rm: RLHF (a Bradley-Terry reward model on
+  # pairwise preferences) | classifier: RLHBC (per-behavior bin classifiers, combined by the formula
+  # below) | disc+rm: f(D) + rm_weight * RM.
+  source: str = "disc"
+  rm_weight: float = 1.0
+  # Pairwise preferences {"query", "chosen", "rejected"} JSONL; "" = the simulator's annotators.
+  preferences_path: str = ""
+  rm_steps: int = 300
+  rm_batch_size: int = 32
+  rm_optim: OptimConfig = OptimConfig(learning_rate=3e-4)
+  rm_heldout_fraction: float = 0.1  # pairs kept out of training to report held-out accuracy
+  classifier_steps: int = 300
+  classifier_batch_size: int = 32
+  classifier_optim: OptimConfig = OptimConfig(learning_rate=3e-4)
+  # RLHBC reward = sum(w * E[count]) / sum(v * E[count]) over behavior types, E[count] per
+  # impression from the classifier's bin probabilities (bin midpoints mapped back through
+  # log1p and the rate scale). Default: (likes - dislikes) / (impressions + clicks).
+  numerator: tuple[tuple[str, float], ...] = (("likes", 1.0), ("dislikes", -1.0))
+  denominator: tuple[tuple[str, float], ...] = (("impressions", 1.0), ("clicks", 1.0))
+
+
+@dataclasses.dataclass(frozen=True)
 class RLHBConfig:
   steps: int = 60
   target_behavior: str = "best"  # best: the most preferred behavior | batch: the logged one
@@ -241,6 +268,7 @@ class Config:
   disc: DiscConfig = DiscConfig()
   ppo: PPOConfig = PPOConfig()
   rlhb: RLHBConfig = RLHBConfig()
+  reward: RewardConfig = RewardConfig()
   online: OnlineConfig = OnlineConfig()
   mesh: MeshConfig = MeshConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
@@ -262,6 +290,15 @@ class Config:
       raise ValueError(f"config.ppo.reward_transform={self.ppo.reward_transform!r}")
     if self.ppo.reward_norm not in ("none", "center", "whiten", "group"):
       raise ValueError(f"config.ppo.reward_norm={self.ppo.reward_norm!r}")
+    if self.reward.source not in ("disc", "rm", "classifier", "disc+rm"):
+      raise ValueError(
+        f"config.reward.source={self.reward.source!r}: expected disc, rm, classifier or disc+rm"
+      )
+    for name, _ in (*self.reward.numerator, *self.reward.denominator):
+      if name not in self.behavior.names:
+        raise ValueError(
+          f"config.reward: {name!r} is not a behavior type; known: {self.behavior.names}"
+        )
     if self.online.source not in ("sim", "live"):
       raise ValueError(f"config.online.source={self.online.source!r}: expected sim or live")
     if self.online.sft_rows not in ("best", "all"):

@@ -34,12 +34,13 @@ JOBS = {
   "disc_warmup": "train",
   "rlhb": "train",
   "eval": "evaluate",
-  "reward_model": None,
-  "rlhf": None,
-  "behavior_classifier": None,
-  "rlhbc": None,
+  "reward_model": "train",
+  "rlhf": "train",
+  "behavior_classifier": "train",
+  "rlhbc": "train",
+  "rlhf_rlhb": "train",
   "online": "online",
-  "serve": None,
+  "serve": "serve",
 }
 
 

@@ -50,15 +50,22 @@ def scalar_from_lm(lm: Transformer, num_outputs: int, seed: int) -> ScalarModel:
   return model
 
 
-def build_disc(cfg: Config, actor: Transformer, vocab_size: int) -> ScalarModel:
-  """The discriminator: from the generator's weights, a fresh tiny trunk, or its own checkpoint."""
-  seed = cfg.seed + 2
+def build_disc(
+  cfg: Config, actor: Transformer, vocab_size: int, num_outputs: int = 1, seed_offset: int = 2
+) -> ScalarModel:
+  """The discriminator: from the generator's weights, a fresh tiny trunk, or its own checkpoint.
+
+  The baselines' reward model (M=1) and behavior classifier (M=K*N) are built the same way, so
+  every judge of the generator has the same size and initialisation (`config.disc`).
+  """
+  seed = cfg.seed + seed_offset
   if cfg.disc.init_from_generator:
-    return scalar_from_lm(actor, 1, seed)
+    return scalar_from_lm(actor, num_outputs, seed)
   if cfg.disc.model.source == "tiny":
-    return ScalarModel(tiny_llama_config(cfg.disc.model, vocab_size), 1, rngs=nnx.Rngs(seed))
+    spec = tiny_llama_config(cfg.disc.model, vocab_size)
+    return ScalarModel(spec, num_outputs, rngs=nnx.Rngs(seed))
   lm, _ = build_lm(cfg.disc.model, vocab_size, seed)
-  return scalar_from_lm(lm, 1, seed)
+  return scalar_from_lm(lm, num_outputs, seed)
 
 
 def params_of(model: nnx.Module):
@@ -73,8 +80,15 @@ def init_state(
   eos_ids: tuple[int, ...],
   pad_id: int,
   disc_opt_state: Any = None,
+  rm: ScalarModel | None = None,
+  classifier: dict | None = None,
 ) -> tuple[steps.Roles, steps.RLHBState]:
-  """Roles (static) and the initial RLHB state; the reference is a frozen copy of the actor."""
+  """Roles (static) and the initial RLHB state; the reference is a frozen copy of the actor.
+
+  `rm` is the frozen reward model or behavior classifier of `cfg.reward.source` != "disc";
+  `classifier` (RLHBC) holds numpy `bin_counts` (K, N), `num` (K,) and `den` (K,).
+  """
+  classifier = classifier or {}
   total = cfg.rlhb.steps * cfg.ppo.epochs * cfg.ppo.minibatches
   roles = steps.Roles(
     actor=nnx.graphdef(actor),
@@ -85,6 +99,10 @@ def init_state(
     disc_tx=steps.make_optimizer(cfg.disc.optim, cfg.rlhb.steps * cfg.disc.updates_per_step),
     eos_ids=tuple(eos_ids),
     pad_id=pad_id,
+    rm=nnx.graphdef(rm) if rm is not None else None,
+    bin_counts=classifier.get("bin_counts"),
+    reward_num=classifier.get("num"),
+    reward_den=classifier.get("den"),
   )
   a, c, d = params_of(actor), params_of(critic), params_of(disc)
   state = steps.RLHBState(
@@ -99,6 +117,7 @@ def init_state(
     kl_coef=jnp.asarray(cfg.ppo.kl_coef, jnp.float32),
     nonfinite=jnp.zeros((), jnp.int32),
     nonfinite_run=jnp.zeros((), jnp.int32),
+    rm=params_of(rm) if rm is not None else {},
   )
   return roles, state
 
@@ -120,6 +139,7 @@ def state_shardings(
   ps = {
     name: sharding.param_shardings(getattr(state, name), sharding.logical_axes(m), mesh, rules)
     for name, m in models.items()
+    if m is not None
   }
   rep = sharding.replicated(mesh)
   return steps.RLHBState(
@@ -134,6 +154,7 @@ def state_shardings(
     kl_coef=rep,
     nonfinite=rep,
     nonfinite_run=rep,
+    rm=ps.get("rm", {}),
   )
 
 

@@ -123,6 +123,23 @@ class Run:
     return path
 
   @functools.cached_property
+  def preferences(self) -> list:
+    """Pairwise preferences for RLHF: config.reward.preferences_path, or the simulator's
+    annotators' (written beside simulated logs; search results attached like the logs')."""
+    from rlhb_jax.baselines import read_preferences
+
+    if self.cfg.reward.preferences_path:
+      return read_preferences(self.cfg.reward.preferences_path)
+    path = self.workdir / "preferences.jsonl"
+    if self.cfg.data.path or not self.logs_path.exists() or not path.exists():
+      raise FileNotFoundError(
+        f"{path}: no preferences; set config.reward.preferences_path to a JSONL of "
+        '{"query", "chosen", "rejected"}'
+      )
+    context_fn = self.simulator.context if self.uses_context else None
+    return read_preferences(path, context_fn)
+
+  @functools.cached_property
   def records(self) -> list[dict]:
     from rlhb_jax.data import read_records
 

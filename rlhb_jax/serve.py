@@ -1,6 +1,6 @@
 """Serve a policy over HTTP and record user behaviors: `python -m rlhb_jax.serve`.
 
-  python -m rlhb_jax.serve --config configs/base.py --workdir runs/demo [--config.serve.port=0]
+  python -m rlhb_jax.serve --config configs/default.py --workdir runs/demo [--config.serve.port=0]
   python -m rlhb_jax.serve --config CFG --workdir DIR --policy=echo   # no model: a test stand-in
 
 Flags are those of `rlhb_jax.main`; `config.serve` holds the `ServeConfig` options (a config without
@@ -45,8 +45,13 @@ def main(argv: list[str]) -> None:
   if _POLICY.value == "echo":
     policy = EchoPolicy()
   else:
-    # The checkpoint-backed policy comes with mode=online (issue 6); until then only the stand-in.
-    raise app.UsageError("--policy=model is not wired to a checkpoint yet; use --policy=echo")
+    import pathlib
+
+    from rlhb_jax import config as config_lib
+    from rlhb_jax.serving.policy import from_run
+
+    cfg = config_lib.replace(config_lib.from_configdict(_CONFIG.value), serve=serve_config)
+    policy = from_run(cfg, pathlib.Path(_WORKDIR.value))
   run_server(serve_config, _WORKDIR.value, policy)
 
 

@@ -39,6 +39,8 @@ class RLHBState:
   kl_coef: jax.Array
   nonfinite: jax.Array  # updates skipped for a non-finite loss or gradient, in total
   nonfinite_run: jax.Array  # ... in a row (reset by a finite update)
+  # Frozen reward model (RLHF) or behavior classifier (RLHBC) for reward.source != "disc"; else {}.
+  rm: Params = struct.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,12 @@ class Roles:
   disc_tx: optax.GradientTransformation
   eos_ids: tuple[int, ...]
   pad_id: int
+  rm: Any = None  # nnx.GraphDef of the reward model (M=1) or behavior classifier (M=K*N)
+  # RLHBC: expected count per impression of every (behavior type, bin), float (K, N), and the
+  # formula's numerator / denominator weights per type, (K,) each.
+  bin_counts: Any = None
+  reward_num: Any = None
+  reward_den: Any = None
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
@@ -91,13 +99,13 @@ def rollout(roles: Roles, actor: Params, batch: dict, rng: jax.Array, cfg: Confi
   )
 
 
-def _concat(a, a_mask, b, b_mask):
+def concat(a, a_mask, b, b_mask):
   return jnp.concatenate([a, b], axis=1), jnp.concatenate([a_mask, b_mask], axis=1)
 
 
 def score(disc_def, disc: Params, prefix, prefix_mask, response, response_mask) -> jax.Array:
   """Discriminator logits (B,) of "query / behavior / response" triplets (prefix then response)."""
-  tokens, mask = _concat(prefix, prefix_mask, response, response_mask)
+  tokens, mask = concat(prefix, prefix_mask, response, response_mask)
   return nnx.merge(disc_def, disc).last_token(tokens, mask)[:, 0]
 
 
@@ -107,7 +115,7 @@ def policy_logits(
   """Teacher-forced logits (B, Tn, V) that predict each response token, divided by the sampling
   temperature so that PPO's ratios and KL are those of the distribution the rollouts came from."""
   P, Tn = prompt.shape[1], response.shape[1]
-  tokens, mask = _concat(prompt, prompt_mask, response, response_mask)
+  tokens, mask = concat(prompt, prompt_mask, response, response_mask)
   model = nnx.merge(actor_def, actor)
   h, _ = model.trunk(tokens, _positions(mask), mask)
   logits = model.logits(h[:, P - 1 : P - 1 + Tn])
@@ -122,7 +130,7 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
 def critic_values(critic_def, critic: Params, prompt, prompt_mask, response, response_mask):
   """Value of the state before each response token: (B, Tn)."""
   P, Tn = prompt.shape[1], response.shape[1]
-  tokens, mask = _concat(prompt, prompt_mask, response, response_mask)
+  tokens, mask = concat(prompt, prompt_mask, response, response_mask)
   out = nnx.merge(critic_def, critic).per_token(tokens, mask)[..., 0]
   return out[:, P - 1 : P - 1 + Tn]
 
@@ -281,10 +289,10 @@ def disc_batch(batch: dict, ro: Rollout | None, seq_reward, cfg: Config) -> Disc
   rows. The top `bootstrap_ratio` share of generated rows by reward counts twice.
   """
   d = cfg.disc
-  real_t, real_m = _concat(
+  real_t, real_m = concat(
     batch["real_prefix"], batch["real_prefix_mask"], batch["real"], batch["real_mask"]
   )
-  swap_t, swap_m = _concat(
+  swap_t, swap_m = concat(
     batch["swap_prefix"], batch["swap_prefix_mask"], batch["real"], batch["real_mask"]
   )
   Bp = real_t.shape[0]
@@ -294,7 +302,7 @@ def disc_batch(batch: dict, ro: Rollout | None, seq_reward, cfg: Config) -> Disc
   swap_share = d.swap_fraction if ro is not None else 1.0
   weights = [jnp.ones(Bp), jnp.full(Bp, swap_share)]
   if ro is not None:
-    gen_t, gen_m = _concat(ro.prefix, ro.prefix_mask, ro.tokens, ro.mask)
+    gen_t, gen_m = concat(ro.prefix, ro.prefix_mask, ro.tokens, ro.mask)
     B = gen_t.shape[0]
     w = jnp.full(B, (1.0 - swap_share) * Bp / B)
     if d.bootstrap_ratio > 0:
@@ -340,19 +348,60 @@ def disc_update(disc_def, tx, params, opt_state, db: DiscBatch, cfg: Config):
   )
 
 
+def uses_disc(cfg: Config) -> bool:
+  return cfg.reward.source in ("disc", "disc+rm")
+
+
+def classifier_reward(logits: jax.Array, bin_counts, num, den) -> jax.Array:
+  """RLHBC reward from per-behavior bin logits (B, K, N).
+
+  E[count_k] = sum_b softmax(logits)_kb * bin_counts_kb (per impression), and
+  reward = sum_k num_k E[count_k] / max(sum_k den_k E[count_k], 1e-6).
+  """
+  p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  expected = jnp.sum(p * jnp.asarray(bin_counts, jnp.float32), axis=-1)  # (B, K)
+  top = expected @ jnp.asarray(num, jnp.float32)
+  bottom = expected @ jnp.asarray(den, jnp.float32)
+  return top / jnp.maximum(bottom, 1e-6)
+
+
+def sequence_reward(roles: Roles, state: RLHBState, batch: dict, ro: Rollout, cfg: Config):
+  """Per-rollout reward (B,) from `cfg.reward.source`, and its metrics."""
+  n = cfg.ppo.rollouts_per_prompt
+  metrics, reward = {}, 0.0
+  if uses_disc(cfg):
+    d_logits = score(roles.disc, state.disc, ro.prefix, ro.prefix_mask, ro.tokens, ro.mask)
+    reward_logits = d_logits
+    if cfg.ppo.reward_contrast:
+      c_prefix = jnp.repeat(batch["contrast_prefix"], n, axis=0)
+      c_mask = jnp.repeat(batch["contrast_prefix_mask"], n, axis=0)
+      reward_logits = d_logits - score(roles.disc, state.disc, c_prefix, c_mask, ro.tokens, ro.mask)
+    reward = losses.reward_from_disc(reward_logits, cfg.ppo.reward_transform)
+    metrics["d_fake_rollout"] = jnp.nanmean(jax.nn.sigmoid(d_logits))
+  if cfg.reward.source != "disc":
+    prefix = jnp.repeat(batch["rm_prefix"], n, axis=0)
+    mask = jnp.repeat(batch["rm_prefix_mask"], n, axis=0)
+    tokens, tmask = concat(prefix, mask, ro.tokens, ro.mask)
+    out = nnx.merge(roles.rm, state.rm).last_token(tokens, tmask)
+    if cfg.reward.source == "classifier":
+      k, nb = roles.bin_counts.shape
+      r = classifier_reward(
+        out.reshape(-1, k, nb), roles.bin_counts, roles.reward_num, roles.reward_den
+      )
+    else:
+      r = out[:, 0]
+    metrics["rm_reward_mean"] = jnp.nanmean(r)
+    w = cfg.reward.rm_weight if cfg.reward.source == "disc+rm" else 1.0
+    reward = reward + w * r
+  return reward, metrics
+
+
 def train_step(roles: Roles, cfg: Config, state: RLHBState, batch: dict, rng: jax.Array):
   """One RLHB step: rollout, score, advantages, PPO update, discriminator update(s)."""
   rng = jax.random.fold_in(rng, state.step)
   k_roll, k_ppo = jax.random.split(rng)
   ro = rollout(roles, state.actor, batch, k_roll, cfg)
-  d_logits = score(roles.disc, state.disc, ro.prefix, ro.prefix_mask, ro.tokens, ro.mask)
-  reward_logits = d_logits
-  if cfg.ppo.reward_contrast:
-    n = cfg.ppo.rollouts_per_prompt
-    c_prefix = jnp.repeat(batch["contrast_prefix"], n, axis=0)
-    c_mask = jnp.repeat(batch["contrast_prefix_mask"], n, axis=0)
-    reward_logits = d_logits - score(roles.disc, state.disc, c_prefix, c_mask, ro.tokens, ro.mask)
-  raw_reward = losses.reward_from_disc(reward_logits, cfg.ppo.reward_transform)
+  raw_reward, reward_metrics = sequence_reward(roles, state, batch, ro, cfg)
   seq_reward = losses.normalize_rewards(
     raw_reward, cfg.ppo.reward_norm, cfg.ppo.rollouts_per_prompt
   )
@@ -360,7 +409,7 @@ def train_step(roles: Roles, cfg: Config, state: RLHBState, batch: dict, rng: ja
   state, ppo_metrics = ppo_update(roles, state, exp, k_ppo, cfg)
 
   disc_metrics = {}
-  if cfg.disc.updates_per_step > 0:
+  if uses_disc(cfg) and cfg.disc.updates_per_step > 0:
     db = disc_batch(batch, ro, raw_reward, cfg)
 
     def d_body(carry, _):
@@ -387,8 +436,8 @@ def train_step(roles: Roles, cfg: Config, state: RLHBState, batch: dict, rng: ja
     **stats,
     **ppo_metrics,
     **disc_metrics,
+    **reward_metrics,
     "reward_mean": jnp.nanmean(raw_reward),
-    "d_fake_rollout": jnp.nanmean(jax.nn.sigmoid(d_logits)),
     "kl_coef": kl_coef,
     "nonfinite": state.nonfinite,
     "nonfinite_run": state.nonfinite_run,

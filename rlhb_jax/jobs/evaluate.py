@@ -80,8 +80,9 @@ def print_results(results: dict) -> None:
 def run(cfg: Config, workdir: pathlib.Path) -> dict:
   run_ = Run(cfg, workdir)
   methods = {"sft": "sft_actor"}
-  if run_.has_params("rlhb_actor"):
-    methods["rlhb"] = "rlhb_actor"
+  for name in ("rlhf", "rlhbc", "rlhb", "rlhf_rlhb", "online"):
+    if run_.has_params(f"{name}_actor"):
+      methods[name] = f"{name}_actor"
   results = evaluate(run_, methods)
   (run_.workdir / "eval.json").write_text(json.dumps(results, indent=2))
   print_results(results)

@@ -6,14 +6,18 @@ parameters to `models/<name>` so the next stage (or another mode) starts from th
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
+from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 
+from rlhb_jax import baselines, loop, roles, sharding, steps, supervised
 from rlhb_jax import config as config_lib
-from rlhb_jax import loop, roles, sharding, steps, supervised
+from rlhb_jax.batches import Batcher
 from rlhb_jax.config import Config
 from rlhb_jax.run import Run
 
@@ -78,20 +82,58 @@ def disc_warmup(run: Run) -> None:
   run.save_params("disc_warmup", state.params)
 
 
-def setup_rlhb(run: Run, example_batch: dict):
-  """The RLHB train state (from the SFT generator and the warmed-up D), placed on the mesh, and the
-  compiled step for batches shaped like `example_batch`. Returns (state, step_fn, mesh)."""
-  cfg = run.cfg
-  actor = run.actor_model(prefer=("sft_actor",))
+def ppo_config(cfg: Config, source: str) -> Config:
+  """The config of a PPO stage whose reward comes from `source` (D is not trained without it)."""
+  changes = {"reward.source": source}
+  if not steps.uses_disc(config_lib.replace(cfg, **changes)):
+    changes["disc.updates_per_step"] = 0
+  return config_lib.replace(cfg, **changes)
+
+
+def _reward_roles(run: Run, cfg: Config, actor) -> tuple[Any, dict | None]:
+  """The frozen reward model or behavior classifier the PPO reward of `cfg` needs, if any."""
+  source = cfg.reward.source
+  if source in ("rm", "disc+rm"):
+    rm = roles.build_disc(cfg, actor, run.tokenizer.vocab_size, seed_offset=3)
+    params = run.load_params("reward_model", rm)
+    if params is None:
+      raise FileNotFoundError(f"{run.workdir}/models/reward_model: run mode=reward_model first")
+    nnx.update(rm, params)
+    return rm, None
+  if source == "classifier":
+    k, n = len(cfg.behavior.names), cfg.behavior.num_bins
+    clf = roles.build_disc(cfg, actor, run.tokenizer.vocab_size, k * n, seed_offset=4)
+    params = run.load_params("behavior_classifier", clf)
+    if params is None:
+      raise FileNotFoundError(
+        f"{run.workdir}/models/behavior_classifier: run mode=behavior_classifier first"
+      )
+    nnx.update(clf, params)
+    num, den = baselines.formula_weights(cfg)
+    return clf, {"bin_counts": baselines.bin_counts(run.binner), "num": num, "den": den}
+  return None, None
+
+
+def setup_rlhb(
+  run: Run, example_batch: dict, cfg: Config | None = None, start: tuple[str, ...] = ("sft_actor",)
+):
+  """The PPO train state (generator from `start`, the warmed-up D, the frozen reward model when
+  `cfg.reward.source` needs one), placed on the mesh, and the compiled step for batches shaped
+  like `example_batch`. Returns (state, step_fn, mesh)."""
+  cfg = cfg or run.cfg
+  actor = run.actor_model(prefer=start)
   critic = roles.scalar_from_lm(actor, 1, cfg.seed + 1)
   disc = roles.build_disc(cfg, actor, run.tokenizer.vocab_size)
   warm = run.load_params("disc_warmup", disc)
   if warm is not None:
     nnx.update(disc, warm)
+  rm, classifier = _reward_roles(run, cfg, actor)
   tok = run.tokenizer
-  rl_roles, state = roles.init_state(cfg, actor, critic, disc, tok.eos_ids, tok.pad_id)
+  rl_roles, state = roles.init_state(
+    cfg, actor, critic, disc, tok.eos_ids, tok.pad_id, rm=rm, classifier=classifier
+  )
   mesh = sharding.make_mesh(cfg.mesh)
-  models = {"actor": actor, "critic": critic, "disc": disc}
+  models = {"actor": actor, "critic": critic, "disc": disc, "rm": rm}
   state_sh = roles.state_shardings(rl_roles, state, models, mesh, cfg.mesh.rules)
   batch_sh = roles.batch_shardings(example_batch, mesh)
   with jax.set_mesh(mesh):
@@ -100,33 +142,151 @@ def setup_rlhb(run: Run, example_batch: dict):
   return state, step_fn, mesh
 
 
-def rlhb(run: Run) -> None:
-  """The adversarial loop: PPO on the discriminator's reward, D trained on real vs. fake."""
-  cfg = run.cfg
-  if run.has_params("rlhb_actor"):
+def ppo(run: Run, name: str, source: str, start: tuple[str, ...]) -> None:
+  """A PPO stage named `name` (rlhb, rlhf, rlhbc, rlhf_rlhb) with the reward from `source`,
+  starting from the generator `start`; writes models/<name>_actor."""
+  if run.has_params(f"{name}_actor"):
     return
-  state, step_fn, mesh = setup_rlhb(run, run.batcher.rlhb(0))
+  cfg = ppo_config(run.cfg, source)
+  batcher = run.batcher
+  if cfg.reward.source != "disc":  # the RM / classifier prefixes come with the batches
+    batcher = Batcher(cfg, run.tokenizer, run.examples, run.best_behavior, batcher.worst)
+  state, step_fn, mesh = setup_rlhb(run, batcher.rlhb(0), cfg, start)
   rows = cfg.ppo.prompts_per_step * cfg.ppo.rollouts_per_prompt
+  show = ("reward_mean", "d_real", "d_fake", "kl", "tokens_per_s")
+  if not steps.uses_disc(cfg):
+    show = ("reward_mean", "rm_reward_mean", "kl", "tokens_per_s")
   with jax.set_mesh(mesh):
     state = loop.train_loop(
-      name="rlhb",
+      name=name,
       workdir=run.workdir,
       cfg=cfg,
       step_fn=step_fn,
       state=state,
-      batch_fn=run.batcher.rlhb,
+      batch_fn=batcher.rlhb,
       num_steps=cfg.rlhb.steps,
       rng=jax.random.key(cfg.seed),
-      meta=_meta(run, "rlhb"),
+      meta=_meta(run, name),
       monitor=loop.rlhb_monitor(cfg),
       rows_per_step=rows,
-      show=("reward_mean", "d_real", "d_fake", "kl", "tokens_per_s"),
+      show=show,
     )
-  run.save_params("rlhb_actor", jax.device_get(state.actor))
-  run.save_params("rlhb_disc", jax.device_get(state.disc))
+  run.save_params(f"{name}_actor", jax.device_get(state.actor))
+  if steps.uses_disc(cfg):
+    run.save_params(f"{name}_disc", jax.device_get(state.disc))
   log.info(
-    "RLHB done: %d steps, %d non-finite updates skipped", int(state.step), int(state.nonfinite)
+    "%s done: %d steps, %d non-finite updates skipped",
+    name,
+    int(state.step),
+    int(state.nonfinite),
   )
+
+
+def rlhb(run: Run) -> None:
+  """The adversarial loop: PPO on the discriminator's reward, D trained on real vs. fake."""
+  ppo(run, "rlhb", run.cfg.reward.source, ("sft_actor",))
+
+
+def reward_model(run: Run) -> None:
+  """RLHF's Bradley-Terry reward model on pairwise preferences (held-out accuracy reported)."""
+  cfg = run.cfg
+  if run.has_params("reward_model") or cfg.reward.rm_steps <= 0:
+    return
+  actor = run.actor_model(prefer=("sft_actor",))
+  rm = roles.build_disc(cfg, actor, run.tokenizer.vocab_size, seed_offset=3)
+  graphdef, params = nnx.graphdef(rm), roles.params_of(rm)
+  train_pairs, heldout = baselines.split_heldout(
+    run.preferences, cfg.reward.rm_heldout_fraction, cfg.seed
+  )
+  batcher = baselines.PairBatcher(
+    cfg, run.tokenizer, train_pairs, run.batcher.Pd, cfg.reward.rm_batch_size
+  )
+  tx = steps.make_optimizer(cfg.reward.rm_optim, cfg.reward.rm_steps)
+  state = loop.train_loop(
+    name="reward_model",
+    workdir=run.workdir,
+    cfg=cfg,
+    step_fn=baselines.compile_rm(graphdef, tx),
+    state=supervised.init(params, tx),
+    batch_fn=batcher,
+    num_steps=cfg.reward.rm_steps,
+    rng=jax.random.key(cfg.seed),
+    meta=_meta(run, "reward_model"),
+    show=("loss", "accuracy"),
+  )
+  report = {
+    "heldout_accuracy": baselines.rm_accuracy(graphdef, state.params, batcher, heldout),
+    "train_pairs": len(train_pairs),
+    "heldout_pairs": len(heldout),
+  }
+  run.save_params("reward_model", state.params)
+  (run.workdir / "models" / "reward_model.json").write_text(json.dumps(report, indent=2))
+  log.info("reward model: held-out pairwise accuracy %.3f", report["heldout_accuracy"])
+
+
+def behavior_classifier(run: Run) -> None:
+  """RLHBC's classifier: one head of N bins per behavior type on (query, response)."""
+  cfg = run.cfg
+  if run.has_params("behavior_classifier") or cfg.reward.classifier_steps <= 0:
+    return
+  actor = run.actor_model(prefer=("sft_actor",))
+  k, n = len(cfg.behavior.names), cfg.behavior.num_bins
+  clf = roles.build_disc(cfg, actor, run.tokenizer.vocab_size, k * n, seed_offset=4)
+  graphdef, params = nnx.graphdef(clf), roles.params_of(clf)
+  bins = run.binner.bin_many(r["behavior"] for r in run.records)
+  idx = list(range(len(run.examples)))
+  train_idx, heldout_idx = baselines.split_heldout(idx, cfg.reward.rm_heldout_fraction, cfg.seed)
+  train_b = baselines.ClassifierBatcher(
+    cfg,
+    run.tokenizer,
+    [run.examples[i] for i in train_idx],
+    bins[train_idx],
+    run.batcher.Pd,
+  )
+  tx = steps.make_optimizer(cfg.reward.classifier_optim, cfg.reward.classifier_steps)
+  state = loop.train_loop(
+    name="behavior_classifier",
+    workdir=run.workdir,
+    cfg=cfg,
+    step_fn=baselines.compile_classifier(graphdef, tx, k),
+    state=supervised.init(params, tx),
+    batch_fn=train_b,
+    num_steps=cfg.reward.classifier_steps,
+    rng=jax.random.key(cfg.seed),
+    meta=_meta(run, "behavior_classifier"),
+    show=("loss", "accuracy"),
+  )
+  all_b = baselines.ClassifierBatcher(cfg, run.tokenizer, run.examples, bins, run.batcher.Pd)
+  report = {
+    "heldout_bin_accuracy": baselines.classifier_accuracy(
+      graphdef, state.params, all_b, heldout_idx
+    ),
+    "majority_bin_accuracy": {
+      name: float(np.mean(bins[heldout_idx, j] == np.bincount(bins[train_idx, j]).argmax()))
+      for j, name in enumerate(cfg.behavior.names)
+    },
+  }
+  run.save_params("behavior_classifier", state.params)
+  (run.workdir / "models" / "behavior_classifier.json").write_text(json.dumps(report, indent=2))
+  log.info("behavior classifier: held-out bin accuracy %s", report["heldout_bin_accuracy"])
+
+
+def rlhf(run: Run) -> None:
+  reward_model(run)
+  ppo(run, "rlhf", "rm", ("sft_actor",))
+
+
+def rlhbc(run: Run) -> None:
+  behavior_classifier(run)
+  ppo(run, "rlhbc", "classifier", ("sft_actor",))
+
+
+def rlhf_rlhb(run: Run) -> None:
+  """The paper's Q2: RLHB continued from the RLHF policy (reward.source=disc+rm adds the RM)."""
+  rlhf(run)
+  disc_warmup(run)
+  source = run.cfg.reward.source if run.cfg.reward.source in ("disc", "disc+rm") else "disc"
+  ppo(run, "rlhf_rlhb", source, ("rlhf_actor", "sft_actor"))
 
 
 def run(cfg: Config, workdir: pathlib.Path) -> dict:
@@ -140,6 +300,21 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
       sft(run_)
       disc_warmup(run_)
       rlhb(run_)
+    case "reward_model":
+      sft(run_)
+      reward_model(run_)
+    case "rlhf":
+      sft(run_)
+      rlhf(run_)
+    case "behavior_classifier":
+      sft(run_)
+      behavior_classifier(run_)
+    case "rlhbc":
+      sft(run_)
+      rlhbc(run_)
+    case "rlhf_rlhb":
+      sft(run_)
+      rlhf_rlhb(run_)
     case other:
       raise ValueError(f"jobs.train has no mode {other!r}")
   return {"workdir": str(workdir)}

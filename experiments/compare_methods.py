@@ -1,0 +1,176 @@
+"""SFT vs RLHF vs RLHBC vs RLHB vs RLHF + RLHB on the same logs, budget and seeds.
+
+  python experiments/compare_methods.py --seeds 0,1,2 [--runs runs/compare] [-- --config.x=y ...]
+
+Every seed runs, in its own run directory (an existing one resumes stage by stage): simulated
+logs, the BPE, behavior-conditioned SFT, the discriminator warm-up, the reward model and RLHF, the
+behavior classifier and RLHBC, RLHB, and RLHB continued from the RLHF policy. All are evaluated on
+the same held-out queries (simulator ground truth, most preferred behavior), Win / Tie / Loss
+against SFT by the simulated users. Writes results/compare.json, results/compare.md and
+results/img/compare_*.png. Ablations are config flags after `--`, e.g.
+`--config.ppo.rollouts_per_prompt=6`, `--config.disc.bootstrap_ratio=0.2`,
+`--config.ppo.reward_transform=logit`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rlhb_jax import config as config_lib  # noqa: E402
+from rlhb_jax.jobs import evaluate, train  # noqa: E402
+from rlhb_jax.metrics import format_markdown_table, plot_series, read_jsonl  # noqa: E402
+from rlhb_jax.run import Run  # noqa: E402
+
+METHODS = ("sft", "rlhf", "rlhbc", "rlhb", "rlhf_rlhb")
+KEYS = ("like_rate", "dislike_rate", "requery_rate", "accuracy", "win", "tie", "loss")
+
+
+def load_config(overrides: list[str]) -> config_lib.Config:
+  """configs/compare.py with `--config.a.b=value` overrides (values read as Python literals)."""
+  spec = importlib.util.spec_from_file_location("compare_cfg", ROOT / "configs/compare.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cd = module.get_config()
+  for item in overrides:
+    key, sep, raw = item.removeprefix("--config.").partition("=")
+    if not item.startswith("--config.") or not sep:
+      raise SystemExit(f"override {item!r}: expected --config.a.b=value")
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw
+    cd.update_from_flattened_dict({key: value})
+  return config_lib.from_configdict(cd)
+
+
+def run_seed(cfg: config_lib.Config, workdir: pathlib.Path) -> dict:
+  out = workdir / "compare_seed.json"
+  if out.exists():
+    return json.loads(out.read_text())
+  t0 = time.perf_counter()
+  run = Run(cfg, workdir)
+  train.sft(run)
+  train.disc_warmup(run)
+  train.rlhf(run)
+  train.rlhbc(run)
+  train.rlhb(run)
+  train.rlhf_rlhb(run)
+  methods = {m: f"{m}_actor" for m in METHODS}
+  results = evaluate.evaluate(run, methods)
+  results["sft"] |= {"win": 0.0, "tie": 1.0, "loss": 0.0}  # against itself, by definition
+  reports = {
+    name: json.loads((workdir / "models" / f"{name}.json").read_text())
+    for name in ("reward_model", "behavior_classifier")
+  }
+  blob = {"results": results, "reports": reports, "wall_seconds": time.perf_counter() - t0}
+  out.write_text(json.dumps(blob, indent=2))
+  return blob
+
+
+def figures(workdir: pathlib.Path, img: pathlib.Path) -> list[pathlib.Path]:
+  def series(stream, key):
+    rows = [r for r in read_jsonl(workdir / f"{stream}.jsonl") if r.get(key) is not None]
+    return [r["step"] for r in rows], [r[key] for r in rows]
+
+  names = {"rlhf": "RLHF", "rlhbc": "RLHBC", "rlhb": "RLHB", "rlhf_rlhb": "RLHF + RLHB"}
+  out = [
+    plot_series(
+      img / "compare_reward.png",
+      {names[m]: series(m, "rm_reward_mean") for m in ("rlhf", "rlhbc")},
+      "Mean reward over training (RM score; classifier formula)",
+      "PPO step",
+      "reward",
+      smooth=5,
+    ),
+    plot_series(
+      img / "compare_disc_loss.png",
+      {names[m]: series(m, "disc_loss") for m in ("rlhb", "rlhf_rlhb")},
+      "Discriminator loss",
+      "PPO step",
+      "loss",
+      smooth=5,
+    ),
+    plot_series(
+      img / "compare_disc_reward.png",
+      {
+        **{f"{names[m]} D(generated)": series(m, "d_fake_rollout") for m in ("rlhb", "rlhf_rlhb")},
+        **{f"{names[m]} mean return": series(m, "reward_mean") for m in ("rlhb", "rlhf_rlhb")},
+      },
+      "Discriminator reward and mean return",
+      "PPO step",
+      "value",
+      hline=0.5,
+      smooth=5,
+    ),
+  ]
+  return out
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--seeds", default="0,1,2")
+  ap.add_argument("--runs", default="runs/compare")
+  ap.add_argument("--out", default="results")
+  ap.add_argument("overrides", nargs="*", help="--config.* flags for configs/compare.py")
+  args = ap.parse_args()
+  seeds = [int(s) for s in args.seeds.split(",")]
+  t0 = time.perf_counter()
+  per_seed = []
+  for seed in seeds:
+    cfg = load_config([*args.overrides, f"--config.seed={seed}", "--config.log.progress=False"])
+    workdir = pathlib.Path(args.runs) / f"seed_{seed}"
+    blob = run_seed(cfg, workdir)
+    per_seed.append(blob)
+    rows = [{"method": m, **blob["results"][m]} for m in METHODS]
+    print(f"seed {seed} ({blob['wall_seconds']:.0f}s)")
+    print(format_markdown_table(rows, ["method", *KEYS]))
+  summary = {
+    "methods": {
+      m: {
+        k: {
+          "mean": float(np.mean([b["results"][m][k] for b in per_seed])),
+          "std": float(np.std([b["results"][m][k] for b in per_seed])),
+        }
+        for k in KEYS
+      }
+      for m in METHODS
+    },
+    "seeds": seeds,
+    "reports": {str(s): b["reports"] for s, b in zip(seeds, per_seed, strict=True)},
+    "seed_wall_seconds": [b["wall_seconds"] for b in per_seed],
+    "wall_seconds": time.perf_counter() - t0,
+    "overrides": args.overrides,
+  }
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "compare.json").write_text(json.dumps(summary, indent=2))
+  rows = [
+    {
+      "method": m,
+      **{k: f"{v['mean']:.3f} ± {v['std']:.3f}" for k, v in summary["methods"][m].items()},
+    }
+    for m in METHODS
+  ]
+  table = format_markdown_table(rows, ["method", *KEYS])
+  (out / "compare.md").write_text(
+    f"# Method comparison (seeds {seeds}, mean ± std)\n\n{table}\n\n"
+    f"Wall time {summary['wall_seconds'] / 60:.1f} min; overrides: {args.overrides or 'none'}.\n"
+  )
+  figures(pathlib.Path(args.runs) / f"seed_{seeds[0]}", out / "img")
+  print(table)
+  print(f"wrote {out / 'compare.json'}, {out / 'compare.md'}, {out / 'img'}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,182 @@
+"""RLHF's reward model and RLHBC's classifier reward: learning, formula, inputs, the PPO step."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from rlhb_jax import baselines, roles, steps, supervised
+from rlhb_jax import config as C
+from rlhb_jax.behavior import BehaviorConfig, Binner
+from rlhb_jax.data.validate import BadRecordError
+
+V = 64
+
+
+class ByteTokenizer:
+  eos_ids = (1,)
+  pad_id = 0
+
+  def encode(self, text):
+    return [b % 60 + 4 for b in text.encode()][:60]
+
+  def chat_prompt(self, message):
+    return [2, *self.encode(message), 3]
+
+
+def tiny_config(**changes):
+  base = {
+    "model.embed_dim": 32,
+    "model.num_layers": 1,
+    "model.num_heads": 2,
+    "model.num_kv_heads": 1,
+    "model.head_dim": 16,
+    "model.mlp_dim": 64,
+    "sampling.max_new_tokens": 8,
+    "reward.rm_optim.learning_rate": 3e-3,
+    "reward.rm_optim.warmup_steps": 5,
+  }
+  return C.replace(C.Config(), **(base | changes))
+
+
+def synthetic_pairs(n, seed):
+  """Chosen answers start with "yes", rejected ones with "no"; the rest is random filler."""
+  rng = np.random.default_rng(seed)
+  words = ["sun", "rain", "tree", "river", "stone", "cloud", "bird", "road", "lamp", "door"]
+  pairs = []
+  for _ in range(n):
+    q = " ".join(rng.choice(words, 3))
+    fill = lambda: " ".join(rng.choice(words, rng.integers(1, 3)))  # noqa: E731
+    a, b = f"yes {fill()}", f"no {fill()}"
+    pairs.append(baselines.Pair(q, a, b))
+  return pairs
+
+
+def test_reward_model_learns_a_known_preference():
+  """Held-out pairwise accuracy must reach 0.9 (a random RM scores about 0.5)."""
+  cfg = tiny_config()
+  actor, _ = roles.build_lm(cfg.model, V, 0)
+  rm = roles.build_disc(cfg, actor, V, seed_offset=3)
+  graphdef, params = nnx.graphdef(rm), roles.params_of(rm)
+  pairs = synthetic_pairs(400, 0)
+  train, heldout = baselines.split_heldout(pairs, 0.2, 0)
+  assert len(heldout) == 80 and not set(map(id, train)) & set(map(id, heldout))
+  batcher = baselines.PairBatcher(cfg, ByteTokenizer(), train, prefix_len=48, size=16)
+  before = baselines.rm_accuracy(graphdef, params, batcher, heldout)
+  tx = steps.make_optimizer(cfg.reward.rm_optim, 80)
+  step = baselines.compile_rm(graphdef, tx)
+  state = supervised.init(params, tx)
+  for s in range(80):
+    state, m = step(state, batcher(s))
+  after = baselines.rm_accuracy(graphdef, state.params, batcher, heldout)
+  assert after >= 0.9, (before, after)
+  assert float(m["loss"]) < 0.3
+
+
+def test_bin_counts_map_bins_back_to_counts_per_impression():
+  cfg = BehaviorConfig(num_bins=2)
+  names = cfg.names  # impressions, clicks, likes, dislikes, requeries
+  lo = dict.fromkeys(names, 0.0)
+  hi = dict.fromkeys(names, float(np.log1p(100.0)))
+  counts = baselines.bin_counts(Binner(cfg, lo, hi))
+  mids = np.expm1(np.log1p(100.0) * np.array([0.25, 0.75]))
+  np.testing.assert_allclose(counts[0], [1.0, 1.0])  # impressions: 1 per impression
+  for k in range(1, len(names)):
+    np.testing.assert_allclose(counts[k], mids / 100.0, rtol=1e-6)
+  raw = baselines.bin_counts(
+    Binner(BehaviorConfig(num_bins=2, normalize_by_impressions=False), lo, hi)
+  )
+  np.testing.assert_allclose(raw[0], mids, rtol=1e-6)
+
+
+def test_classifier_reward_formula_on_known_inputs():
+  # Types: impressions, clicks, likes, dislikes, requeries; 3 bins each, counts per impression.
+  bin_counts = np.array(
+    [[1, 1, 1], [0.0, 0.1, 0.4], [0.0, 0.2, 0.5], [0.0, 0.1, 0.3], [0.0, 0.2, 0.6]], np.float32
+  )
+  cfg = tiny_config()
+  num, den = baselines.formula_weights(cfg)
+  np.testing.assert_array_equal(num, [0, 0, 1, -1, 0])
+  np.testing.assert_array_equal(den, [1, 1, 0, 0, 0])
+  sure = lambda bins: np.stack([np.eye(3)[b] * 60.0 for b in bins])  # noqa: E731
+  logits = np.stack([sure([0, 2, 2, 0, 0]), sure([0, 0, 1, 2, 1])])
+  r = np.asarray(steps.classifier_reward(logits, bin_counts, num, den))
+  # (0.5 - 0) / (1 + 0.4) and (0.2 - 0.3) / (1 + 0)
+  np.testing.assert_allclose(r, [0.5 / 1.4, -0.1], rtol=1e-5)
+  # A uniform classifier: expected counts are the bin means.
+  e = bin_counts.mean(axis=1)
+  uniform = np.asarray(steps.classifier_reward(np.zeros((1, 5, 3)), bin_counts, num, den))
+  np.testing.assert_allclose(uniform, [(e[2] - e[3]) / (e[0] + e[1])], rtol=1e-5)
+  # The formula is configuration.
+  cfg2 = tiny_config(**{"reward.numerator": (("likes", 2.0),), "reward.denominator": ()})
+  num2, den2 = baselines.formula_weights(cfg2)
+  np.testing.assert_array_equal(num2, [0, 0, 2, 0, 0])
+  assert not den2.any()
+
+
+def test_formula_names_must_be_behavior_types():
+  with pytest.raises(ValueError, match="'stars' is not a behavior type"):
+    tiny_config(**{"reward.numerator": (("stars", 1.0),)})
+
+
+def test_bad_preference_lines_name_file_line_and_field(tmp_path):
+  path = tmp_path / "prefs.jsonl"
+  good = {"query": "q", "chosen": "a", "rejected": "b"}
+  path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "rejected": 3}) + "\n")
+  with pytest.raises(BadRecordError) as e:
+    baselines.read_preferences(path)
+  assert (e.value.line, e.value.field) == (2, "rejected") and str(path) in str(e.value)
+  path.write_text(json.dumps(good) + "\n{oops\n")
+  with pytest.raises(BadRecordError, match=":2:"):
+    baselines.read_preferences(path)
+  path.write_text(json.dumps(good) + "\n")
+  (pair,) = baselines.read_preferences(path, context_fn=lambda q: f"ctx {q}")
+  assert pair == baselines.Pair("q", "a", "b", "ctx q")
+
+
+@pytest.mark.parametrize("source", ["rm", "classifier", "disc+rm"])
+def test_ppo_step_with_each_reward_source(source):
+  """The RLHB step machinery with a frozen RM / classifier: the reward is the model's score."""
+  from test_steps import Bp, Pd, make_batch, small_config
+
+  cfg = C.replace(small_config(), **{"reward.source": source})
+  if not steps.uses_disc(cfg):
+    cfg = C.replace(cfg, **{"disc.updates_per_step": 0})
+  actor, _ = roles.build_lm(cfg.model, 64, 0)
+  critic = roles.scalar_from_lm(actor, 1, 1)
+  disc = roles.build_disc(cfg, actor, 64)
+  k, n = len(cfg.behavior.names), cfg.behavior.num_bins
+  outputs = k * n if source == "classifier" else 1
+  rm = roles.build_disc(cfg, actor, 64, outputs, seed_offset=3)
+  rm.head_w[...] = 0.5 * jax.random.normal(jax.random.key(3), rm.head_w[...].shape)
+  classifier = None
+  if source == "classifier":
+    counts = np.tile(np.linspace(0, 0.5, n, dtype=np.float32), (k, 1))
+    counts[0] = 1.0
+    num, den = baselines.formula_weights(cfg)
+    classifier = {"bin_counts": counts, "num": num, "den": den}
+  rl_roles, state = roles.init_state(
+    cfg, actor, critic, disc, (1,), 0, rm=rm, classifier=classifier
+  )
+  rm_before = jax.tree.map(np.asarray, state.rm)
+  batch = make_batch(0)
+  rng = np.random.default_rng(1)
+  batch["rm_prefix"] = rng.integers(5, 64, (Bp, Pd)).astype(np.int32)
+  batch["rm_prefix_mask"] = np.ones((Bp, Pd), bool)
+  step = jax.jit(lambda s, b, r: steps.train_step(rl_roles, cfg, s, b, r))
+  new, metrics = step(state, batch, jax.random.key(0))
+  new, metrics = step(new, batch, jax.random.key(0))  # step 0 has learning rate 0 (warm-up)
+  assert np.isfinite(float(metrics["reward_mean"]))
+  assert ("d_fake_rollout" in metrics) == (source == "disc+rm")
+  if source != "disc+rm":
+    assert float(metrics["reward_mean"]) == pytest.approx(float(metrics["rm_reward_mean"]))
+  # The reward model is frozen; the discriminator trains only when it gives reward.
+  for a, b in zip(jax.tree.leaves(new.rm), jax.tree.leaves(rm_before), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  disc_same = all(
+    np.array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree.leaves(new.disc), jax.tree.leaves(state.disc), strict=True)
+  )
+  assert disc_same == (source != "disc+rm")

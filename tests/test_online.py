@@ -1,0 +1,161 @@
+"""mode=online end to end (tiny budget), the model-backed serving policy and its hot reload."""
+
+import importlib.util
+import json
+import pathlib
+import urllib.request
+
+import jax
+import numpy as np
+import pytest
+
+from rlhb_jax import config as config_lib
+from rlhb_jax import roles
+from rlhb_jax.jobs import online
+from rlhb_jax.run import Run
+from rlhb_jax.serving import ServeConfig, make_server, open_store
+from rlhb_jax.serving.policy import from_run, publish
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_online_config(**changes):
+  spec = importlib.util.spec_from_file_location("online_cfg", ROOT / "configs/online.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = config_lib.from_configdict(module.get_config())
+  tiny = {
+    "model.embed_dim": 32,
+    "model.num_layers": 1,
+    "model.num_heads": 2,
+    "model.num_kv_heads": 1,
+    "model.head_dim": 16,
+    "model.mlp_dim": 64,
+    "model.vocab_size": 400,
+    "sim.num_records": 300,
+    "sim.drift_round": 1,
+    "sft.steps": 3,
+    "sft.batch_size": 8,
+    "disc.warmup_steps": 2,
+    "disc.batch_size": 8,
+    "ppo.prompts_per_step": 8,
+    "ppo.rollouts_per_prompt": 2,
+    "sampling.max_new_tokens": 8,
+    "eval.num_queries": 8,
+    "eval.batch_size": 8,
+    "log.progress": False,
+    "log.tensorboard": False,
+    "online.rounds": 3,
+    "online.queries_per_round": 12,
+    "online.steps_per_round": 1,
+    "online.sft_steps": 1,
+    "online.sft_rows": "all",
+    "online.client_threads": 4,
+    "serve.sqlite_synchronous": "NORMAL",
+  }
+  return config_lib.replace(cfg, **(tiny | changes))
+
+
+def read_rounds(workdir):
+  return [
+    [json.loads(x) for x in p.read_text().splitlines()]
+    for p in sorted((workdir / "online").glob("round_*.jsonl"))
+  ]
+
+
+@pytest.mark.slow
+def test_online_rounds_survive_a_crash_and_consume_every_event_once(tmp_path, monkeypatch):
+  cfg = tiny_online_config()
+  # Crash in round 1 after the trainer read the store (cursor advanced in memory) but before that
+  # round's checkpoint: the restarted run must read those events again, and only once in total.
+  real_save_round = online.Online.save_round
+
+  def crash_in_round_1(self, r, records):
+    if r == 1:
+      raise KeyboardInterrupt("simulated kill")
+    real_save_round(self, r, records)
+
+  monkeypatch.setattr(online.Online, "save_round", crash_in_round_1)
+  with pytest.raises(KeyboardInterrupt):
+    online.run(cfg, tmp_path)
+  assert [len(r) for r in read_rounds(tmp_path)] == [12]
+  monkeypatch.setattr(online.Online, "save_round", real_save_round)
+
+  summary = online.run(cfg, tmp_path)
+  rounds = summary["rounds"]
+  assert [e["round"] for e in rounds] == [0, 1, 2]
+  assert summary["drift_round"] == 1
+  for e in rounds:
+    for key in ("like_rate_online", "like_rate_frozen", "like_rate_observed"):
+      assert 0.0 <= e[key] <= 1.0
+  # The frozen policy's answers never change; only the users do (drift at round 1).
+  frozen = [e["like_rate_frozen"] for e in rounds]
+  assert frozen[1] == frozen[2] and frozen[0] != frozen[1]
+  assert rounds[0]["like_rate_online"] == rounds[0]["like_rate_frozen"]  # both are the start
+  assert [e["model_step"] for e in rounds] == [0, 1, 2]
+
+  # Round 1 re-read the 12 responses served before the crash, plus its own 12.
+  per_round = read_rounds(tmp_path)
+  assert [len(r) for r in per_round] == [12, 24, 12]
+  assert [e["records"] for e in rounds] == [12, 24, 12]
+  ids = [rec["id"] for r in per_round for rec in r]
+  assert len(ids) == len(set(ids))
+  with open_store("", tmp_path) as store:
+    counts = store.counts()
+    feed, _ = store.read_new()
+  assert counts["responses"] == len(ids) == 48
+  assert sum(rec["meta"]["events"] for r in per_round for rec in r) == counts["events"]
+  # Each record's counts are the sums of its stored events.
+  likes = {}
+  for ev in feed.events:
+    if ev.type == "likes":
+      likes[ev.response_id] = likes.get(ev.response_id, 0) + ev.value
+  for rec in (rec for r in per_round for rec in r):
+    assert rec["behavior"]["likes"] == likes.get(rec["id"], 0)
+
+  steps = [json.loads(x)["step"] for x in (tmp_path / "online.jsonl").read_text().splitlines()]
+  assert steps == [1, 2, 3]
+  assert (tmp_path / "plots" / "online_like_rate.png").exists()
+  assert json.loads((tmp_path / "models" / "online_actor.json").read_text()) == {
+    "step": 3,
+    "round": 3,
+  }
+
+
+def _post(url, body):
+  req = urllib.request.Request(
+    url, json.dumps(body).encode(), {"Content-Type": "application/json"}, method="POST"
+  )
+  with urllib.request.urlopen(req, timeout=120) as resp:
+    return json.loads(resp.read())
+
+
+@pytest.mark.slow
+def test_model_policy_serves_the_run_and_hot_reloads_published_weights(tmp_path):
+  cfg = tiny_online_config(**{"sft.steps": 0, "disc.warmup_steps": 0})
+  policy = from_run(cfg, tmp_path)
+  assert policy.model_step == 0 and policy.context_fn is not None
+  server = make_server(ServeConfig(port=0, sqlite_synchronous="NORMAL"), tmp_path, policy).start()
+  try:
+    out = _post(f"{server.url}/v1/generate", {"query": "What is the capital of France?"})
+    assert isinstance(out["response"], str)
+    with open_store("", tmp_path) as store:
+      (row,) = store.read_new()[0].responses
+    assert row.behavior == policy.default_behavior and row.model_step == 0
+    assert not policy.maybe_reload()  # nothing published yet
+
+    run = Run(cfg, tmp_path)
+    model = run.base_actor()
+    params = jax.tree.map(lambda x: np.asarray(x) + 0.01, roles.params_of(model))
+    publish(run, params, step=7, round=1)
+    assert policy.maybe_reload() and policy.model_step == 7
+    served = roles.params_of(policy.model)
+    for a, b in zip(jax.tree.leaves(served), jax.tree.leaves(params), strict=True):
+      np.testing.assert_array_equal(np.asarray(a), b)
+    assert not policy.maybe_reload()  # same step again: no reload
+    _post(f"{server.url}/v1/generate", {"query": "What is 2 plus 2?", "behavior": "Users: x."})
+    with open_store("", tmp_path) as store:
+      rows = store.read_new()[0].responses
+    assert rows[-1].model_step == 7 and rows[-1].behavior == "Users: x."
+  finally:
+    server.shutdown()
