@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 from rlhb_jax import config as config_lib
-from rlhb_jax import steps, supervised
+from rlhb_jax import sharding, steps, supervised
 from rlhb_jax.batches import Batcher, Example
 from rlhb_jax.behavior import least_preferred_text, verbalize_records
 from rlhb_jax.checkpoint import Checkpointer
@@ -158,6 +158,7 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
   sft_tx = steps.make_optimizer(ocfg.sft_optim, max(ocfg.rounds * ocfg.sft_steps, 1))
   sft_fn = supervised.compile_sft(sft_graph, sft_tx)
   sft_state = supervised.init(jax.tree.map(jnp.copy, state.actor), sft_tx)
+  sft_state = jax.device_put(sft_state, sharding.replicated(mesh))  # same devices as the state
   actor_sh = jax.tree.map(lambda x: x.sharding, state.actor)  # the RLHB step's layout
   ckpt = Checkpointer(
     run_.workdir / "checkpoints" / "online",

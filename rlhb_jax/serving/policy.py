@@ -116,7 +116,12 @@ def from_run(cfg: Config, workdir: pathlib.Path) -> ModelPolicy:
   model = run.actor_model(prefer=(PUBLISHED, "rlhb_actor", "sft_actor"))
   context_fn = None
   if not cfg.data.path and run.uses_context:  # the simulated platform shows its search result
-    context_fn = run.simulator.context
+
+    def context_fn(query: str) -> str:
+      try:
+        return run.simulator.context(query)
+      except KeyError:  # a query outside the simulator's knowledge base: no search result
+        return ""
 
   def reload_fn(current: int) -> tuple[Any, int] | None:
     step = published_step(run.workdir)
