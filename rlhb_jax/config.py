@@ -242,6 +242,10 @@ class CheckpointConfig:
 class EvalConfig:
   num_queries: int = 200  # held-out simulator queries
   batch_size: int = 50
+  # Who decides Win / Tie / Loss: "sim" (the simulated users' ground truth) or "llm" (judge_model
+  # asked both orders, inconsistent verdicts are ties; docs/JUDGES.md).
+  judge: str = "sim"
+  judge_model: ModelSpec = ModelSpec(source="smollm2-135m-instruct")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,6 +294,8 @@ class Config:
       raise ValueError(f"config.ppo.reward_transform={self.ppo.reward_transform!r}")
     if self.ppo.reward_norm not in ("none", "center", "whiten", "group"):
       raise ValueError(f"config.ppo.reward_norm={self.ppo.reward_norm!r}")
+    if self.eval.judge not in ("sim", "llm"):
+      raise ValueError(f"config.eval.judge={self.eval.judge!r}: expected sim or llm")
     if self.reward.source not in ("disc", "rm", "classifier", "disc+rm"):
       raise ValueError(
         f"config.reward.source={self.reward.source!r}: expected disc, rm, classifier or disc+rm"

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from rlhb_jax.config import Config
-from rlhb_jax.judges import SimulatedUsersJudge, win_tie_loss
+from rlhb_jax.judges import LLMJudge, SimulatedUsersJudge, win_tie_loss
 from rlhb_jax.metrics import format_table
 from rlhb_jax.run import Run
 from rlhb_jax.sampling import generate_texts
@@ -52,6 +52,18 @@ def ground_truth(run: Run, queries: list[str], responses: list[str], round: int 
   return out
 
 
+def make_judge(cfg: Config, simulator):
+  """The Win / Tie / Loss judge of `config.eval.judge`."""
+  if cfg.eval.judge == "sim":
+    return SimulatedUsersJudge(simulator)
+  if cfg.eval.judge_model.source == "tiny":
+    raise ValueError("config.eval.judge=llm needs a checkpoint in config.eval.judge_model")
+  from rlhb_jax.model.loading import load_model
+
+  model, tokenizer = load_model(cfg.eval.judge_model)
+  return LLMJudge(model, tokenizer)
+
+
 def evaluate(run: Run, methods: dict[str, str]) -> dict:
   """Scores each method's generator (name -> models/<params>) and compares it with SFT."""
   queries = heldout_queries(run)
@@ -60,7 +72,7 @@ def evaluate(run: Run, methods: dict[str, str]) -> dict:
     model = run.actor_model(prefer=(params_name,))
     responses[name] = respond(run, model, queries)
     results[name] = ground_truth(run, queries, responses[name])
-  judge = SimulatedUsersJudge(run.simulator)
+  judge = make_judge(run.cfg, run.simulator)
   for name in methods:
     if name != "sft" and "sft" in responses:
       results[name] |= win_tie_loss(judge, queries, responses[name], responses["sft"])
