@@ -6,7 +6,7 @@ STAMP := $(VENV)/.stamp
 WORKDIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast lint bench clean
+.PHONY: venv demo online compare test test-fast lint bench clean
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) (set PY=python3.x)"; exit 1; }
@@ -24,6 +24,12 @@ venv: $(STAMP)
 
 demo: venv
 	$(BIN)/python -m rlhb_jax.main --config configs/default.py --workdir $(WORKDIR)
+
+online: venv
+	$(BIN)/python -m rlhb_jax.main --config configs/online.py --workdir runs/online
+
+compare: venv
+	$(BIN)/python experiments/compare_methods.py --seeds 0,1,2
 
 test: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
