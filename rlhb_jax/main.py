@@ -24,7 +24,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Run directory (outputs, checkpoints).")
 
-# config.mode -> module under rlhb_jax.jobs (None: declared in the config, not built yet)
+# config.mode -> module under rlhb_jax.jobs
 JOBS = {
   "pipeline": "pipeline",
   "generate": "generate",
@@ -52,11 +52,6 @@ def run(cfg: config_lib.Config, workdir: pathlib.Path) -> dict:
   if path.exists():
     path = workdir / f"config_{cfg.mode}.json"
   path.write_text(json.dumps(config_lib.to_configdict(cfg).to_dict(), indent=2, default=list))
-  if JOBS[cfg.mode] is None:
-    raise NotImplementedError(
-      f"config.mode={cfg.mode!r} is not built yet; available: "
-      + ", ".join(m for m, j in JOBS.items() if j)
-    )
   module = importlib.import_module(f"rlhb_jax.jobs.{JOBS[cfg.mode]}")
   return module.run(cfg, workdir)
 
@@ -82,9 +77,6 @@ def main(argv: list[str]) -> None:
   except BadRecordError as e:
     print(f"bad record: {e}", file=sys.stderr)
     sys.exit(3)
-  except NotImplementedError as e:
-    print(str(e), file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -197,7 +197,18 @@ def test_bools_are_not_ints_and_sections_must_be_sections():
     from_configdict(d)
 
 
-def test_modes_not_built_yet_exit_with_a_clear_message(tmp_path):
+def test_every_mode_has_a_job_with_a_run_function():
+  import importlib
+
+  from rlhb_jax.config import MODES
+  from rlhb_jax.main import JOBS
+
+  assert set(JOBS) == set(MODES)
+  for mode, module in JOBS.items():
+    assert callable(importlib.import_module(f"rlhb_jax.jobs.{module}").run), mode
+
+
+def test_an_unknown_mode_exits_with_a_clear_message(tmp_path):
   out = subprocess.run(
     [
       sys.executable,
@@ -207,10 +218,10 @@ def test_modes_not_built_yet_exit_with_a_clear_message(tmp_path):
       str(pathlib.Path(__file__).resolve().parents[1] / "configs/default.py"),
       "--workdir",
       str(tmp_path),
-      "--config.mode=online",
+      "--config.mode=rlhx",
     ],
     capture_output=True,
     text=True,
   )
   assert out.returncode == 2
-  assert "not built yet" in out.stderr and "pipeline" in out.stderr
+  assert "config.mode='rlhx'" in out.stderr and "pipeline" in out.stderr
