@@ -86,6 +86,13 @@ def figures(workdir: pathlib.Path, img: pathlib.Path) -> list[pathlib.Path]:
   names = {"rlhf": "RLHF", "rlhbc": "RLHBC", "rlhb": "RLHB", "rlhf_rlhb": "RLHF + RLHB"}
   out = [
     plot_series(
+      img / "compare_win_rate.png",
+      {names[m]: series(m, "eval_win") for m in names},
+      "Win rate against SFT over training (48 held-out queries, simulated users)",
+      "PPO step",
+      "win rate",
+    ),
+    plot_series(
       img / "compare_reward.png",
       {names[m]: series(m, "rm_reward_mean") for m in ("rlhf", "rlhbc")},
       "Mean reward over training (RM score; classifier formula)",

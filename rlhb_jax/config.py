@@ -246,6 +246,10 @@ class EvalConfig:
   # asked both orders, inconsistent verdicts are ties; docs/JUDGES.md).
   judge: str = "sim"
   judge_model: ModelSpec = ModelSpec(source="smollm2-135m-instruct")
+  # Every this many PPO steps, score the generator on `curve_queries` held-out queries (win rate vs.
+  # SFT, like rate) and log it as eval_* metrics: the win-rate-over-training curves. 0 = off.
+  curve_every: int = 0
+  curve_queries: int = 48
 
 
 @dataclasses.dataclass(frozen=True)

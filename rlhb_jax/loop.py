@@ -38,12 +38,16 @@ def train_loop(
   monitor: Monitor | None = None,
   rows_per_step: int = 0,
   show: tuple[str, ...] = ("loss",),
+  hook: Callable[[int, Any], dict[str, float]] | None = None,
+  hook_every: int = 0,
 ) -> Any:
   """Runs `state, metrics = step_fn(state, batch_fn(s), rng)` for s in [resumed step, num_steps).
 
   Metrics of step s are converted to floats (a host sync) only after step s+1 was dispatched, so
   logging never stalls the device. A checkpoint is written every `checkpoint.every_steps` and at the
-  end; a run found in `workdir/checkpoints/<name>` resumes from its latest step.
+  end; a run found in `workdir/checkpoints/<name>` resumes from its latest step. With `hook`, every
+  `hook_every` steps `hook(step, state)` returns extra metrics (e.g. an evaluation) logged at that
+  step.
   """
   ckpt = Checkpointer(workdir / "checkpoints" / name, cfg.checkpoint)
   if ckpt.latest_step() is not None:
@@ -85,10 +89,16 @@ def train_loop(
       if pending is not None:
         flush(pending)
       pending = (s, metrics)
-      if ckpt.should_save(s + 1):
-        # Log this step before checkpointing it, so a resumed run's metrics have no gap.
+      if hook is not None and hook_every > 0 and (s + 1) % hook_every == 0:
         flush(pending)
         pending = None
+        writer.write(s + 1, hook(s + 1, state))
+        last_time = time.perf_counter()  # the evaluation is not the next step's time
+      if ckpt.should_save(s + 1):
+        # Log this step before checkpointing it, so a resumed run's metrics have no gap.
+        if pending is not None:
+          flush(pending)
+          pending = None
         ckpt.save(s + 1, state, meta)
     if pending is not None:
       flush(pending)

@@ -12,6 +12,7 @@ import pathlib
 
 import jax
 import numpy as np
+from flax import nnx
 
 from rlhb_jax.config import Config
 from rlhb_jax.judges import LLMJudge, SimulatedUsersJudge, win_tie_loss
@@ -50,6 +51,29 @@ def ground_truth(run: Run, queries: list[str], responses: list[str], round: int 
   out = {f"{k}_rate": float(np.mean([r[k] for r in rates])) for k in rates[0]}
   out["accuracy"] = float(np.mean(correct))
   return out
+
+
+def curve_hook(run: Run):
+  """`train_loop` hook: the generator's win rate vs. SFT and like rate on `eval.curve_queries`
+  held-out queries (the first of `heldout_queries`), as eval_* metrics."""
+  queries = heldout_queries(run)[: run.cfg.eval.curve_queries]
+  model = run.actor_model(prefer=("sft_actor",))
+  baseline = respond(run, model, queries)
+  judge = SimulatedUsersJudge(run.simulator)
+
+  def hook(step: int, state) -> dict[str, float]:
+    nnx.update(model, jax.device_get(state.actor))
+    answers = respond(run, model, queries)
+    wtl = win_tie_loss(judge, queries, answers, baseline)
+    truth = ground_truth(run, queries, answers)
+    return {
+      "eval_win": wtl["win"],
+      "eval_loss": wtl["loss"],
+      "eval_like_rate": truth["like_rate"],
+      "eval_accuracy": truth["accuracy"],
+    }
+
+  return hook
 
 
 def make_judge(cfg: Config, simulator):

@@ -19,6 +19,7 @@ from rlhb_jax import baselines, loop, roles, sharding, steps, supervised
 from rlhb_jax import config as config_lib
 from rlhb_jax.batches import Batcher
 from rlhb_jax.config import Config
+from rlhb_jax.jobs import evaluate
 from rlhb_jax.run import Run
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,8 @@ def ppo(run: Run, name: str, source: str, start: tuple[str, ...]) -> None:
       monitor=loop.rlhb_monitor(cfg),
       rows_per_step=rows,
       show=show,
+      hook=evaluate.curve_hook(run) if cfg.eval.curve_every > 0 else None,
+      hook_every=cfg.eval.curve_every,
     )
   run.save_params(f"{name}_actor", jax.device_get(state.actor))
   if steps.uses_disc(cfg):
