@@ -55,8 +55,11 @@ def ground_truth(run: Run, queries: list[str], responses: list[str], round: int 
 
 def curve_hook(run: Run):
   """`train_loop` hook: the generator's win rate vs. SFT and like rate on `eval.curve_queries`
-  held-out queries (the first of `heldout_queries`), as eval_* metrics."""
-  queries = heldout_queries(run)[: run.cfg.eval.curve_queries]
+  held-out queries (evenly spaced through `heldout_queries`, which is in knowledge-base order, so
+  every domain is represented), as eval_* metrics."""
+  every = heldout_queries(run)
+  n = min(run.cfg.eval.curve_queries, len(every))
+  queries = [every[i] for i in np.linspace(0, len(every) - 1, n).round().astype(int)]
   model = run.actor_model(prefer=("sft_actor",))
   baseline = respond(run, model, queries)
   judge = SimulatedUsersJudge(run.simulator)
