@@ -24,11 +24,10 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from rlhb_jax import losses, steps
-from rlhb_jax.batches import Encoder, Example, left_pad, right_pad
+from rlhb_jax import losses, steps, supervised
+from rlhb_jax.batches import Encoder, Example, epoch_indices, left_pad, right_pad
 from rlhb_jax.behavior import Binner
 from rlhb_jax.config import Config
 from rlhb_jax.data.validate import BadRecordError
@@ -82,16 +81,6 @@ def split_heldout(items: Sequence, fraction: float, seed: int) -> tuple[list, li
   return [items[i] for i in order[n_out:]], [items[i] for i in order[:n_out]]
 
 
-def _indices(seed: int, step: int, size: int, n: int) -> np.ndarray:
-  out = []
-  start = step * size
-  while len(out) < size:
-    epoch, offset = divmod(start + len(out), n)
-    perm = np.random.default_rng([seed, epoch, 43]).permutation(n)
-    out.extend(perm[offset : offset + size - len(out)].tolist())
-  return np.asarray(out)
-
-
 class PairBatcher:
   """Fixed-shape (prefix, chosen, rejected) batches; batch(step) is a pure function of the step."""
 
@@ -114,7 +103,7 @@ class PairBatcher:
     }
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
-    idx = _indices(self.cfg.seed, step, self.size, len(self.pairs))
+    idx = epoch_indices(self.cfg.seed, step, self.size, len(self.pairs), 43)
     return self.rows([self.pairs[i] for i in idx])
 
 
@@ -143,7 +132,7 @@ class ClassifierBatcher:
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     size = self.cfg.reward.classifier_batch_size
-    return self.rows(_indices(self.cfg.seed, step, size, len(self.examples)))
+    return self.rows(epoch_indices(self.cfg.seed, step, size, len(self.examples), 43))
 
 
 # -- steps --------------------------------------------------------------------------------------
@@ -172,7 +161,7 @@ def rm_step(graphdef, tx, state: SupervisedState, batch: dict, rng=None):
     return losses.bradley_terry_loss(*rm_scores(graphdef, params, batch))
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  return _apply(tx, state, loss, metrics, grads)
+  return supervised.apply_grads(tx, state, loss, metrics, grads)
 
 
 def classifier_logits(graphdef, params, batch: dict, num_types: int) -> jax.Array:
@@ -192,16 +181,7 @@ def classifier_step(graphdef, tx, num_types: int, state: SupervisedState, batch:
     return losses.classifier_loss(logits, batch["targets"])
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  return _apply(tx, state, loss, metrics, grads)
-
-
-def _apply(tx, state: SupervisedState, loss, metrics, grads):
-  finite = steps.all_finite(loss, grads)
-  updates, opt = tx.update(grads, state.opt, state.params)
-  params = optax.apply_updates(state.params, updates)
-  params, opt = steps.where_finite(finite, (params, opt), (state.params, state.opt))
-  metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
-  return state.replace(step=state.step + 1, params=params, opt=opt), metrics
+  return supervised.apply_grads(tx, state, loss, metrics, grads)
 
 
 def compile_rm(graphdef, tx):

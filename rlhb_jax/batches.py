@@ -90,6 +90,19 @@ def right_pad(
   return tokens, mask
 
 
+def epoch_indices(seed: int, step: int, size: int, n: int, *salt: int) -> np.ndarray:
+  """Indices of the `size` items of batch `step` over n items: consecutive slices of one seeded
+  permutation per epoch (every item once per epoch; a pure function of the step). `salt` keeps
+  different streams of one seed apart."""
+  out: list[int] = []
+  start = step * size
+  while len(out) < size:
+    epoch, offset = divmod(start + len(out), n)
+    perm = np.random.default_rng([seed, epoch, *salt]).permutation(n)
+    out.extend(perm[offset : offset + size - len(out)].tolist())
+  return np.asarray(out)
+
+
 class Batcher:
   """Fixed-shape batches drawn from logged examples; batch(step) is a pure function of the step."""
 
@@ -139,14 +152,7 @@ class Batcher:
 
   def indices(self, step: int, size: int) -> np.ndarray:
     """Example indices of a step: consecutive slices of per-epoch permutations."""
-    n = len(self.examples)
-    start = step * size
-    out = []
-    while len(out) < size:
-      epoch, offset = divmod(start + len(out), n)
-      perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(n)
-      out.extend(perm[offset : offset + size - len(out)].tolist())
-    return np.asarray(out)
+    return epoch_indices(self.cfg.seed, step, size, len(self.examples))
 
   def swapped(self, example: Example, rng: np.random.Generator) -> str:
     """Another logged behavior text than the example's own (behavior-swap negative)."""

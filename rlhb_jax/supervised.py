@@ -44,6 +44,12 @@ def sft_step(graphdef, tx, state: SupervisedState, batch: dict, rng=None):
     return losses.sft_loss(logits, batch["response"], batch["response_mask"].astype(jnp.float32))
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  return apply_grads(tx, state, loss, metrics, grads)
+
+
+def apply_grads(tx, state: SupervisedState, loss, metrics: dict, grads):
+  """One optimizer update of a supervised state; skipped (state kept) if loss or grads are
+  non-finite. Adds loss and grad_norm to the metrics."""
   finite = steps.all_finite(loss, grads)
   updates, opt = tx.update(grads, state.opt, state.params)
   params = optax.apply_updates(state.params, updates)

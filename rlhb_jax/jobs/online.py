@@ -191,6 +191,12 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
   total = ocfg.rounds * ocfg.steps_per_round
   progress = Progress(total=total, initial=int(state.step), desc="online", enabled=cfg.log.progress)
   rng = jax.random.key(cfg.seed)
+
+  def log_step(step: int, metrics: dict, r: int) -> None:
+    values = {k: float(np.asarray(v)) for k, v in metrics.items()} | {"round": r}
+    writer.write(step, values)
+    progress.update(step, {k: values[k] for k in ("reward_mean", "d_real", "d_fake")})
+
   try:
     for r in range(start_round, ocfg.rounds):
       actor = jax.device_get(state.actor)
@@ -231,16 +237,19 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
           )
         if ocfg.sft_steps > 0 and sft_batcher is not None:
           sft_state = sft_state.replace(params=state.actor)
-          for _ in range(ocfg.sft_steps):
-            sft_state, m = sft_fn(sft_state, sft_batcher.sft(int(sft_state.step)))
+          s0 = int(sft_state.step)  # host-side step numbers: no sync inside the loops
+          for i in range(ocfg.sft_steps):
+            sft_state, m = sft_fn(sft_state, sft_batcher.sft(s0 + i))
           state = state.replace(actor=jax.device_put(sft_state.params, actor_sh))
           entry["sft_loss"] = float(m["loss"])
-        for _ in range(ocfg.steps_per_round):
-          s = int(state.step)
-          state, metrics = step_fn(state, batcher.rlhb(s), rng)
-          values = {k: float(np.asarray(v)) for k, v in metrics.items()} | {"round": r}
-          writer.write(s + 1, values)
-          progress.update(s + 1, {k: values[k] for k in ("reward_mean", "d_real", "d_fake")})
+        s0, pending = int(state.step), None
+        for i in range(ocfg.steps_per_round):
+          state, metrics = step_fn(state, batcher.rlhb(s0 + i), rng)
+          if pending is not None:  # step i-1's metrics, read once step i is dispatched
+            log_step(*pending, r)
+          pending = (s0 + i + 1, metrics)
+        if pending is not None:
+          log_step(*pending, r)
       sft_state = sft_state.replace(params=state.actor)  # its own copy was donated to the step
       history.append(entry)
       meta = {"round": r + 1, "cursor": cursor, "rounds": history}
