@@ -163,6 +163,28 @@ class Batcher:
       if b != example.behavior:
         return b
 
+  @functools.cached_property
+  def _query_order(self) -> tuple[list[tuple[str, str]], dict[tuple[str, str], int]]:
+    keys = sorted({(e.query, e.context) for e in self.examples})
+    return keys, {k: i for i, k in enumerate(keys)}
+
+  def mismatched(self, example: Example, rng: np.random.Generator) -> tuple[str, str] | None:
+    """A nearby logged (query, context) other than the example's, for a query-mismatch negative.
+
+    Queries sorted as text put one template with different entities side by side ("What is the
+    capital of Chile?" next to "... of China?"), so a response paired with a neighbour's query is a
+    hard negative: the same form, the wrong facts. The discriminator then has to check the answer
+    against the query and its search result instead of learning which answers look familiar.
+    """
+    keys, pos = self._query_order
+    i = pos[(example.query, example.context)]
+    for _ in range(8):
+      j = int(np.clip(i + rng.choice((-3, -2, -1, 1, 2, 3)), 0, len(keys) - 1))
+      query, context = keys[j]
+      if query != example.query and (not context or context != example.context):
+        return query, context
+    return None
+
   def sft(self, step: int) -> dict[str, np.ndarray]:
     """Prompt (logged behavior) + logged response; loss on response tokens only."""
     exs = [self.examples[i] for i in self.indices(step, self.cfg.sft.batch_size)]
@@ -181,9 +203,7 @@ class Batcher:
     real_prefix = left_pad(
       [self.enc.prefix(e.query, e.behavior, e.context) for e in exs], self.Pd, self.pad
     )
-    swap_prefix = left_pad(
-      [self.enc.prefix(e.query, self.swapped(e, rng), e.context) for e in exs], self.Pd, self.pad
-    )
+    swap_prefix = left_pad([self._negative_prefix(e, rng) for e in exs], self.Pd, self.pad)
     real = right_pad([self.enc.response(e.response) for e in exs], self.Tn, self.pad)
     out = {
       "real_prefix": real_prefix[0],
@@ -199,6 +219,14 @@ class Batcher:
       )
       out["prefix"], out["prefix_mask"] = prefix
     return out
+
+  def _negative_prefix(self, e: Example, rng: np.random.Generator) -> tuple[int, ...]:
+    """The prefix a real response is paired with to make a fake: another behavior text or, for a
+    `disc.mismatch_fraction` of rows, a neighbouring query under the most preferred behavior."""
+    f = self.cfg.disc.mismatch_fraction
+    if f > 0 and rng.random() < f and (other := self.mismatched(e, rng)) is not None:
+      return self.enc.prefix(other[0], self.best, other[1])
+    return self.enc.prefix(e.query, self.swapped(e, rng), e.context)
 
   def disc(self, step: int) -> dict[str, np.ndarray]:
     """Discriminator warm-up: real triplets and behavior-swapped ones."""
@@ -229,10 +257,21 @@ class Batcher:
     out["prompt"], out["prompt_mask"] = left_pad(prompts, self.P, self.pad)
     contrast = [self.enc.prefix(e.query, self.worst, e.context) for e in exs]
     out["contrast_prefix"], out["contrast_prefix_mask"] = left_pad(contrast, self.Pd, self.pad)
-    if self.cfg.reward.source != "disc":  # RM / classifier read (query, response) only
+    if self.cfg.reward.source == "sim":  # the oracle looks the query up on the host
+      out["query_index"] = np.asarray([self.query_ids[e.query] for e in exs], np.int32)
+    elif self.cfg.reward.source != "disc":  # RM / classifier read (query, response) only
       rm = [self.enc.prefix(e.query, "", e.context) for e in exs]
       out["rm_prefix"], out["rm_prefix_mask"] = left_pad(rm, self.Pd, self.pad)
     return out
+
+  @functools.cached_property
+  def queries(self) -> list[str]:
+    """The distinct logged queries in a fixed order (`query_index` of RLHB batches)."""
+    return sorted({e.query for e in self.examples})
+
+  @functools.cached_property
+  def query_ids(self) -> dict[str, int]:
+    return {q: i for i, q in enumerate(self.queries)}
 
   @functools.cached_property
   def best_pool(self) -> list[int]:

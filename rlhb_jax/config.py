@@ -121,6 +121,10 @@ class DiscConfig:
   batch_size: int = 32
   optim: OptimConfig = OptimConfig(learning_rate=5e-4)
   swap_fraction: float = 0.5  # share of negatives that are behavior-swapped real triplets
+  # Of those swapped negatives, the share whose real response is paired with a neighbouring query
+  # (and the most preferred behavior) instead of another behavior text: teaches D to check the
+  # answer against the query and its search result (Batcher.mismatched).
+  mismatch_fraction: float = 0.0
   bootstrap_ratio: float = 0.0  # rho: top-rewarded generated samples added as fakes (< 0.5)
   updates_per_step: int = 1  # G:D ratio = 1 : updates_per_step (0 freezes D)
   label_smoothing: float = 0.0
@@ -161,7 +165,8 @@ class RewardConfig:
 
   # disc: RLHB (the behavior-conditioned discriminator) | rm: RLHF (a Bradley-Terry reward model on
   # pairwise preferences) | classifier: RLHBC (per-behavior bin classifiers, combined by the formula
-  # below) | disc+rm: f(D) + rm_weight * RM.
+  # below) | disc+rm: f(D) + rm_weight * RM | sim: the simulated users' expected like rate of each
+  # response (ground truth, simulator logs only): the ceiling any learned reward could reach.
   source: str = "disc"
   rm_weight: float = 1.0
   # Pairwise preferences {"query", "chosen", "rejected"} JSONL; "" = the simulator's annotators.
@@ -300,9 +305,15 @@ class Config:
       raise ValueError(f"config.ppo.reward_norm={self.ppo.reward_norm!r}")
     if self.eval.judge not in ("sim", "llm"):
       raise ValueError(f"config.eval.judge={self.eval.judge!r}: expected sim or llm")
-    if self.reward.source not in ("disc", "rm", "classifier", "disc+rm"):
+    if self.reward.source not in ("disc", "rm", "classifier", "disc+rm", "sim"):
       raise ValueError(
-        f"config.reward.source={self.reward.source!r}: expected disc, rm, classifier or disc+rm"
+        f"config.reward.source={self.reward.source!r}: expected disc, rm, classifier, disc+rm "
+        "or sim"
+      )
+    if self.reward.source == "sim" and self.data.path:
+      raise ValueError(
+        "config.reward.source=sim rewards with the simulated users' ground truth; it needs the "
+        f"simulator's own logs, not config.data.path={self.data.path!r}"
       )
     for name, _ in (*self.reward.numerator, *self.reward.denominator):
       if name not in self.behavior.names:

@@ -82,6 +82,7 @@ def init_state(
   disc_opt_state: Any = None,
   rm: ScalarModel | None = None,
   classifier: dict | None = None,
+  oracle=None,
 ) -> tuple[steps.Roles, steps.RLHBState]:
   """Roles (static) and the initial RLHB state; the reference is a frozen copy of the actor.
 
@@ -103,6 +104,7 @@ def init_state(
     bin_counts=classifier.get("bin_counts"),
     reward_num=classifier.get("num"),
     reward_den=classifier.get("den"),
+    oracle=oracle,
   )
   a, c, d = params_of(actor), params_of(critic), params_of(disc)
   state = steps.RLHBState(

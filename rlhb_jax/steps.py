@@ -61,6 +61,9 @@ class Roles:
   bin_counts: Any = None
   reward_num: Any = None
   reward_den: Any = None
+  # reward.source="sim": host function (tokens (B, Tn), mask (B, Tn), query_index (B,)) -> (B,)
+  # float32 rewards from the simulated users' ground truth, called through jax.pure_callback.
+  oracle: Any = None
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
@@ -369,6 +372,11 @@ def sequence_reward(roles: Roles, state: RLHBState, batch: dict, ro: Rollout, cf
   """Per-rollout reward (B,) from `cfg.reward.source`, and its metrics."""
   n = cfg.ppo.rollouts_per_prompt
   metrics, reward = {}, 0.0
+  if cfg.reward.source == "sim":
+    index = jnp.repeat(batch["query_index"], n, axis=0)
+    out = jax.ShapeDtypeStruct(index.shape, jnp.float32)
+    reward = jax.pure_callback(roles.oracle, out, ro.tokens, ro.mask, index)
+    return reward, {"sim_reward_mean": jnp.mean(reward)}
   if uses_disc(cfg):
     d_logits = score(roles.disc, state.disc, ro.prefix, ro.prefix_mask, ro.tokens, ro.mask)
     reward_logits = d_logits

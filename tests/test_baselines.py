@@ -180,3 +180,66 @@ def test_ppo_step_with_each_reward_source(source):
     for a, b in zip(jax.tree.leaves(new.disc), jax.tree.leaves(state.disc), strict=True)
   )
   assert disc_same == (source != "disc+rm")
+
+
+def test_ppo_step_with_the_simulator_reward():
+  """reward.source=sim: the host oracle sees the step's rollouts with each prompt's query index
+  repeated over its n rollouts, and its values are the reward; D is not trained."""
+  from test_steps import Bp, make_batch, small_config
+
+  cfg = C.replace(small_config(), **{"reward.source": "sim", "disc.updates_per_step": 0})
+  n = cfg.ppo.rollouts_per_prompt
+  seen = []
+
+  def oracle(tokens, mask, index):
+    seen.append((np.asarray(tokens), np.asarray(mask), np.asarray(index)))
+    return (np.asarray(mask).sum(1) + 0.1 * np.asarray(index)).astype(np.float32)
+
+  actor, _ = roles.build_lm(cfg.model, 64, 0)
+  critic = roles.scalar_from_lm(actor, 1, 1)
+  disc = roles.build_disc(cfg, actor, 64)
+  rl_roles, state = roles.init_state(cfg, actor, critic, disc, (1,), 0, oracle=oracle)
+  batch = make_batch(0)
+  batch["query_index"] = np.arange(Bp, dtype=np.int32) * 3
+  new, metrics = jax.jit(lambda s, b, r: steps.train_step(rl_roles, cfg, s, b, r))(
+    state, batch, jax.random.key(0)
+  )
+  tokens, mask, index = seen[-1]
+  np.testing.assert_array_equal(index, np.repeat(batch["query_index"], n))
+  assert tokens.shape == mask.shape == (Bp * n, cfg.sampling.max_new_tokens)
+  expected = (mask.sum(1) + 0.1 * index).mean()
+  assert float(metrics["reward_mean"]) == pytest.approx(expected, rel=1e-6)
+  assert float(metrics["sim_reward_mean"]) == pytest.approx(expected, rel=1e-6)
+  for a, b in zip(jax.tree.leaves(new.disc), jax.tree.leaves(state.disc), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sim_oracle_is_the_simulated_users_like_rate():
+  """The oracle decodes live, non-EOS tokens like evaluation does and returns the simulator's
+  expected like rate: a right answer beats a refusal."""
+  from types import SimpleNamespace
+
+  from rlhb_jax.jobs.train import sim_oracle
+  from rlhb_jax.sim.simulator import Simulator
+
+  class CharTokenizer:
+    eos_ids = (1,)
+
+    def decode(self, ids):
+      return "".join(chr(i) for i in ids)
+
+  sim = Simulator(seed=0)
+  query = sim.queries("train")[5]
+  texts = [" " + sim.context(query), " Sorry, I cannot help with that."]
+  width = max(len(t) for t in texts) + 3
+  tokens = np.zeros((2, width), np.int32)
+  mask = np.zeros((2, width), bool)
+  for i, t in enumerate(texts):
+    ids = [ord(c) for c in t] + [1]
+    tokens[i, : len(ids)], mask[i, : len(ids)] = ids, True
+  tokens[:, -1] = ord("x")  # after EOS: not live, never read
+  run = SimpleNamespace(tokenizer=CharTokenizer(), simulator=sim)
+  out = sim_oracle(run, ["unused", query])(tokens, mask, np.array([1, 1]))
+  want = [sim.expected_rates(query, t)["like"] for t in texts]
+  np.testing.assert_allclose(out, want, rtol=1e-6)
+  assert out[0] > out[1] + 0.2

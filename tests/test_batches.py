@@ -179,6 +179,32 @@ def test_swapped_behavior_differs_from_the_logged_one():
   assert all(len(v) >= 2 for v in swaps.values())  # drawn, not one fixed replacement
 
 
+def test_mismatch_negatives_pair_a_response_with_a_neighbouring_query():
+  """disc.mismatch_fraction=1: every negative is the real response under another logged query
+  (and its search result) with the most preferred behavior; neighbours in sorted query order."""
+  b = batcher(**{"disc.mismatch_fraction": 1.0})
+  order = sorted(range(len(EXAMPLES)), key=lambda i: (EXAMPLES[i].query, EXAMPLES[i].context))
+  partners = {i: set() for i in range(len(EXAMPLES))}
+  for s in range(30):
+    batch = b.disc(s)
+    for row, resp in zip(batch["swap_prefix"], batch["real"], strict=True):
+      e = which(resp, [response_ids(x) for x in EXAMPLES])
+      o = which(row, [prefix_ids(x, BEST) for x in EXAMPLES])
+      assert o != e
+      assert abs(order.index(o) - order.index(e)) <= 3
+      partners[e].add(o)
+  assert all(len(v) >= 2 for v in partners.values())  # drawn, not one fixed partner
+
+
+def test_mismatch_fraction_zero_keeps_the_behavior_swap_stream():
+  """The option off draws nothing extra: batches equal those of a config without it."""
+  on, off = batcher(**{"disc.mismatch_fraction": 0.0}), batcher()
+  for s in range(5):
+    assert equal(on.disc(s), off.disc(s))
+  half = batcher(**{"disc.mismatch_fraction": 0.5})
+  assert not all(equal(half.disc(s), off.disc(s)) for s in range(5))
+
+
 def test_a_single_behavior_cannot_be_swapped():
   one = [Example(e.query, e.response, SHORT) for e in EXAMPLES]
   batch = batcher(one, best=SHORT, worst=SHORT).disc(0)

@@ -27,10 +27,11 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
   results = evaluate.evaluate(run_, {"sft": "sft_actor", "rlhb": "rlhb_actor"})
   rl = read_jsonl(run_.workdir / "rlhb.jsonl")
   tail = rl[-max(1, len(rl) // 10) :]
-  mean = lambda k: (
-    sum(r[k] for r in tail if r.get(k) is not None)
-    / max(1, sum(r.get(k) is not None for r in tail))
-  )
+
+  def mean(key: str) -> float | None:  # None when D gave no reward (e.g. reward.source=sim)
+    values = [r[key] for r in tail if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
   summary = {
     "methods": {
       "sft": {k: results["sft"][k] for k in evaluate.RATE_KEYS},
@@ -43,9 +44,10 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
   if cfg.log.plots:
     plot_training(run_.workdir, stream="rlhb")
   evaluate.print_results(results)
+  show = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
   print(
-    f"discriminator (last 10% of steps): D(real)={summary['disc']['real_mean']:.3f} "
-    f"D(fake)={summary['disc']['fake_mean']:.3f}; wall {summary['wall_seconds']:.0f}s"
+    f"discriminator (last 10% of steps): D(real)={show(summary['disc']['real_mean'])} "
+    f"D(fake)={show(summary['disc']['fake_mean'])}; wall {summary['wall_seconds']:.0f}s"
   )
   print(f"summary: {run_.workdir / 'summary.json'}")
   return summary

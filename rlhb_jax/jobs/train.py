@@ -115,8 +115,28 @@ def _reward_roles(run: Run, cfg: Config, actor) -> tuple[Any, dict | None]:
   return None, None
 
 
+def sim_oracle(run: Run, queries: list[str]):
+  """reward.source=sim: the host function that scores rollouts with the simulated users' expected
+  like rate (responses decoded exactly as evaluation decodes them)."""
+  tok, sim = run.tokenizer, run.simulator
+  eos = set(tok.eos_ids)
+
+  def oracle(tokens, mask, index):
+    out = np.zeros(len(index), np.float32)
+    for i, (row, live, q) in enumerate(zip(tokens, mask, index, strict=True)):
+      ids = [int(t) for t, m in zip(row, live, strict=True) if m and int(t) not in eos]
+      out[i] = sim.expected_rates(queries[int(q)], tok.decode(ids))["like"]
+    return out
+
+  return oracle
+
+
 def setup_rlhb(
-  run: Run, example_batch: dict, cfg: Config | None = None, start: tuple[str, ...] = ("sft_actor",)
+  run: Run,
+  example_batch: dict,
+  cfg: Config | None = None,
+  start: tuple[str, ...] = ("sft_actor",),
+  oracle=None,
 ):
   """The PPO train state (generator from `start`, the warmed-up D, the frozen reward model when
   `cfg.reward.source` needs one), placed on the mesh, and the compiled step for batches shaped
@@ -131,7 +151,7 @@ def setup_rlhb(
   rm, classifier = _reward_roles(run, cfg, actor)
   tok = run.tokenizer
   rl_roles, state = roles.init_state(
-    cfg, actor, critic, disc, tok.eos_ids, tok.pad_id, rm=rm, classifier=classifier
+    cfg, actor, critic, disc, tok.eos_ids, tok.pad_id, rm=rm, classifier=classifier, oracle=oracle
   )
   mesh = sharding.make_mesh(cfg.mesh)
   models = {"actor": actor, "critic": critic, "disc": disc, "rm": rm}
@@ -152,10 +172,13 @@ def ppo(run: Run, name: str, source: str, start: tuple[str, ...]) -> None:
   batcher = run.batcher
   if cfg.reward.source != "disc":  # the RM / classifier prefixes come with the batches
     batcher = Batcher(cfg, run.tokenizer, run.examples, run.best_behavior, batcher.worst)
-  state, step_fn, mesh = setup_rlhb(run, batcher.rlhb(0), cfg, start)
+  oracle = sim_oracle(run, batcher.queries) if cfg.reward.source == "sim" else None
+  state, step_fn, mesh = setup_rlhb(run, batcher.rlhb(0), cfg, start, oracle)
   rows = cfg.ppo.prompts_per_step * cfg.ppo.rollouts_per_prompt
   show = ("reward_mean", "d_real", "d_fake", "kl", "tokens_per_s")
-  if not steps.uses_disc(cfg):
+  if cfg.reward.source == "sim":
+    show = ("reward_mean", "kl", "tokens_per_s")
+  elif not steps.uses_disc(cfg):
     show = ("reward_mean", "rm_reward_mean", "kl", "tokens_per_s")
   with jax.set_mesh(mesh):
     state = loop.train_loop(

@@ -1,0 +1,135 @@
+"""How much could a reward lift a run's generator? Best-of-n reranking as a probe.
+
+For the held-out evaluation queries (most preferred behavior, with their search results), samples n
+responses per query from a run's generator and reports the simulator's ground-truth like rate and
+accuracy of: greedy decoding, a random sample, the sample the discriminator ranks first (the RLHB
+reward: D(best) - D(worst) in logits with `ppo.reward_contrast`, else D(best); D(best) alone is
+shown too), and the sample the simulator ranks first (an oracle reward). PPO on a reward seldom
+beats best-of-n reranking by that reward by much at a modest KL, so the D row says what RLHB can add
+with this discriminator, and the oracle row what any reward could add from this policy.
+
+  python experiments/reward_headroom.py --workdir runs/demo [--n 8] [--disc disc_warmup|rlhb_disc]
+      [--actor sft_actor] [--temperature 1.0] [--show 4] [--config configs/default.py]
+
+Results of 2026-11-27 are in results/reward_headroom.json and the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from rlhb_jax import config as config_lib  # noqa: E402
+from rlhb_jax import roles, steps  # noqa: E402
+from rlhb_jax.batches import left_pad, right_pad  # noqa: E402
+from rlhb_jax.jobs import evaluate  # noqa: E402
+from rlhb_jax.run import Run  # noqa: E402
+from rlhb_jax.sampling import generate_texts  # noqa: E402
+
+
+def load_config(path: str, seed: int) -> config_lib.Config:
+  spec = importlib.util.spec_from_file_location("cfg", ROOT / path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cd = module.get_config()
+  cd.seed = seed
+  return config_lib.from_configdict(cd)
+
+
+def disc_scorer(run: Run, model, name: str):
+  """(best-behavior logits, contrast logits) of responses, from the run's `models/<name>`."""
+  disc = roles.build_disc(run.cfg, model, run.tokenizer.vocab_size)
+  params = run.load_params(name, disc)
+  if params is None:
+    raise FileNotFoundError(f"{run.workdir}/models/{name}: no discriminator there")
+  nnx.update(disc, params)
+  graphdef, params = nnx.split(disc)
+
+  @jax.jit
+  def score(params, best, best_mask, worst, worst_mask, resp, resp_mask):
+    d = steps.score(graphdef, params, best, best_mask, resp, resp_mask)
+    return d, steps.score(graphdef, params, worst, worst_mask, resp, resp_mask)
+
+  return lambda *arrays: score(params, *map(jnp.asarray, arrays))
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--workdir", required=True)
+  ap.add_argument("--config", default="configs/default.py")
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--n", type=int, default=8)
+  ap.add_argument("--actor", default="sft_actor")
+  ap.add_argument("--disc", default="disc_warmup")
+  ap.add_argument("--temperature", type=float, default=1.0)
+  ap.add_argument("--show", type=int, default=0, help="print ranked samples of this many queries")
+  args = ap.parse_args()
+  cfg = load_config(args.config, args.seed)
+  run = Run(cfg, pathlib.Path(args.workdir))
+  sim, b = run.simulator, run.batcher
+  queries = evaluate.heldout_queries(run)
+  Q = len(queries)
+  model = run.actor_model(prefer=(args.actor,))
+  greedy = evaluate.ground_truth(run, queries, evaluate.respond(run, model, queries))
+  contexts = [sim.context(q) for q in queries] if run.uses_context else [""] * Q
+  prompts = b.eval_prompts(queries, run.best_behavior, contexts)
+  sampling = dataclasses.replace(cfg.sampling, greedy=False, temperature=args.temperature)
+  samples = [
+    [text for _, text in generate_texts(model, run.tokenizer, prompts, jax.random.key(1000 + k),
+                                        sampling, cfg.eval.batch_size)]
+    for k in range(args.n)
+  ]  # fmt: skip
+
+  score = disc_scorer(run, model, args.disc)
+  pairs = list(zip(queries, contexts, strict=True))
+  best = left_pad([b.enc.prefix(q, run.best_behavior, c) for q, c in pairs], b.Pd, b.pad)
+  worst = left_pad([b.enc.prefix(q, b.worst, c) for q, c in pairs], b.Pd, b.pad)
+  reward, plain, like, correct = (np.zeros((args.n, Q)) for _ in range(4))
+  for k in range(args.n):
+    resp = right_pad([b.enc.response(t) for t in samples[k]], b.Tn, b.pad)
+    d, c = (np.asarray(x) for x in score(*best, *worst, *resp))
+    reward[k], plain[k] = (d - c if cfg.ppo.reward_contrast else d), d
+    for i, (q, r) in enumerate(zip(queries, samples[k], strict=True)):
+      like[k, i] = sim.expected_rates(q, r)["like"]
+      correct[k, i] = sim.features(q, r).answer == "correct"
+
+  for i in range(0, Q, max(1, Q // max(args.show, 1)))[: args.show]:
+    print(f"{queries[i]!r} | search result: {contexts[i]}")
+    for k in np.argsort(-reward[:, i]):
+      scores = f"reward {reward[k, i]:+6.2f}  D(best) {plain[k, i]:+6.2f}  like {like[k, i]:.2f}"
+      print(f"  {scores}  {samples[k][i]!r}")
+
+  cols = np.arange(Q)
+  pick = lambda by: (float(like[by, cols].mean()), float(correct[by, cols].mean()))  # noqa: E731
+  rows = {
+    "greedy": (greedy["like_rate"], greedy["accuracy"]),
+    "random sample": (float(like.mean()), float(correct.mean())),
+    f"best of {args.n} by the reward": pick(reward.argmax(0)),
+    f"best of {args.n} by D(best)": pick(plain.argmax(0)),
+    f"best of {args.n} by the simulator": pick(like.argmax(0)),
+  }
+  # Pooled over every sample of every query: mostly says which queries are easy, not which answer.
+  flat, ok = reward.ravel(), correct.ravel().astype(bool)
+  auc = float((flat[ok][:, None] > flat[~ok][None, :]).mean()) if ok.any() and (~ok).any() else None
+  print(f"{'':32s} like   accuracy")
+  for name, (lr, acc) in rows.items():
+    print(f"{name:32s} {lr:.3f}  {acc:.3f}")
+  print(f"reward AUC, correct vs. not (pooled): {auc}")
+  out = {k: {"like_rate": v[0], "accuracy": v[1]} for k, v in rows.items()}
+  print(json.dumps({**out, "auc_correct_pooled": auc}))
+
+
+if __name__ == "__main__":
+  main()
