@@ -229,7 +229,8 @@ class Batcher:
     return self.enc.prefix(e.query, self.swapped(e, rng), e.context)
 
   def disc(self, step: int) -> dict[str, np.ndarray]:
-    """Discriminator warm-up: real triplets and behavior-swapped ones."""
+    """Discriminator warm-up: real triplets and behavior-swapped ones (a `disc.mismatch_fraction`
+    of those paired with a neighbouring query instead)."""
     exs = [self.examples[i] for i in self.indices(step, self.cfg.disc.batch_size)]
     rng = np.random.default_rng([self.cfg.seed, step, 1])
     return self._disc_fields(exs, rng, None)

@@ -310,6 +310,11 @@ class Config:
         f"config.reward.source={self.reward.source!r}: expected disc, rm, classifier, disc+rm "
         "or sim"
       )
+    if self.reward.source == "sim" and self.mode == "online":
+      raise ValueError(
+        "config.reward.source=sim is an offline ceiling (mode=rlhb, pipeline); mode=online learns "
+        "from what the users do, so use disc"
+      )
     if self.reward.source == "sim" and self.data.path:
       raise ValueError(
         "config.reward.source=sim rewards with the simulated users' ground truth; it needs the "

@@ -99,6 +99,14 @@ def test_enumerated_options_are_checked(key, value):
     replace(Config(), **{key: value})
 
 
+def test_the_simulator_reward_needs_simulator_logs_offline():
+  assert replace(Config(), **{"reward.source": "sim"}).reward.source == "sim"
+  with pytest.raises(ValueError, match="simulator's own logs"):
+    replace(Config(), **{"reward.source": "sim", "data.path": "mine.jsonl"})
+  with pytest.raises(ValueError, match="offline ceiling"):
+    replace(Config(), **{"reward.source": "sim", "mode": "online"})
+
+
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
 def test_config_files_load(path):
   cd = load(path)
