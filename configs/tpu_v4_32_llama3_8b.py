@@ -5,20 +5,13 @@ jax.distributed.initialize(); run the same command on every host (docs/TPU.md sh
 `--worker=all`). Data x FSDP x tensor = 2 x 4 x 2.
 """
 
-import importlib.util
 import pathlib
 
-
-def _single_host():
-  path = pathlib.Path(__file__).with_name("tpu_v5e_8_llama3_8b.py")
-  spec = importlib.util.spec_from_file_location("tpu_v5e_8_llama3_8b", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from rlhb_jax import config as config_lib
 
 
 def get_config():
-  c = _single_host().get_config()
+  c = config_lib.load_configdict(pathlib.Path(__file__).with_name("tpu_v5e_8_llama3_8b.py"))
   c.distributed = True
   c.mesh.shape = (2, 4, 2)
   c.model.param_dtype = "float32"  # room for f32 master weights and Adam moments

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib.util
 import json
 import pathlib
 import sys
@@ -38,10 +37,7 @@ KEYS = ("like_rate", "dislike_rate", "requery_rate", "accuracy", "win", "tie", "
 
 def load_config(overrides: list[str]) -> config_lib.Config:
   """configs/compare.py with `--config.a.b=value` overrides (values read as Python literals)."""
-  spec = importlib.util.spec_from_file_location("compare_cfg", ROOT / "configs/compare.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cd = module.get_config()
+  cd = config_lib.load_configdict(ROOT / "configs/compare.py")
   for item in overrides:
     key, sep, raw = item.removeprefix("--config.").partition("=")
     if not item.startswith("--config.") or not sep:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import pathlib
 import sys
@@ -40,10 +39,7 @@ from rlhb_jax.sampling import generate_texts  # noqa: E402
 
 
 def load_config(path: str, seed: int) -> config_lib.Config:
-  spec = importlib.util.spec_from_file_location("cfg", ROOT / path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cd = module.get_config()
+  cd = config_lib.load_configdict(ROOT / path)
   cd.seed = seed
   return config_lib.from_configdict(cd)
 

@@ -11,6 +11,8 @@ only ever sees hashable dataclasses.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import pathlib
 import types
 import typing
 from typing import Any
@@ -348,6 +350,15 @@ def to_configdict(config: Any) -> ml_collections.ConfigDict:
 
 def default_configdict() -> ml_collections.ConfigDict:
   return to_configdict(Config())
+
+
+def load_configdict(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file (e.g. configs/default.py), read by path like `--config`."""
+  path = pathlib.Path(path)
+  spec = importlib.util.spec_from_file_location(f"_rlhb_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:

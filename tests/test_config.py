@@ -1,7 +1,6 @@
 """`rlhb_jax.config`: ConfigDict <-> frozen dataclasses, validation, `configs/*.py`, CLI flags."""
 
 import dataclasses
-import importlib.util
 import pathlib
 import subprocess
 import sys
@@ -16,10 +15,7 @@ CONFIG_FILES = sorted((ROOT / "configs").glob("*.py"))
 
 
 def load(path: pathlib.Path):
-  spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.load_configdict(path)
 
 
 def test_default_configdict_round_trips():

@@ -1,6 +1,5 @@
 """mode=online end to end (tiny budget), the model-backed serving policy and its hot reload."""
 
-import importlib.util
 import json
 import pathlib
 import urllib.request
@@ -20,10 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def tiny_online_config(**changes):
-  spec = importlib.util.spec_from_file_location("online_cfg", ROOT / "configs/online.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = config_lib.from_configdict(module.get_config())
+  cfg = config_lib.from_configdict(config_lib.load_configdict(ROOT / "configs/online.py"))
   tiny = {
     "model.embed_dim": 32,
     "model.num_layers": 1,
