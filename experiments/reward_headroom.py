@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from rlhb_jax import config as config_lib  # noqa: E402
-from rlhb_jax import roles, steps  # noqa: E402
+from rlhb_jax import rewards, roles  # noqa: E402
 from rlhb_jax.batches import left_pad, right_pad  # noqa: E402
 from rlhb_jax.jobs import evaluate  # noqa: E402
 from rlhb_jax.run import Run  # noqa: E402
@@ -55,8 +55,8 @@ def disc_scorer(run: Run, model, name: str):
 
   @jax.jit
   def score(params, best, best_mask, worst, worst_mask, resp, resp_mask):
-    d = steps.score(graphdef, params, best, best_mask, resp, resp_mask)
-    return d, steps.score(graphdef, params, worst, worst_mask, resp, resp_mask)
+    d = rewards.score(graphdef, params, best, best_mask, resp, resp_mask)
+    return d, rewards.score(graphdef, params, worst, worst_mask, resp, resp_mask)
 
   return lambda *arrays: score(params, *map(jnp.asarray, arrays))
 

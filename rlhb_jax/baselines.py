@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rlhb_jax import losses, steps, supervised
+from rlhb_jax import losses, rewards, supervised
 from rlhb_jax.batches import Encoder, Example, epoch_indices, left_pad, right_pad
 from rlhb_jax.behavior import Binner
 from rlhb_jax.config import Config
@@ -139,10 +139,10 @@ class ClassifierBatcher:
 
 
 def rm_scores(graphdef, params, batch: dict) -> tuple[jax.Array, jax.Array]:
-  chosen = steps.score(
+  chosen = rewards.score(
     graphdef, params, batch["prefix"], batch["prefix_mask"], batch["chosen"], batch["chosen_mask"]
   )
-  rejected = steps.score(
+  rejected = rewards.score(
     graphdef,
     params,
     batch["prefix"],
@@ -158,14 +158,14 @@ def rm_step(graphdef, tx, state: SupervisedState, batch: dict, rng=None):
   del rng
 
   def loss_fn(params):
-    return losses.bradley_terry_loss(*rm_scores(graphdef, params, batch))
+    return losses.bradley_terry_loss(*rm_scores(graphdef, state.full(params), batch))
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   return supervised.apply_grads(tx, state, loss, metrics, grads)
 
 
 def classifier_logits(graphdef, params, batch: dict, num_types: int) -> jax.Array:
-  tokens, mask = steps.concat(
+  tokens, mask = rewards.concat(
     batch["prefix"], batch["prefix_mask"], batch["response"], batch["response_mask"]
   )
   out = nnx.merge(graphdef, params).last_token(tokens, mask)
@@ -177,7 +177,7 @@ def classifier_step(graphdef, tx, num_types: int, state: SupervisedState, batch:
   del rng
 
   def loss_fn(params):
-    logits = classifier_logits(graphdef, params, batch, num_types)
+    logits = classifier_logits(graphdef, state.full(params), batch, num_types)
     return losses.classifier_loss(logits, batch["targets"])
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

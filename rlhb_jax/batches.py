@@ -49,7 +49,10 @@ class Encoder:
   @functools.lru_cache(maxsize=200_000)  # noqa: B019 (one encoder per run)
   def prompt(self, query: str, behavior: str | None, context: str = "") -> tuple[int, ...]:
     msg = generator_message(self.cfg, query, behavior, context)
-    ids = self.tok.chat_prompt(msg) if self.cfg.prompt.chat_template else self.tok.encode(msg)
+    if self.cfg.prompt.chat_template:
+      ids = self.tok.chat_prompt(msg, self.cfg.prompt.system)
+    else:
+      ids = self.tok.encode(msg)
     return tuple(ids)
 
   @functools.lru_cache(maxsize=200_000)  # noqa: B019

@@ -21,6 +21,7 @@ import ml_collections
 
 from rlhb_jax.behavior import BehaviorConfig
 from rlhb_jax.data.config import DataConfig
+from rlhb_jax.model.lora import LoraConfig
 from rlhb_jax.serving.config import ServeConfig
 from rlhb_jax.sim.config import SimConfig
 
@@ -94,6 +95,9 @@ class PromptConfig:
   disc: str = "{behavior} Question: {query}{context} Answer:"
   # How a record's optional "context" (the search result shown with the answer) enters {context}.
   context: str = " Search result: {context}"
+  # The chat template's system message: "" keeps the template's own default (SmolLM2's costs ~20
+  # tokens on every row); any other text replaces it.
+  system: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +122,7 @@ class DiscConfig:
   """The behavior-conditioned discriminator (and its warm-up)."""
 
   model: ModelSpec = ModelSpec()  # its own size; tokenizer is shared with the generator
+  lora: LoraConfig = LoraConfig()  # adapters on its trunk (warm-up and RLHB); rank 0 = full
   init_from_generator: bool = True  # start the trunk from the SFT generator's weights
   warmup_steps: int = 100
   batch_size: int = 32
@@ -140,6 +145,11 @@ class PPOConfig:
   minibatches: int = 2
   gamma: float = 1.0
   lam: float = 0.95
+  # gae: GAE over a learned critic (built from the generator, trained with the value loss).
+  # group: critic-free, each rollout's return minus the mean return of the other rollouts of its
+  # prompt (RLOO; needs rollouts_per_prompt >= 2); no critic is built, stored or trained.
+  advantage: str = "gae"
+  advantage_std: bool = False  # group: divide by the std of the prompt's returns (GRPO)
   clip_eps: float = 0.2
   dual_clip: float = 0.0  # c > 1 enables dual clip; 0 = off
   value_clip: float = 0.2
@@ -176,6 +186,7 @@ class RewardConfig:
   rm_steps: int = 300
   rm_batch_size: int = 32
   rm_optim: OptimConfig = OptimConfig(learning_rate=3e-4)
+  lora: LoraConfig = LoraConfig()  # adapters on the RM's / classifier's trunk; rank 0 = full
   rm_heldout_fraction: float = 0.1  # pairs kept out of training to report held-out accuracy
   classifier_steps: int = 300
   classifier_batch_size: int = 32
@@ -235,6 +246,7 @@ class MeshConfig:
     ("vocab", "tensor"),
     ("layers", None),
     ("out", None),
+    ("lora", None),
   )
 
 
@@ -273,6 +285,9 @@ class Config:
   seed: int = 0
   distributed: bool = False  # call jax.distributed.initialize() (multi-host TPU slices)
   model: ModelSpec = ModelSpec()
+  # The generator's LoRA adapters (SFT and PPO stages; a GAE critic gets its own of this shape).
+  # With rank > 0 the PPO reference is the frozen base with adapters off: no second copy.
+  lora: LoraConfig = LoraConfig()
   sampling: SamplingConfig = SamplingConfig()
   prompt: PromptConfig = PromptConfig()
   generate: GenerateConfig = GenerateConfig()
@@ -305,6 +320,15 @@ class Config:
       raise ValueError(f"config.ppo.reward_transform={self.ppo.reward_transform!r}")
     if self.ppo.reward_norm not in ("none", "center", "whiten", "group"):
       raise ValueError(f"config.ppo.reward_norm={self.ppo.reward_norm!r}")
+    if self.ppo.advantage not in ("gae", "group"):
+      raise ValueError(f"config.ppo.advantage={self.ppo.advantage!r}: expected gae or group")
+    if self.ppo.advantage == "group" and self.ppo.rollouts_per_prompt < 2:
+      raise ValueError(
+        "config.ppo.advantage=group needs config.ppo.rollouts_per_prompt >= 2 (the baseline is "
+        "the mean of the other rollouts of the same prompt)"
+      )
+    if self.mode == "online" and (self.lora.rank or self.disc.lora.rank):
+      raise ValueError("mode=online does not support LoRA yet: set config.lora.rank=0")
     if self.eval.judge not in ("sim", "llm"):
       raise ValueError(f"config.eval.judge={self.eval.judge!r}: expected sim or llm")
     if self.reward.source not in ("disc", "rm", "classifier", "disc+rm", "sim"):

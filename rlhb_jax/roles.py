@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 
 from rlhb_jax import sharding, steps
 from rlhb_jax.config import Config, ModelSpec
+from rlhb_jax.model import lora
 from rlhb_jax.model.heads import ScalarModel
 from rlhb_jax.model.llama import LlamaConfig, Transformer
 
@@ -72,6 +73,36 @@ def params_of(model: nnx.Module):
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
+def trunk_of(model: nnx.Module | None):
+  """The decoder of a role (the Transformer itself, or a ScalarModel's trunk)."""
+  return getattr(model, "lm", model)
+
+
+def has_lora(model: nnx.Module | None) -> bool:
+  return model is not None and bool(trunk_of(model).cfg.lora_rank)
+
+
+def split_params(model: nnx.Module | None) -> tuple[Any, Any]:
+  """(trainable, frozen) params of a role: adapters and head vs. base under LoRA, else all
+  vs. {}."""
+  if model is None:
+    return {}, {}
+  return lora.split(params_of(model), has_lora(model))
+
+
+def merged_params(trainable: Any, frozen: Any, spec: lora.LoraConfig) -> Any:
+  """A role's params on the host with its adapters (of `spec`) folded into the base: the tree of
+  the plain model, as `models/<name>` stores it."""
+  full = lora.join(jax.device_get(trainable), jax.device_get(frozen))
+  return lora.merge_params(full, spec.scale) if spec.rank else full
+
+
+def with_lora(model: nnx.Module, spec: lora.LoraConfig, seed: int) -> nnx.Module:
+  """`model` with fresh adapters attached to its trunk (in place; rank 0 leaves it as it is)."""
+  lora.attach(trunk_of(model), spec, seed)
+  return model
+
+
 def init_state(
   cfg: Config,
   actor: Transformer,
@@ -84,16 +115,19 @@ def init_state(
   classifier: dict | None = None,
   oracle=None,
 ) -> tuple[steps.Roles, steps.RLHBState]:
-  """Roles (static) and the initial RLHB state; the reference is a frozen copy of the actor.
+  """Roles (static) and the initial RLHB state.
 
-  `rm` is the frozen reward model or behavior classifier of `cfg.reward.source` != "disc";
-  `classifier` (RLHBC) holds numpy `bin_counts` (K, N), `num` (K,) and `den` (K,).
+  Modules with LoRA adapters attached (`with_lora`) train only those (and their heads); the
+  reference is then the actor's base with adapters off, else a frozen copy of the actor. `critic`
+  is None with `ppo.advantage=group`. `rm` is the frozen reward model or behavior classifier of
+  `cfg.reward.source` != "disc"; `classifier` (RLHBC) holds numpy `bin_counts` (K, N), `num`
+  (K,) and `den` (K,).
   """
   classifier = classifier or {}
   total = cfg.rlhb.steps * cfg.ppo.epochs * cfg.ppo.minibatches
   roles = steps.Roles(
     actor=nnx.graphdef(actor),
-    critic=nnx.graphdef(critic),
+    critic=nnx.graphdef(critic) if critic is not None else None,
     disc=nnx.graphdef(disc),
     actor_tx=steps.make_optimizer(cfg.ppo.actor_optim, total),
     critic_tx=steps.make_optimizer(cfg.ppo.critic_optim, total),
@@ -106,7 +140,7 @@ def init_state(
     reward_den=classifier.get("den"),
     oracle=oracle,
   )
-  a, c, d = params_of(actor), params_of(critic), params_of(disc)
+  (a, a_frozen), (c, c_frozen), (d, d_frozen) = map(split_params, (actor, critic, disc))
   state = steps.RLHBState(
     step=jnp.zeros((), jnp.int32),
     actor=a,
@@ -115,7 +149,8 @@ def init_state(
     critic_opt=roles.critic_tx.init(c),
     disc=d,
     disc_opt=roles.disc_tx.init(d),
-    ref=jax.tree.map(jnp.copy, a),
+    ref={} if has_lora(actor) else jax.tree.map(jnp.copy, a),
+    frozen={"actor": a_frozen, "critic": c_frozen, "disc": d_frozen},
     kl_coef=jnp.asarray(cfg.ppo.kl_coef, jnp.float32),
     nonfinite=jnp.zeros((), jnp.int32),
     nonfinite_run=jnp.zeros((), jnp.int32),
@@ -138,11 +173,13 @@ def state_shardings(
   roles: steps.Roles, state: steps.RLHBState, models: dict[str, nnx.Module], mesh: Mesh, rules
 ) -> steps.RLHBState:
   """NamedShardings for every leaf of the RLHB state, from the parameters' logical axes."""
-  ps = {
-    name: sharding.param_shardings(getattr(state, name), sharding.logical_axes(m), mesh, rules)
-    for name, m in models.items()
-    if m is not None
-  }
+  ps, frozen = {}, {}
+  for name, m in models.items():
+    if m is None:
+      ps[name], frozen[name] = {}, {}
+      continue
+    full = sharding.param_shardings(params_of(m), sharding.logical_axes(m), mesh, rules)
+    ps[name], frozen[name] = lora.split(full, has_lora(m) and name != "rm")
   rep = sharding.replicated(mesh)
   return steps.RLHBState(
     step=rep,
@@ -152,7 +189,8 @@ def state_shardings(
     critic_opt=opt_shardings(roles.critic_tx, state.critic_opt, ps["critic"], mesh),
     disc=ps["disc"],
     disc_opt=opt_shardings(roles.disc_tx, state.disc_opt, ps["disc"], mesh),
-    ref=ps["actor"],
+    ref={} if not state.ref else ps["actor"],
+    frozen={k: frozen.get(k, {}) for k in ("actor", "critic", "disc")},
     kl_coef=rep,
     nonfinite=rep,
     nonfinite_run=rep,

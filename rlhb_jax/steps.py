@@ -1,7 +1,8 @@
 """The RLHB train step and its phases, all pure functions of pytrees.
 
 `train_step(state, batch, rng) -> (state, metrics)` composes
-  rollout -> score (discriminator) -> advantages (KL, GAE) -> PPO update -> discriminator update
+  rollout -> reward (rewards.py) -> advantages (advantages.py: GAE or group) -> PPO update ->
+  discriminator update
 and is jitted once with shardings (`roles.compile_train_step`). Each phase is a function of its own
 that can be jitted alone for tests and profiling.
 
@@ -19,8 +20,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from rlhb_jax import losses
+from rlhb_jax import advantages, losses, rewards
 from rlhb_jax.config import Config, OptimConfig
+from rlhb_jax.model import lora
+from rlhb_jax.model.llama import positions_from_mask
+from rlhb_jax.rewards import concat
 from rlhb_jax.sampling import sample
 
 Params = Any
@@ -28,6 +32,11 @@ Params = Any
 
 @struct.dataclass
 class RLHBState:
+  """Every role's trainable parameters (LoRA adapters and heads, or every weight without LoRA)
+  with its optimizer state, and in `frozen` the rest of each role (its base weights; {} without
+  LoRA). `critic` is {} with `ppo.advantage=group`; `ref` is {} with actor LoRA (the reference
+  is then the actor's base with adapters off)."""
+
   step: jax.Array
   actor: Params
   actor_opt: Any
@@ -36,6 +45,7 @@ class RLHBState:
   disc: Params
   disc_opt: Any
   ref: Params
+  frozen: dict  # {"actor": ..., "critic": ..., "disc": ...}
   kl_coef: jax.Array
   nonfinite: jax.Array  # updates skipped for a non-finite loss or gradient, in total
   nonfinite_run: jax.Array  # ... in a row (reset by a finite update)
@@ -48,7 +58,7 @@ class Roles:
   """Static halves of the roles: graph definitions and optimizers (closed over by jit)."""
 
   actor: Any  # nnx.GraphDef of Transformer
-  critic: Any  # nnx.GraphDef of ScalarModel(M=1)
+  critic: Any  # nnx.GraphDef of ScalarModel(M=1); None with ppo.advantage=group
   disc: Any  # nnx.GraphDef of ScalarModel(M=1)
   actor_tx: optax.GradientTransformation
   critic_tx: optax.GradientTransformation
@@ -88,39 +98,44 @@ class Rollout(NamedTuple):
   mask: jax.Array  # (B, Tn) completion mask
   prefix: jax.Array  # (B, Pd) discriminator prefix of the target behavior
   prefix_mask: jax.Array
+  logprobs: jax.Array  # (B, Tn) the sampler's log-probs of its tokens (the PPO "old" policy)
 
 
 def rollout(roles: Roles, actor: Params, batch: dict, rng: jax.Array, cfg: Config) -> Rollout:
-  """n responses per prompt from the generator."""
+  """n responses per prompt from the generator (`actor`: its full params tree)."""
   n = cfg.ppo.rollouts_per_prompt
   rep = lambda x: jnp.repeat(x, n, axis=0)
   prompt, prompt_mask = rep(batch["prompt"]), rep(batch["prompt_mask"])
   model = nnx.merge(roles.actor, actor)
   out = sample(model, prompt, prompt_mask, rng, cfg.sampling, roles.eos_ids, roles.pad_id)
   return Rollout(
-    prompt, prompt_mask, out.tokens, out.mask, rep(batch["prefix"]), rep(batch["prefix_mask"])
+    prompt,
+    prompt_mask,
+    out.tokens,
+    out.mask,
+    rep(batch["prefix"]),
+    rep(batch["prefix_mask"]),
+    out.logprobs,
   )
 
 
-def concat(a, a_mask, b, b_mask):
-  return jnp.concatenate([a, b], axis=1), jnp.concatenate([a_mask, b_mask], axis=1)
-
-
-def score(disc_def, disc: Params, prefix, prefix_mask, response, response_mask) -> jax.Array:
-  """Discriminator logits (B,) of "query / behavior / response" triplets (prefix then response)."""
-  tokens, mask = concat(prefix, prefix_mask, response, response_mask)
-  return nnx.merge(disc_def, disc).last_token(tokens, mask)[:, 0]
-
-
 def policy_logits(
-  actor_def, actor: Params, prompt, prompt_mask, response, response_mask, temperature: float = 1.0
+  actor_def,
+  actor: Params,
+  prompt,
+  prompt_mask,
+  response,
+  response_mask,
+  temperature: float = 1.0,
+  adapters: bool = True,
 ):
   """Teacher-forced logits (B, Tn, V) that predict each response token, divided by the sampling
-  temperature so that PPO's ratios and KL are those of the distribution the rollouts came from."""
+  temperature so that PPO's ratios and KL are those of the distribution the rollouts came from.
+  `adapters=False` runs the base weights alone (the reference policy under LoRA)."""
   P, Tn = prompt.shape[1], response.shape[1]
   tokens, mask = concat(prompt, prompt_mask, response, response_mask)
   model = nnx.merge(actor_def, actor)
-  h, _ = model.trunk(tokens, _positions(mask), mask)
+  h, _ = model.trunk(tokens, positions_from_mask(mask), mask, adapters=adapters)
   logits = model.logits(h[:, P - 1 : P - 1 + Tn])
   return logits if temperature == 1.0 else logits / temperature
 
@@ -142,8 +157,9 @@ def _temperature(cfg: Config) -> float:
   return 1.0 if cfg.sampling.greedy else cfg.sampling.temperature
 
 
-def _positions(mask):
-  return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+def full(state: RLHBState, role: str) -> Params:
+  """A role's whole params tree: its trainable half joined with its frozen half."""
+  return lora.join(getattr(state, role), state.frozen[role])
 
 
 class Experience(NamedTuple):
@@ -160,26 +176,35 @@ class Experience(NamedTuple):
 def make_experience(
   roles: Roles, state: RLHBState, ro: Rollout, seq_reward: jax.Array, cfg: Config
 ):
-  """Old log-probs, reference log-probs, values, KL-shaped token rewards and GAE advantages."""
+  """Reference log-probs, values (GAE) and advantages of the rollouts.
+
+  The old log-probs are the sampler's own (the policy the tokens were drawn from), so no second
+  forward of the actor is needed; the reference is a separate frozen copy without LoRA and the
+  actor's base with adapters off with it.
+  """
   mask = ro.mask.astype(jnp.float32)
-  old_lp = token_logprobs(
-    policy_logits(roles.actor, state.actor, *ro[:4], _temperature(cfg)),
-    ro.tokens,
+  old_lp = ro.logprobs
+  if state.ref:
+    ref, adapters = state.ref, True
+  else:
+    ref, adapters = full(state, "actor"), False
+  ref_logits = policy_logits(roles.actor, ref, *ro[:4], _temperature(cfg), adapters=adapters)
+  ref_lp = token_logprobs(ref_logits, ro.tokens)
+  if cfg.ppo.advantage == "gae":
+    values = critic_values(roles.critic, full(state, "critic"), *ro[:4])
+    adv = advantages.gae_advantages(
+      seq_reward, old_lp, ref_lp, values, mask, state.kl_coef, cfg.ppo
+    )
+  else:
+    values = jnp.zeros_like(mask)
+    adv = advantages.group_advantages(seq_reward, old_lp, ref_lp, mask, state.kl_coef, cfg.ppo)
+  exp = Experience(
+    ro.prompt, ro.prompt_mask, ro.tokens, ro.mask, old_lp, values, adv.advantages, adv.returns
   )
-  ref_lp = token_logprobs(
-    policy_logits(roles.actor, state.ref, *ro[:4], _temperature(cfg)), ro.tokens
-  )
-  values = critic_values(roles.critic, state.critic, ro.prompt, ro.prompt_mask, ro.tokens, ro.mask)
-  rewards, kl = losses.token_rewards(
-    seq_reward, old_lp, ref_lp, mask, state.kl_coef, cfg.ppo.kl_estimator
-  )
-  adv, returns = losses.gae(rewards, values * mask, mask, cfg.ppo.gamma, cfg.ppo.lam)
-  adv = losses.masked_whiten(adv, mask)
-  exp = Experience(ro.prompt, ro.prompt_mask, ro.tokens, ro.mask, old_lp, values, adv, returns)
   stats = {
-    "kl": losses.masked_mean(kl, mask),
-    "kl_seq": jnp.mean(jnp.sum(kl * mask, axis=1)),
-    "return_mean": jnp.mean(jnp.sum(rewards * mask, axis=1)),
+    "kl": losses.masked_mean(adv.kl, mask),
+    "kl_seq": jnp.mean(jnp.sum(adv.kl * mask, axis=1)),
+    "return_mean": jnp.mean(adv.return_per_seq),
     "response_length": jnp.mean(mask.sum(axis=1)),
   }
   return exp, stats
@@ -209,26 +234,35 @@ def ppo_update(roles: Roles, state: RLHBState, exp: Experience, rng: jax.Array, 
   perms = jax.vmap(lambda k: jax.random.permutation(k, B))(jax.random.split(rng, ppo.epochs))
   order = perms.reshape(ppo.epochs * M, mb_size)
 
+  with_critic = ppo.advantage == "gae"
+
   def loss_fn(actor, critic, mb: Experience):
     mask = mb.mask.astype(jnp.float32)
-    logits = policy_logits(roles.actor, actor, *mb[:4], _temperature(cfg))
+    logits = policy_logits(
+      roles.actor, lora.join(actor, state.frozen["actor"]), *mb[:4], _temperature(cfg)
+    )
     logp = token_logprobs(logits, mb.tokens)
     pl, pm = losses.ppo_policy_loss(
       logp, mb.old_logprobs, mb.advantages, mask, ppo.clip_eps, ppo.dual_clip
     )
-    values = critic_values(roles.critic, critic, mb.prompt, mb.prompt_mask, mb.tokens, mb.mask)
-    vl, vm = losses.value_loss(values, mb.old_values, mb.returns, mask, ppo.value_clip)
     ent = losses.entropy_from_logits(logits, mask)
-    loss = pl + ppo.value_coef * vl - ppo.entropy_coef * ent
+    loss = pl - ppo.entropy_coef * ent
     metrics = {
       "policy_loss": pl,
-      "value_loss": vl,
       "entropy": ent,
       "clip_frac": pm["clip_frac"],
       "approx_kl": pm["approx_kl"],
-      "value_clip_frac": vm["clip_frac"],
-      "explained_variance": losses.explained_variance(values, mb.returns, mask),
     }
+    if with_critic:
+      critic_full = lora.join(critic, state.frozen["critic"])
+      values = critic_values(roles.critic, critic_full, *mb[:4])
+      vl, vm = losses.value_loss(values, mb.old_values, mb.returns, mask, ppo.value_clip)
+      loss = loss + ppo.value_coef * vl
+      metrics |= {
+        "value_loss": vl,
+        "value_clip_frac": vm["clip_frac"],
+        "explained_variance": losses.explained_variance(values, mb.returns, mask),
+      }
     return loss, metrics
 
   grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
@@ -251,10 +285,9 @@ def ppo_update(roles: Roles, state: RLHBState, exp: Experience, rng: jax.Array, 
     )
     skipped = skipped + (~finite).astype(jnp.int32)
     run = jnp.where(finite, 0, run + 1)
-    metrics |= {
-      "actor_grad_norm": optax.global_norm(g_a),
-      "critic_grad_norm": optax.global_norm(g_c),
-    }
+    metrics |= {"actor_grad_norm": optax.global_norm(g_a)}
+    if with_critic:
+      metrics |= {"critic_grad_norm": optax.global_norm(g_c)}
     return (actor, actor_opt, critic, critic_opt, skipped, run), metrics
 
   init = (
@@ -321,11 +354,12 @@ def disc_batch(batch: dict, ro: Rollout | None, seq_reward, cfg: Config) -> Disc
   return DiscBatch(cat(parts_t), cat(parts_m), cat(labels), cat(weights), cat(kinds))
 
 
-def disc_update(disc_def, tx, params, opt_state, db: DiscBatch, cfg: Config):
-  """One discriminator step on a DiscBatch; skipped (returns inputs) if non-finite."""
+def disc_update(disc_def, tx, params, opt_state, db: DiscBatch, cfg: Config, frozen=None):
+  """One discriminator step on a DiscBatch; skipped (returns inputs) if non-finite. `params` are
+  the trainable half (adapters and head under LoRA), `frozen` the base ({} or None without)."""
 
   def loss_fn(p):
-    logits = nnx.merge(disc_def, p).last_token(db.tokens, db.mask)[:, 0]
+    logits = nnx.merge(disc_def, lora.join(p, frozen or {})).last_token(db.tokens, db.mask)[:, 0]
     loss, m = losses.disc_loss(logits, db.labels, db.weights, cfg.disc.label_smoothing)
     prob = jax.nn.sigmoid(logits)
     for name, kind in (("d_real", 0), ("d_fake", 1), ("d_swap", 2)):
@@ -351,65 +385,12 @@ def disc_update(disc_def, tx, params, opt_state, db: DiscBatch, cfg: Config):
   )
 
 
-def uses_disc(cfg: Config) -> bool:
-  return cfg.reward.source in ("disc", "disc+rm")
-
-
-def classifier_reward(logits: jax.Array, bin_counts, num, den) -> jax.Array:
-  """RLHBC reward from per-behavior bin logits (B, K, N).
-
-  E[count_k] = sum_b softmax(logits)_kb * bin_counts_kb (per impression), and
-  reward = sum_k num_k E[count_k] / max(sum_k den_k E[count_k], 1e-6).
-  """
-  p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  expected = jnp.sum(p * jnp.asarray(bin_counts, jnp.float32), axis=-1)  # (B, K)
-  top = expected @ jnp.asarray(num, jnp.float32)
-  bottom = expected @ jnp.asarray(den, jnp.float32)
-  return top / jnp.maximum(bottom, 1e-6)
-
-
-def sequence_reward(roles: Roles, state: RLHBState, batch: dict, ro: Rollout, cfg: Config):
-  """Per-rollout reward (B,) from `cfg.reward.source`, and its metrics."""
-  n = cfg.ppo.rollouts_per_prompt
-  metrics, reward = {}, 0.0
-  if cfg.reward.source == "sim":
-    index = jnp.repeat(batch["query_index"], n, axis=0)
-    out = jax.ShapeDtypeStruct(index.shape, jnp.float32)
-    reward = jax.pure_callback(roles.oracle, out, ro.tokens, ro.mask, index)
-    return reward, {"sim_reward_mean": jnp.mean(reward)}
-  if uses_disc(cfg):
-    d_logits = score(roles.disc, state.disc, ro.prefix, ro.prefix_mask, ro.tokens, ro.mask)
-    reward_logits = d_logits
-    if cfg.ppo.reward_contrast:
-      c_prefix = jnp.repeat(batch["contrast_prefix"], n, axis=0)
-      c_mask = jnp.repeat(batch["contrast_prefix_mask"], n, axis=0)
-      reward_logits = d_logits - score(roles.disc, state.disc, c_prefix, c_mask, ro.tokens, ro.mask)
-    reward = losses.reward_from_disc(reward_logits, cfg.ppo.reward_transform)
-    metrics["d_fake_rollout"] = jnp.nanmean(jax.nn.sigmoid(d_logits))
-  if cfg.reward.source != "disc":
-    prefix = jnp.repeat(batch["rm_prefix"], n, axis=0)
-    mask = jnp.repeat(batch["rm_prefix_mask"], n, axis=0)
-    tokens, tmask = concat(prefix, mask, ro.tokens, ro.mask)
-    out = nnx.merge(roles.rm, state.rm).last_token(tokens, tmask)
-    if cfg.reward.source == "classifier":
-      k, nb = roles.bin_counts.shape
-      r = classifier_reward(
-        out.reshape(-1, k, nb), roles.bin_counts, roles.reward_num, roles.reward_den
-      )
-    else:
-      r = out[:, 0]
-    metrics["rm_reward_mean"] = jnp.nanmean(r)
-    w = cfg.reward.rm_weight if cfg.reward.source == "disc+rm" else 1.0
-    reward = reward + w * r
-  return reward, metrics
-
-
 def train_step(roles: Roles, cfg: Config, state: RLHBState, batch: dict, rng: jax.Array):
   """One RLHB step: rollout, score, advantages, PPO update, discriminator update(s)."""
   rng = jax.random.fold_in(rng, state.step)
   k_roll, k_ppo = jax.random.split(rng)
-  ro = rollout(roles, state.actor, batch, k_roll, cfg)
-  raw_reward, reward_metrics = sequence_reward(roles, state, batch, ro, cfg)
+  ro = rollout(roles, full(state, "actor"), batch, k_roll, cfg)
+  raw_reward, reward_metrics = rewards.sequence_reward(roles, state, batch, ro, cfg)
   seq_reward = losses.normalize_rewards(
     raw_reward, cfg.ppo.reward_norm, cfg.ppo.rollouts_per_prompt
   )
@@ -417,12 +398,12 @@ def train_step(roles: Roles, cfg: Config, state: RLHBState, batch: dict, rng: ja
   state, ppo_metrics = ppo_update(roles, state, exp, k_ppo, cfg)
 
   disc_metrics = {}
-  if uses_disc(cfg) and cfg.disc.updates_per_step > 0:
+  if rewards.uses_disc(cfg) and cfg.disc.updates_per_step > 0:
     db = disc_batch(batch, ro, raw_reward, cfg)
 
     def d_body(carry, _):
       p, o = carry
-      p, o, m = disc_update(roles.disc, roles.disc_tx, p, o, db, cfg)
+      p, o, m = disc_update(roles.disc, roles.disc_tx, p, o, db, cfg, state.frozen["disc"])
       return (p, o), m
 
     (disc, disc_opt), dm = jax.lax.scan(

@@ -12,17 +12,25 @@ from flax import struct
 
 from rlhb_jax import losses, steps
 from rlhb_jax.config import Config
+from rlhb_jax.model import lora
 
 
 @struct.dataclass
 class SupervisedState:
+  """One model in training: its trainable params (all, or LoRA adapters and head) and optimizer
+  state; `frozen` holds the rest of the model ({} without LoRA)."""
+
   step: jax.Array
   params: Any
   opt: Any
+  frozen: Any = struct.field(default_factory=dict)
+
+  def full(self, params: Any) -> Any:
+    return lora.join(params, self.frozen)
 
 
-def init(params: Any, tx: optax.GradientTransformation) -> SupervisedState:
-  return SupervisedState(jnp.zeros((), jnp.int32), params, tx.init(params))
+def init(params: Any, tx: optax.GradientTransformation, frozen: Any = None) -> SupervisedState:
+  return SupervisedState(jnp.zeros((), jnp.int32), params, tx.init(params), frozen or {})
 
 
 def sft_step(graphdef, tx, state: SupervisedState, batch: dict, rng=None):
@@ -35,7 +43,7 @@ def sft_step(graphdef, tx, state: SupervisedState, batch: dict, rng=None):
   def loss_fn(params):
     logits = steps.policy_logits(
       graphdef,
-      params,
+      state.full(params),
       batch["prompt"],
       batch["prompt_mask"],
       batch["response"],
@@ -62,7 +70,9 @@ def disc_warmup_step(graphdef, tx, cfg: Config, state: SupervisedState, batch: d
   """Real logged triplets (label 1) vs. the same triplets with a swapped behavior (label 0)."""
   del rng
   db = steps.disc_batch(batch, None, None, cfg)
-  params, opt, metrics = steps.disc_update(graphdef, tx, state.params, state.opt, db, cfg)
+  params, opt, metrics = steps.disc_update(
+    graphdef, tx, state.params, state.opt, db, cfg, state.frozen
+  )
   return state.replace(step=state.step + 1, params=params, opt=opt), metrics
 
 

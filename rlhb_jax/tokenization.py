@@ -71,13 +71,16 @@ class Tokenizer:
     """Text of `ids`, skipping special tokens."""
     return self.hf.decode(list(ids), skip_special_tokens=True)
 
-  def chat_prompt(self, user_message: str) -> list[int]:
-    """Ids of one user message in the chat template, ending with the assistant's turn opener."""
+  def chat_prompt(self, user_message: str, system: str = "") -> list[int]:
+    """Ids of one user message in the chat template, ending with the assistant's turn opener.
+
+    `system` replaces the template's default system message ("" keeps the default)."""
     if not self.hf.chat_template:
       return self.encode(user_message)
-    text = self.hf.apply_chat_template(
-      [{"role": "user", "content": user_message}], add_generation_prompt=True, tokenize=False
-    )
+    messages = [{"role": "user", "content": user_message}]
+    if system:
+      messages.insert(0, {"role": "system", "content": system})
+    text = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return self.encode(text)
 
   # -- persistence ---------------------------------------------------------------------------------

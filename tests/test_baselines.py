@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rlhb_jax import baselines, roles, steps, supervised
+from rlhb_jax import baselines, rewards, roles, steps, supervised
 from rlhb_jax import config as C
 from rlhb_jax.behavior import BehaviorConfig, Binner
 from rlhb_jax.data.validate import BadRecordError
@@ -102,12 +102,12 @@ def test_classifier_reward_formula_on_known_inputs():
   np.testing.assert_array_equal(den, [1, 1, 0, 0, 0])
   sure = lambda bins: np.stack([np.eye(3)[b] * 60.0 for b in bins])  # noqa: E731
   logits = np.stack([sure([0, 2, 2, 0, 0]), sure([0, 0, 1, 2, 1])])
-  r = np.asarray(steps.classifier_reward(logits, bin_counts, num, den))
+  r = np.asarray(rewards.classifier_reward(logits, bin_counts, num, den))
   # (0.5 - 0) / (1 + 0.4) and (0.2 - 0.3) / (1 + 0)
   np.testing.assert_allclose(r, [0.5 / 1.4, -0.1], rtol=1e-5)
   # A uniform classifier: expected counts are the bin means.
   e = bin_counts.mean(axis=1)
-  uniform = np.asarray(steps.classifier_reward(np.zeros((1, 5, 3)), bin_counts, num, den))
+  uniform = np.asarray(rewards.classifier_reward(np.zeros((1, 5, 3)), bin_counts, num, den))
   np.testing.assert_allclose(uniform, [(e[2] - e[3]) / (e[0] + e[1])], rtol=1e-5)
   # The formula is configuration.
   cfg2 = tiny_config(**{"reward.numerator": (("likes", 2.0),), "reward.denominator": ()})
@@ -142,7 +142,7 @@ def test_ppo_step_with_each_reward_source(source):
   from test_steps import Bp, Pd, make_batch, small_config
 
   cfg = C.replace(small_config(), **{"reward.source": source})
-  if not steps.uses_disc(cfg):
+  if not rewards.uses_disc(cfg):
     cfg = C.replace(cfg, **{"disc.updates_per_step": 0})
   actor, _ = roles.build_lm(cfg.model, 64, 0)
   critic = roles.scalar_from_lm(actor, 1, 1)

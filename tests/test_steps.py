@@ -59,12 +59,24 @@ def make_batch(seed: int) -> dict:
   return b
 
 
+def lora_config(mesh_shape=(1, 1, 1)) -> C.Config:
+  """LoRA on actor and discriminator, critic-free group advantages."""
+  return C.replace(
+    small_config(mesh_shape),
+    **{"lora.rank": 4, "disc.lora.rank": 2, "ppo.advantage": "group", "ppo.advantage_std": True},
+  )
+
+
 def build(cfg: C.Config, devices):
   actor, _ = R.build_lm(cfg.model, V, 0)
-  critic = R.scalar_from_lm(actor, 1, 1)
+  critic = R.scalar_from_lm(actor, 1, 1) if cfg.ppo.advantage == "gae" else None
   disc = R.build_disc(cfg, actor, V)
   # A random head (it starts at zero) so that rewards differ between samples from the first step.
   disc.head_w[...] = 0.5 * jax.random.normal(jax.random.key(7), disc.head_w[...].shape)
+  R.with_lora(actor, cfg.lora, 0)
+  if critic is not None:
+    R.with_lora(critic, cfg.lora, 1)
+  R.with_lora(disc, cfg.disc.lora, 2)
   roles, state = R.init_state(cfg, actor, critic, disc, (1,), 0)
   mesh = sharding.make_mesh(cfg.mesh, devices)
   models = {"actor": actor, "critic": critic, "disc": disc}
@@ -93,9 +105,47 @@ def single():
 
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 2, 4)])
 def test_sharded_step_equals_single_device(single, shape):
+  _check_sharded_equals_single(single, small_config(shape))
+
+
+@pytest.fixture(scope="module")
+def lora_single():
+  return run_steps(lora_config(), jax.devices()[:1])
+
+
+def test_lora_group_sharded_step_equals_single_device(lora_single):
+  _check_sharded_equals_single(lora_single, lora_config((2, 2, 2)))
+
+
+def test_lora_step_trains_only_adapters_and_heads(lora_single):
+  cfg = lora_config()
+  init = jax.device_get(build(cfg, jax.devices()[:1])[1])
+  state, metrics, step = lora_single
+  assert step._cache_size() == 1  # one compile across steps
+  # No reference copy and no critic: the reference is the base with adapters off.
+  assert init.ref == {} and init.critic == {} and "value_loss" not in metrics[0]
+  for role in ("actor", "disc"):
+    paths = [
+      "/".join(map(str, p)) for p, _ in jax.tree_util.tree_flatten_with_path(init.__dict__[role])[0]
+    ]
+    assert paths and all("lora_" in p or "head_" in p for p in paths), paths
+    # The base never moves ...
+    for a, b in zip(
+      jax.tree.leaves(init.frozen[role]), jax.tree.leaves(state.frozen[role]), strict=True
+    ):
+      np.testing.assert_array_equal(a, b)
+    # ... while the adapters do (B starts at zero and leaves it).
+    moved = jax.tree.map(
+      lambda a, b: float(np.abs(a - b).max()), init.__dict__[role], state.__dict__[role]
+    )
+    assert max(jax.tree.leaves(moved)) > 0, role
+  assert np.abs(state.actor["layers"]["lora_q_b"]).max() > 0
+
+
+def _check_sharded_equals_single(single, cfg):
   assert len(jax.devices()) == 8
   ref_state, ref_metrics, _ = single
-  state, metrics, _ = run_steps(small_config(shape), jax.devices())
+  state, metrics, _ = run_steps(cfg, jax.devices())
   for a, b in zip(jax.tree.leaves(ref_state), jax.tree.leaves(state), strict=True):
     # Adam turns tiny reduction-order differences of near-zero gradients into update-sized ones.
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-4)
@@ -103,7 +153,7 @@ def test_sharded_step_equals_single_device(single, shape):
     for k in m_ref:
       np.testing.assert_allclose(m_ref[k], m[k], rtol=1e-3, atol=1e-4, err_msg=k)
   # The step changed the actor (the comparison is not between two untouched states).
-  init_state = build(small_config(), jax.devices()[:1])[1]
+  init_state = build(C.replace(cfg, **{"mesh.shape": (1, 1, 1)}), jax.devices()[:1])[1]
   delta = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), init_state.actor, ref_state.actor)
   assert max(jax.tree.leaves(delta)) > 0
 

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from rlhb_jax import roles
 from rlhb_jax.config import Config
 from rlhb_jax.judges import LLMJudge, SimulatedUsersJudge, win_tie_loss
 from rlhb_jax.metrics import format_table
@@ -65,7 +66,7 @@ def curve_hook(run: Run):
   judge = SimulatedUsersJudge(run.simulator)
 
   def hook(step: int, state) -> dict[str, float]:
-    nnx.update(model, jax.device_get(state.actor))
+    nnx.update(model, roles.merged_params(state.actor, state.frozen["actor"], run.cfg.lora))
     answers = respond(run, model, queries)
     wtl = win_tie_loss(judge, queries, answers, baseline)
     truth = ground_truth(run, queries, answers)

@@ -49,7 +49,9 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
   ids = []
   for p in prompts:
     msg = generator_message(cfg, p["query"], p.get("behavior"), p.get("context") or "")
-    ids.append(tok.chat_prompt(msg) if cfg.generate.chat_template else tok.encode(msg))
+    ids.append(
+      tok.chat_prompt(msg, cfg.prompt.system) if cfg.generate.chat_template else tok.encode(msg)
+    )
   t0 = time.perf_counter()
   outs = generate_texts(
     model, tok, ids, jax.random.key(cfg.seed), cfg.sampling, cfg.generate.batch_size

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from rlhb_jax import baselines, loop, roles, sharding, steps, supervised
+from rlhb_jax import baselines, loop, rewards, roles, sharding, steps, supervised
 from rlhb_jax import config as config_lib
 from rlhb_jax.batches import Batcher
 from rlhb_jax.config import Config
@@ -37,27 +37,45 @@ def _meta(run: Run, stage: str) -> dict:
   }
 
 
+def _train_model(run: Run, name: str, model, spec, tx, compile_fn, batch_fn, num_steps, show):
+  """A supervised stage: attaches `spec`'s adapters to `model` (rank 0: trains every weight),
+  runs the resumable loop and returns (graphdef, params) of the plain model with the adapters
+  merged in, ready to save under models/<name>."""
+  plain = nnx.graphdef(model)
+  roles.with_lora(model, spec, run.cfg.seed)
+  params, frozen = roles.split_params(model)
+  state = loop.train_loop(
+    name=name,
+    workdir=run.workdir,
+    cfg=run.cfg,
+    step_fn=compile_fn(nnx.graphdef(model), tx),
+    state=supervised.init(params, tx, frozen),
+    batch_fn=batch_fn,
+    num_steps=num_steps,
+    rng=jax.random.key(run.cfg.seed),
+    meta=_meta(run, name),
+    show=show,
+  )
+  return plain, roles.merged_params(state.params, state.frozen, spec)
+
+
 def sft(run: Run) -> None:
   cfg = run.cfg
   if run.has_params("sft_actor") or cfg.sft.steps <= 0:
     return
-  model = run.base_actor()
-  graphdef, params = nnx.graphdef(model), roles.params_of(model)
   tx = steps.make_optimizer(cfg.sft.optim, cfg.sft.steps)
-  state = supervised.init(params, tx)
-  state = loop.train_loop(
-    name="sft",
-    workdir=run.workdir,
-    cfg=cfg,
-    step_fn=supervised.compile_sft(graphdef, tx),
-    state=state,
-    batch_fn=run.batcher.sft,
-    num_steps=cfg.sft.steps,
-    rng=jax.random.key(cfg.seed),
-    meta=_meta(run, "sft"),
-    show=("loss", "accuracy"),
+  _, params = _train_model(
+    run,
+    "sft",
+    run.base_actor(),
+    cfg.lora,
+    tx,
+    supervised.compile_sft,
+    run.batcher.sft,
+    cfg.sft.steps,
+    ("loss", "accuracy"),
   )
-  run.save_params("sft_actor", state.params)
+  run.save_params("sft_actor", params)
 
 
 def disc_warmup(run: Run) -> None:
@@ -66,27 +84,26 @@ def disc_warmup(run: Run) -> None:
     return
   actor = run.actor_model(prefer=("sft_actor",))
   disc = roles.build_disc(cfg, actor, run.tokenizer.vocab_size)
-  graphdef, params = nnx.graphdef(disc), roles.params_of(disc)
   tx = steps.make_optimizer(cfg.disc.optim, cfg.disc.warmup_steps)
-  state = loop.train_loop(
-    name="disc_warmup",
-    workdir=run.workdir,
-    cfg=cfg,
-    step_fn=supervised.compile_disc_warmup(graphdef, tx, cfg),
-    state=supervised.init(params, tx),
-    batch_fn=run.batcher.disc,
-    num_steps=cfg.disc.warmup_steps,
-    rng=jax.random.key(cfg.seed),
-    meta=_meta(run, "disc_warmup"),
-    show=("disc_loss", "disc_accuracy", "d_real", "d_swap"),
+  compile_fn = lambda graphdef, tx: supervised.compile_disc_warmup(graphdef, tx, cfg)
+  _, params = _train_model(
+    run,
+    "disc_warmup",
+    disc,
+    cfg.disc.lora,
+    tx,
+    compile_fn,
+    run.batcher.disc,
+    cfg.disc.warmup_steps,
+    ("disc_loss", "disc_accuracy", "d_real", "d_swap"),
   )
-  run.save_params("disc_warmup", state.params)
+  run.save_params("disc_warmup", params)
 
 
 def ppo_config(cfg: Config, source: str) -> Config:
   """The config of a PPO stage whose reward comes from `source` (D is not trained without it)."""
   changes = {"reward.source": source}
-  if not steps.uses_disc(config_lib.replace(cfg, **changes)):
+  if not rewards.uses_disc(config_lib.replace(cfg, **changes)):
     changes["disc.updates_per_step"] = 0
   return config_lib.replace(cfg, **changes)
 
@@ -143,12 +160,16 @@ def setup_rlhb(
   like `example_batch`. Returns (state, step_fn, mesh)."""
   cfg = cfg or run.cfg
   actor = run.actor_model(prefer=start)
-  critic = roles.scalar_from_lm(actor, 1, cfg.seed + 1)
+  critic = None
+  if cfg.ppo.advantage == "gae":
+    critic = roles.with_lora(roles.scalar_from_lm(actor, 1, cfg.seed + 1), cfg.lora, cfg.seed + 1)
   disc = roles.build_disc(cfg, actor, run.tokenizer.vocab_size)
   warm = run.load_params("disc_warmup", disc)
   if warm is not None:
     nnx.update(disc, warm)
+  roles.with_lora(disc, cfg.disc.lora, cfg.seed + 2)
   rm, classifier = _reward_roles(run, cfg, actor)
+  roles.with_lora(actor, cfg.lora, cfg.seed)
   tok = run.tokenizer
   rl_roles, state = roles.init_state(
     cfg, actor, critic, disc, tok.eos_ids, tok.pad_id, rm=rm, classifier=classifier, oracle=oracle
@@ -178,7 +199,7 @@ def ppo(run: Run, name: str, source: str, start: tuple[str, ...]) -> None:
   show = ("reward_mean", "d_real", "d_fake", "kl", "tokens_per_s")
   if cfg.reward.source == "sim":
     show = ("reward_mean", "kl", "tokens_per_s")
-  elif not steps.uses_disc(cfg):
+  elif not rewards.uses_disc(cfg):
     show = ("reward_mean", "rm_reward_mean", "kl", "tokens_per_s")
   with jax.set_mesh(mesh):
     state = loop.train_loop(
@@ -197,9 +218,13 @@ def ppo(run: Run, name: str, source: str, start: tuple[str, ...]) -> None:
       hook=evaluate.curve_hook(run) if cfg.eval.curve_every > 0 else None,
       hook_every=cfg.eval.curve_every,
     )
-  run.save_params(f"{name}_actor", jax.device_get(state.actor))
-  if steps.uses_disc(cfg):
-    run.save_params(f"{name}_disc", jax.device_get(state.disc))
+  run.save_params(
+    f"{name}_actor", roles.merged_params(state.actor, state.frozen["actor"], cfg.lora)
+  )
+  if rewards.uses_disc(cfg):
+    run.save_params(
+      f"{name}_disc", roles.merged_params(state.disc, state.frozen["disc"], cfg.disc.lora)
+    )
   log.info(
     "%s done: %d steps, %d non-finite updates skipped",
     name,
@@ -220,7 +245,6 @@ def reward_model(run: Run) -> None:
     return
   actor = run.actor_model(prefer=("sft_actor",))
   rm = roles.build_disc(cfg, actor, run.tokenizer.vocab_size, seed_offset=3)
-  graphdef, params = nnx.graphdef(rm), roles.params_of(rm)
   train_pairs, heldout = baselines.split_heldout(
     run.preferences, cfg.reward.rm_heldout_fraction, cfg.seed
   )
@@ -228,24 +252,23 @@ def reward_model(run: Run) -> None:
     cfg, run.tokenizer, train_pairs, run.batcher.Pd, cfg.reward.rm_batch_size
   )
   tx = steps.make_optimizer(cfg.reward.rm_optim, cfg.reward.rm_steps)
-  state = loop.train_loop(
-    name="reward_model",
-    workdir=run.workdir,
-    cfg=cfg,
-    step_fn=baselines.compile_rm(graphdef, tx),
-    state=supervised.init(params, tx),
-    batch_fn=batcher,
-    num_steps=cfg.reward.rm_steps,
-    rng=jax.random.key(cfg.seed),
-    meta=_meta(run, "reward_model"),
-    show=("loss", "accuracy"),
+  graphdef, params = _train_model(
+    run,
+    "reward_model",
+    rm,
+    cfg.reward.lora,
+    tx,
+    baselines.compile_rm,
+    batcher,
+    cfg.reward.rm_steps,
+    ("loss", "accuracy"),
   )
   report = {
-    "heldout_accuracy": baselines.rm_accuracy(graphdef, state.params, batcher, heldout),
+    "heldout_accuracy": baselines.rm_accuracy(graphdef, params, batcher, heldout),
     "train_pairs": len(train_pairs),
     "heldout_pairs": len(heldout),
   }
-  run.save_params("reward_model", state.params)
+  run.save_params("reward_model", params)
   (run.workdir / "models" / "reward_model.json").write_text(json.dumps(report, indent=2))
   log.info("reward model: held-out pairwise accuracy %.3f", report["heldout_accuracy"])
 
@@ -258,7 +281,6 @@ def behavior_classifier(run: Run) -> None:
   actor = run.actor_model(prefer=("sft_actor",))
   k, n = len(cfg.behavior.names), cfg.behavior.num_bins
   clf = roles.build_disc(cfg, actor, run.tokenizer.vocab_size, k * n, seed_offset=4)
-  graphdef, params = nnx.graphdef(clf), roles.params_of(clf)
   bins = run.binner.bin_many(r["behavior"] for r in run.records)
   idx = list(range(len(run.examples)))
   train_idx, heldout_idx = baselines.split_heldout(idx, cfg.reward.rm_heldout_fraction, cfg.seed)
@@ -270,29 +292,26 @@ def behavior_classifier(run: Run) -> None:
     run.batcher.Pd,
   )
   tx = steps.make_optimizer(cfg.reward.classifier_optim, cfg.reward.classifier_steps)
-  state = loop.train_loop(
-    name="behavior_classifier",
-    workdir=run.workdir,
-    cfg=cfg,
-    step_fn=baselines.compile_classifier(graphdef, tx, k),
-    state=supervised.init(params, tx),
-    batch_fn=train_b,
-    num_steps=cfg.reward.classifier_steps,
-    rng=jax.random.key(cfg.seed),
-    meta=_meta(run, "behavior_classifier"),
-    show=("loss", "accuracy"),
+  graphdef, params = _train_model(
+    run,
+    "behavior_classifier",
+    clf,
+    cfg.reward.lora,
+    tx,
+    lambda graphdef, tx: baselines.compile_classifier(graphdef, tx, k),
+    train_b,
+    cfg.reward.classifier_steps,
+    ("loss", "accuracy"),
   )
   all_b = baselines.ClassifierBatcher(cfg, run.tokenizer, run.examples, bins, run.batcher.Pd)
   report = {
-    "heldout_bin_accuracy": baselines.classifier_accuracy(
-      graphdef, state.params, all_b, heldout_idx
-    ),
+    "heldout_bin_accuracy": baselines.classifier_accuracy(graphdef, params, all_b, heldout_idx),
     "majority_bin_accuracy": {
       name: float(np.mean(bins[heldout_idx, j] == np.bincount(bins[train_idx, j]).argmax()))
       for j, name in enumerate(cfg.behavior.names)
     },
   }
-  run.save_params("behavior_classifier", state.params)
+  run.save_params("behavior_classifier", params)
   (run.workdir / "models" / "behavior_classifier.json").write_text(json.dumps(report, indent=2))
   log.info("behavior classifier: held-out bin accuracy %s", report["heldout_bin_accuracy"])
 

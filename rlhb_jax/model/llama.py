@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rlhb_jax.model import lora
+
 _MASKED = -1e30  # finite, so fully masked rows (left padding) give a uniform softmax, not NaN
 
 
@@ -39,6 +41,10 @@ class LlamaConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
+  # LoRA adapters (model/lora.py): set by lora.attach, never by hand; rank 0 = none.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = ()
 
   @property
   def num_params(self) -> int:
@@ -159,9 +165,10 @@ def _layer(cfg: LlamaConfig, x, p, k_cache, v_cache, positions, allowed, index, 
   K, G = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
   dt = x.dtype
   h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-  q = jnp.einsum("btd,dnh->btnh", h, p["wq"].astype(dt))
-  k = jnp.einsum("btd,dkh->btkh", h, p["wk"].astype(dt))
-  v = jnp.einsum("btd,dkh->btkh", h, p["wv"].astype(dt))
+  scale = cfg.lora_alpha / cfg.lora_rank if cfg.lora_rank else 0.0
+  q = lora.project(h, p, "q", scale)
+  k = lora.project(h, p, "k", scale)
+  v = lora.project(h, p, "v", scale)
   if cfg.qkv_bias:
     q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
   q = apply_rope(q, positions, inv_freq)
@@ -177,11 +184,11 @@ def _layer(cfg: LlamaConfig, x, p, k_cache, v_cache, positions, allowed, index, 
   scores = jnp.where(allowed[:, None, None], scores, _MASKED)
   probs = jax.nn.softmax(scores, axis=-1).astype(dt)
   attn = jnp.einsum("bkgts,bskh->btkgh", probs, values.astype(dt)).reshape(B, T, -1, cfg.head_dim)
-  x = x + jnp.einsum("btnh,nhd->btd", attn, p["wo"].astype(dt))
+  x = x + lora.project(attn, p, "o", scale)
   h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
-  gate = jnp.einsum("btd,df->btf", h, p["w_gate"].astype(dt))
-  up = jnp.einsum("btd,df->btf", h, p["w_up"].astype(dt))
-  x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"].astype(dt))
+  gate = lora.project(h, p, "gate", scale)
+  up = lora.project(h, p, "up", scale)
+  x = x + lora.project(jax.nn.silu(gate) * up, p, "down", scale)
   return x, k, v
 
 
@@ -205,6 +212,7 @@ class Transformer(nnx.Module):
     positions: jax.Array,
     mask: jax.Array,
     cache: Cache | None = None,
+    adapters: bool = True,
   ) -> tuple[jax.Array, Cache | None]:
     """Final normed hidden states (B, T, D) and the updated cache.
 
@@ -214,6 +222,7 @@ class Transformer(nnx.Module):
         does not shift them).
       mask: (B, T) True for real tokens, False for padding.
       cache: None for a plain forward; otherwise the T new tokens are written at `cache.index`.
+      adapters: False runs the base weights alone, ignoring LoRA adapters (the PPO reference).
     """
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
@@ -241,6 +250,8 @@ class Transformer(nnx.Module):
     if cfg.remat:
       body = jax.checkpoint(body, prevent_cse=False)
     params = self.layers.arrays()
+    if not adapters:
+      params = lora.strip(params)
     if cache is None:
       x, _ = jax.lax.scan(lambda c, p: body(c, (p, None, None)), x, params)
       new_cache = None
@@ -261,8 +272,8 @@ class Transformer(nnx.Module):
       return jnp.einsum("btd,vd->btv", h, w).astype(jnp.float32)
     return jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(h.dtype)).astype(jnp.float32)
 
-  def __call__(self, tokens, positions, mask, cache=None):
-    h, cache = self.trunk(tokens, positions, mask, cache)
+  def __call__(self, tokens, positions, mask, cache=None, adapters: bool = True):
+    h, cache = self.trunk(tokens, positions, mask, cache, adapters)
     return self.logits(h), cache
 
 
