@@ -2,7 +2,8 @@
 
 Untested here (no TPU was available while writing it). Multi-host: `distributed=True` calls
 jax.distributed.initialize(); run the same command on every host (docs/TPU.md shows gcloud's
-`--worker=all`). Data x FSDP x tensor = 2 x 4 x 2.
+`--worker=all`). Data x FSDP x tensor = 2 x 4 x 2. The v5e-8 config's LoRA setup with f32
+master weights for the two 8B bases (32 GB each) and twice the prompts per step.
 """
 
 import pathlib
@@ -14,6 +15,6 @@ def get_config():
   c = config_lib.load_configdict(pathlib.Path(__file__).with_name("tpu_v5e_8_llama3_8b.py"))
   c.distributed = True
   c.mesh.shape = (2, 4, 2)
-  c.model.param_dtype = "float32"  # room for f32 master weights and Adam moments
+  c.model.param_dtype = "float32"  # room for f32 base weights
   c.ppo.prompts_per_step = 64
   return c

@@ -35,9 +35,10 @@ METHODS = ("sft", "rlhf", "rlhbc", "rlhb", "rlhf_rlhb")
 KEYS = ("like_rate", "dislike_rate", "requery_rate", "accuracy", "win", "tie", "loss")
 
 
-def load_config(overrides: list[str]) -> config_lib.Config:
-  """configs/compare.py with `--config.a.b=value` overrides (values read as Python literals)."""
-  cd = config_lib.load_configdict(ROOT / "configs/compare.py")
+def load_config(overrides: list[str], path: str = "configs/compare.py") -> config_lib.Config:
+  """The config file at `path` with `--config.a.b=value` overrides (values read as Python
+  literals)."""
+  cd = config_lib.load_configdict(ROOT / path)
   for item in overrides:
     key, sep, raw = item.removeprefix("--config.").partition("=")
     if not item.startswith("--config.") or not sep:

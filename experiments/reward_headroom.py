@@ -61,6 +61,73 @@ def disc_scorer(run: Run, model, name: str):
   return lambda *arrays: score(params, *map(jnp.asarray, arrays))
 
 
+def probe(run: Run, actor: str, disc: str, n: int, temperature: float, show: int = 0) -> dict:
+  """Best-of-n rows {name: {"like_rate", "accuracy"}} and the pooled AUC, for `models/<actor>`
+  sampled at `temperature` and ranked by `models/<disc>`."""
+  cfg = run.cfg
+  sim, b = run.simulator, run.batcher
+  queries = evaluate.heldout_queries(run)
+  Q = len(queries)
+  model = run.actor_model(prefer=(actor,))
+  greedy = evaluate.ground_truth(run, queries, evaluate.respond(run, model, queries))
+  contexts = [sim.context(q) for q in queries] if run.uses_context else [""] * Q
+  prompts = b.eval_prompts(queries, run.best_behavior, contexts)
+  sampling = dataclasses.replace(cfg.sampling, greedy=False, temperature=temperature)
+  samples = [
+    [text for _, text in generate_texts(model, run.tokenizer, prompts, jax.random.key(1000 + k),
+                                        sampling, cfg.eval.batch_size)]
+    for k in range(n)
+  ]  # fmt: skip
+
+  score = disc_scorer(run, model, disc)
+  pairs = list(zip(queries, contexts, strict=True))
+  best = left_pad([b.enc.prefix(q, run.best_behavior, c) for q, c in pairs], b.Pd, b.pad)
+  worst = left_pad([b.enc.prefix(q, b.worst, c) for q, c in pairs], b.Pd, b.pad)
+  reward, plain, least, like, correct = (np.zeros((n, Q)) for _ in range(5))
+  for k in range(n):
+    resp = right_pad([b.enc.response(t) for t in samples[k]], b.Tn, b.pad)
+    d, c = (np.asarray(x) for x in score(*best, *worst, *resp))
+    reward[k], plain[k], least[k] = (d - c if cfg.ppo.reward_contrast else d), d, c
+    for i, (q, r) in enumerate(zip(queries, samples[k], strict=True)):
+      like[k, i] = sim.expected_rates(q, r)["like"]
+      correct[k, i] = sim.features(q, r).answer == "correct"
+
+  for i in range(0, Q, max(1, Q // max(show, 1)))[:show]:
+    print(f"{queries[i]!r} | search result: {contexts[i]}")
+    for k in np.argsort(-reward[:, i]):
+      scores = f"reward {reward[k, i]:+6.2f}  D(best) {plain[k, i]:+6.2f}  like {like[k, i]:.2f}"
+      print(f"  {scores}  {samples[k][i]!r}")
+
+  cols = np.arange(Q)
+  pick = lambda by: (float(like[by, cols].mean()), float(correct[by, cols].mean()))  # noqa: E731
+  used = "D(best) - D(least preferred)" if cfg.ppo.reward_contrast else "D(best)"
+  rows = {
+    "greedy": (greedy["like_rate"], greedy["accuracy"]),
+    "random sample": (float(like.mean()), float(correct.mean())),
+    f"best of {n} by the reward used ({used})": pick(reward.argmax(0)),
+    f"best of {n} by D(best)": pick(plain.argmax(0)),
+    f"best of {n} by D(best) - D(least preferred)": pick((plain - least).argmax(0)),
+    f"best of {n} by the simulator": pick(like.argmax(0)),
+  }
+  # Pooled over every sample of every query: mostly says which queries are easy, not which answer.
+  flat, ok = reward.ravel(), correct.ravel().astype(bool)
+  auc = float((flat[ok][:, None] > flat[~ok][None, :]).mean()) if ok.any() and (~ok).any() else None
+  print(f"{'':48s} like   accuracy")
+  for name, (lr, acc) in rows.items():
+    print(f"{name:48s} {lr:.3f}  {acc:.3f}")
+  print(f"reward AUC, correct vs. not (pooled): {auc}")
+  out = {k: {"like_rate": v[0], "accuracy": v[1]} for k, v in rows.items()}
+  return {
+    "actor": actor,
+    "disc": disc,
+    "n": n,
+    "temperature": temperature,
+    "queries": Q,
+    "rows": out,
+    "auc_correct_pooled": auc,
+  }
+
+
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--workdir", required=True)
@@ -72,59 +139,9 @@ def main() -> None:
   ap.add_argument("--temperature", type=float, default=1.0)
   ap.add_argument("--show", type=int, default=0, help="print ranked samples of this many queries")
   args = ap.parse_args()
-  cfg = load_config(args.config, args.seed)
-  run = Run(cfg, pathlib.Path(args.workdir))
-  sim, b = run.simulator, run.batcher
-  queries = evaluate.heldout_queries(run)
-  Q = len(queries)
-  model = run.actor_model(prefer=(args.actor,))
-  greedy = evaluate.ground_truth(run, queries, evaluate.respond(run, model, queries))
-  contexts = [sim.context(q) for q in queries] if run.uses_context else [""] * Q
-  prompts = b.eval_prompts(queries, run.best_behavior, contexts)
-  sampling = dataclasses.replace(cfg.sampling, greedy=False, temperature=args.temperature)
-  samples = [
-    [text for _, text in generate_texts(model, run.tokenizer, prompts, jax.random.key(1000 + k),
-                                        sampling, cfg.eval.batch_size)]
-    for k in range(args.n)
-  ]  # fmt: skip
-
-  score = disc_scorer(run, model, args.disc)
-  pairs = list(zip(queries, contexts, strict=True))
-  best = left_pad([b.enc.prefix(q, run.best_behavior, c) for q, c in pairs], b.Pd, b.pad)
-  worst = left_pad([b.enc.prefix(q, b.worst, c) for q, c in pairs], b.Pd, b.pad)
-  reward, plain, like, correct = (np.zeros((args.n, Q)) for _ in range(4))
-  for k in range(args.n):
-    resp = right_pad([b.enc.response(t) for t in samples[k]], b.Tn, b.pad)
-    d, c = (np.asarray(x) for x in score(*best, *worst, *resp))
-    reward[k], plain[k] = (d - c if cfg.ppo.reward_contrast else d), d
-    for i, (q, r) in enumerate(zip(queries, samples[k], strict=True)):
-      like[k, i] = sim.expected_rates(q, r)["like"]
-      correct[k, i] = sim.features(q, r).answer == "correct"
-
-  for i in range(0, Q, max(1, Q // max(args.show, 1)))[: args.show]:
-    print(f"{queries[i]!r} | search result: {contexts[i]}")
-    for k in np.argsort(-reward[:, i]):
-      scores = f"reward {reward[k, i]:+6.2f}  D(best) {plain[k, i]:+6.2f}  like {like[k, i]:.2f}"
-      print(f"  {scores}  {samples[k][i]!r}")
-
-  cols = np.arange(Q)
-  pick = lambda by: (float(like[by, cols].mean()), float(correct[by, cols].mean()))  # noqa: E731
-  rows = {
-    "greedy": (greedy["like_rate"], greedy["accuracy"]),
-    "random sample": (float(like.mean()), float(correct.mean())),
-    f"best of {args.n} by the reward": pick(reward.argmax(0)),
-    f"best of {args.n} by D(best)": pick(plain.argmax(0)),
-    f"best of {args.n} by the simulator": pick(like.argmax(0)),
-  }
-  # Pooled over every sample of every query: mostly says which queries are easy, not which answer.
-  flat, ok = reward.ravel(), correct.ravel().astype(bool)
-  auc = float((flat[ok][:, None] > flat[~ok][None, :]).mean()) if ok.any() and (~ok).any() else None
-  print(f"{'':32s} like   accuracy")
-  for name, (lr, acc) in rows.items():
-    print(f"{name:32s} {lr:.3f}  {acc:.3f}")
-  print(f"reward AUC, correct vs. not (pooled): {auc}")
-  out = {k: {"like_rate": v[0], "accuracy": v[1]} for k, v in rows.items()}
-  print(json.dumps({**out, "auc_correct_pooled": auc}))
+  run = Run(load_config(args.config, args.seed), pathlib.Path(args.workdir))
+  out = probe(run, args.actor, args.disc, args.n, args.temperature, args.show)
+  print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ class Run:
     """The generator before any training of ours (random tiny, or the loaded checkpoint)."""
     loaded = self._checkpoint_model
     if loaded is not None:
-      return loaded[0]
+      return nnx.clone(loaded[0])  # a copy: stages attach adapters to the module they get
     return roles.build_lm(self.cfg.model, self.tokenizer.vocab_size, self.cfg.seed)[0]
 
   def actor_model(self, prefer: tuple[str, ...] = ("rlhb_actor", "sft_actor")) -> Transformer:

