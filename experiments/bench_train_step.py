@@ -43,19 +43,35 @@ def matmul_peak(dtype: str) -> float:
   return 2 * n**3 / statistics.median(times)
 
 
-def model_flops(n_params: int, n_disc: int, B: int, P: int, Pd: int, Tn: int, epochs: int) -> float:
-  """Matmul FLOPs of one step (2 per parameter per token forward, 6 forward + backward).
+def model_flops(
+  n_params: int,
+  n_disc: int,
+  B: int,
+  P: int,
+  Pd: int,
+  Tn: int,
+  epochs: int,
+  critic: bool = True,
+  lora: bool = False,
+  contrast: bool = True,
+) -> float:
+  """Matmul FLOPs of one step: 2 per parameter per token forward; a backward costs 4 with weight
+  gradients (full fine-tuning) and 2 without (LoRA: input gradients only; adapters are negligible).
 
-  rollout (prefill + decode) + old/reference log-probs and values (3 forwards) + PPO epochs over
-  actor and critic (forward + backward each) + discriminator score and update (real, swapped and
-  generated rows).
+  rollout (prefill + decode) + the reference forward (+ the critic's values) + PPO epochs over the
+  actor (+ critic) + the discriminator's scoring (twice with the contrastive reward) and update
+  (real, swapped and generated rows). The old log-probs come from the sampler: no extra forward.
   """
   seq = P + Tn
+  train = 4 if lora else 6  # forward + backward, per parameter per token
+  roles = 2 if critic else 1
   rollout = 2 * n_params * B * seq
-  experience = 3 * 2 * n_params * B * seq
-  ppo = epochs * 2 * 6 * n_params * B * seq
+  experience = roles * 2 * n_params * B * seq
+  ppo = epochs * roles * train * n_params * B * seq
   disc_rows = B + 2 * (B // 4)
-  disc = 2 * n_disc * B * (Pd + Tn) + 6 * n_disc * disc_rows * (Pd + Tn)
+  disc = (2 if contrast else 1) * 2 * n_disc * B * (Pd + Tn) + train * n_disc * disc_rows * (
+    Pd + Tn
+  )
   return float(rollout + experience + ppo + disc)
 
 
@@ -67,6 +83,8 @@ def main() -> None:
   ap.add_argument("--prompts", type=int, default=2)
   ap.add_argument("--rollouts", type=int, default=4)
   ap.add_argument("--epochs", type=int, default=4)
+  ap.add_argument("--lora-rank", type=int, default=0, help="LoRA on actor and D (0 = full)")
+  ap.add_argument("--advantage", default="gae", help="gae (a critic) | group (critic-free)")
   ap.add_argument(
     "--random-init",
     choices=["", *SHAPES],
@@ -86,6 +104,9 @@ def main() -> None:
       "ppo.rollouts_per_prompt": args.rollouts,
       "ppo.epochs": args.epochs,
       "ppo.minibatches": 1,
+      "ppo.advantage": args.advantage,
+      "lora.rank": args.lora_rank,
+      "disc.lora.rank": args.lora_rank,
       "disc.model.embed_dim": 128,
       "disc.model.num_layers": 2,
     },
@@ -99,8 +120,12 @@ def main() -> None:
     actor, tok = loading.load_model(cfg.model)
     eos_ids, pad_id = tok.eos_ids, tok.pad_id
   V = actor.cfg.vocab_size
-  critic = roles.scalar_from_lm(actor, 1, 1)
+  critic = roles.scalar_from_lm(actor, 1, 1) if args.advantage == "gae" else None
   disc = roles.build_disc(cfg, actor, V)
+  roles.with_lora(actor, cfg.lora, 0)
+  if critic is not None:
+    roles.with_lora(critic, cfg.lora, 1)
+  roles.with_lora(disc, cfg.disc.lora, 2)
   rl_roles, state = roles.init_state(cfg, actor, critic, disc, eos_ids, pad_id)
   Bp = cfg.ppo.prompts_per_step
   B = Bp * cfg.ppo.rollouts_per_prompt
@@ -142,7 +167,18 @@ def main() -> None:
   sec = statistics.median(times)
   n_params = actor.cfg.num_params
   n_disc = disc.lm.cfg.num_params
-  flops = model_flops(n_params, n_disc, B, P, Pd, Tn, cfg.ppo.epochs)
+  flops = model_flops(
+    n_params,
+    n_disc,
+    B,
+    P,
+    Pd,
+    Tn,
+    cfg.ppo.epochs,
+    critic=args.advantage == "gae",
+    lora=args.lora_rank > 0,
+    contrast=cfg.ppo.reward_contrast,
+  )
   peak = matmul_peak(args.dtype)
   out = {
     "device": jax.devices()[0].device_kind,
@@ -152,6 +188,8 @@ def main() -> None:
     "new_tokens": Tn,
     "ppo_epochs": cfg.ppo.epochs,
     "dtype": args.dtype,
+    "lora_rank": args.lora_rank,
+    "advantage": args.advantage,
     "compile_s": round(compile_s, 1),
     "s_per_step": round(sec, 3),
     "gen_tokens_per_s": round(B * Tn / sec, 1),

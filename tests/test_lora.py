@@ -9,23 +9,13 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from test_model import CFG  # biases, untied head, Llama-3 RoPE scaling
 
 from rlhb_jax import roles, sharding, supervised
 from rlhb_jax.model import lora
 from rlhb_jax.model.heads import ScalarModel
-from rlhb_jax.model.llama import LlamaConfig, Transformer, positions_from_mask
+from rlhb_jax.model.llama import Transformer, positions_from_mask
 
-CFG = LlamaConfig(
-  vocab_size=61,
-  embed_dim=32,
-  num_layers=2,
-  num_heads=4,
-  num_kv_heads=2,
-  head_dim=8,
-  mlp_dim=48,
-  qkv_bias=True,
-  tie_embeddings=False,
-)
 SPEC = lora.LoraConfig(rank=4, alpha=8.0)
 
 
