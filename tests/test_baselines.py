@@ -22,7 +22,7 @@ class ByteTokenizer:
   def encode(self, text):
     return [b % 60 + 4 for b in text.encode()][:60]
 
-  def chat_prompt(self, message):
+  def chat_prompt(self, message, system=""):
     return [2, *self.encode(message), 3]
 
 

@@ -30,7 +30,7 @@ class FakeTokenizer:
   def encode(self, text):
     return [b % 50 + 5 for b in text.encode()][:100]
 
-  def chat_prompt(self, message):
+  def chat_prompt(self, message, system=""):
     return [BOS, *self.encode(message), EOT]
 
 

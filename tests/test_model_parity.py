@@ -244,6 +244,13 @@ def test_smollm2_chat_prompt_matches_transformers(smollm2):
       message, add_generation_prompt=True, tokenize=True, return_dict=True
     )["input_ids"]
     assert tok.chat_prompt(text) == list(theirs), text
+    # config.prompt.system replaces the template's ~20-token default system message.
+    system = [{"role": "system", "content": "Answer briefly."}, *message]
+    theirs = ref_tok.apply_chat_template(
+      system, add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
+    assert tok.chat_prompt(text, "Answer briefly.") == list(theirs), text
+    assert len(theirs) < len(tok.chat_prompt(text)) - 10
     assert tok.encode(text) == ref_tok.encode(text, add_special_tokens=False)
     assert tok.decode(tok.encode(text)) == text
   assert tok.eos_ids == (ref_tok.eos_token_id,)
