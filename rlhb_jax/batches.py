@@ -225,15 +225,19 @@ class Batcher:
 
   def _negative_prefix(self, e: Example, rng: np.random.Generator) -> tuple[int, ...]:
     """The prefix a real response is paired with to make a fake: another behavior text or, for a
-    `disc.mismatch_fraction` of rows, a neighbouring query under the most preferred behavior."""
+    `disc.mismatch_fraction` of rows, a neighbouring query under the record's own behavior.
+
+    The mismatch keeps the logged behavior text so that behavior texts are spread alike over real
+    and mismatched rows: under one fixed text (the most preferred, as first built) D learned that
+    text means "fake" and scored real best-behavior triplets near 0.03 at the start of RLHB."""
     f = self.cfg.disc.mismatch_fraction
     if f > 0 and rng.random() < f and (other := self.mismatched(e, rng)) is not None:
-      return self.enc.prefix(other[0], self.best, other[1])
+      return self.enc.prefix(other[0], e.behavior, other[1])
     return self.enc.prefix(e.query, self.swapped(e, rng), e.context)
 
   def disc(self, step: int) -> dict[str, np.ndarray]:
     """Discriminator warm-up: real triplets and behavior-swapped ones (a `disc.mismatch_fraction`
-    of those paired with a neighbouring query instead)."""
+    of those paired with a neighbouring query, under their own behavior, instead)."""
     exs = [self.examples[i] for i in self.indices(step, self.cfg.disc.batch_size)]
     rng = np.random.default_rng([self.cfg.seed, step, 1])
     return self._disc_fields(exs, rng, None)

@@ -129,7 +129,7 @@ class DiscConfig:
   optim: OptimConfig = OptimConfig(learning_rate=5e-4)
   swap_fraction: float = 0.5  # share of negatives that are behavior-swapped real triplets
   # Of those swapped negatives, the share whose real response is paired with a neighbouring query
-  # (and the most preferred behavior) instead of another behavior text: teaches D to check the
+  # (under its own behavior text) instead of another behavior text: teaches D to check the
   # answer against the query and its search result (Batcher.mismatched).
   mismatch_fraction: float = 0.0
   bootstrap_ratio: float = 0.0  # rho: top-rewarded generated samples added as fakes (< 0.5)

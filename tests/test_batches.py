@@ -181,7 +181,7 @@ def test_swapped_behavior_differs_from_the_logged_one():
 
 def test_mismatch_negatives_pair_a_response_with_a_neighbouring_query():
   """disc.mismatch_fraction=1: every negative is the real response under another logged query
-  (and its search result) with the most preferred behavior; neighbours in sorted query order."""
+  (and its search result) with the record's own behavior; neighbours in sorted query order."""
   b = batcher(**{"disc.mismatch_fraction": 1.0})
   order = sorted(range(len(EXAMPLES)), key=lambda i: (EXAMPLES[i].query, EXAMPLES[i].context))
   partners = {i: set() for i in range(len(EXAMPLES))}
@@ -189,7 +189,7 @@ def test_mismatch_negatives_pair_a_response_with_a_neighbouring_query():
     batch = b.disc(s)
     for row, resp in zip(batch["swap_prefix"], batch["real"], strict=True):
       e = which(resp, [response_ids(x) for x in EXAMPLES])
-      o = which(row, [prefix_ids(x, BEST) for x in EXAMPLES])
+      o = which(row, [prefix_ids(x, EXAMPLES[e].behavior) for x in EXAMPLES])
       assert o != e
       assert abs(order.index(o) - order.index(e)) <= 3
       partners[e].add(o)
