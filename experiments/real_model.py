@@ -5,14 +5,14 @@
 
 Per seed, in its own run directory (each stage resumes; a finished stage is skipped):
   1. the pipeline of configs/smollm2_sim.py: simulated logs -> behavior-conditioned SFT -> the
-     discriminator warm-up -> RLHB (timed together: `wall_seconds_per_seed`);
+     discriminator warm-up -> RLHB (timed together: `wall_seconds_per_seed`), then its evaluation;
   2. the reward-headroom probe (experiments/reward_headroom.py) of the warmed-up and of the
      RLHB-trained discriminator: best of 8 samples of the SFT generator by each reward;
   3. RLHF: a Bradley-Terry reward model on the annotators' (biased) preferences, then PPO on it with
      the same budget as RLHB;
   4. the ceiling: PPO on the simulated users' own expected like rate (`reward.source=sim`);
-  5. evaluation of every generator on the same held-out queries (simulator ground truth, the most
-     preferred behavior, greedy), Win / Tie / Loss against SFT.
+  Each generator is evaluated right after its training, on the same held-out queries (simulator
+  ground truth, the most preferred behavior, greedy), Win / Tie / Loss against SFT.
 Writes results/real_model.json (and prints its tables).
 """
 
@@ -70,7 +70,13 @@ def run_seed(cfg: config_lib.Config, workdir: pathlib.Path, methods: list[str]) 
     train.disc_warmup(run)
     train.rlhb(run)
 
+  def evaluation(name: str) -> dict:
+    """`name` against SFT on the held-out queries (its own stage, so a result lands early)."""
+    out = evaluate.evaluate(run, {"sft": "sft_actor", name: f"{name}_actor"})
+    return {"sft": out["sft"], name: out[name]}
+
   timing = {"pipeline": stage(workdir, "pipeline", pipeline)}
+  results = {"rlhb": stage(workdir, "eval_rlhb", lambda: evaluation("rlhb"))}
   headroom = {
     "after_warmup": stage(
       workdir, "headroom_warmup", lambda: probe(run, "sft_actor", "disc_warmup", 8, temp)
@@ -79,19 +85,18 @@ def run_seed(cfg: config_lib.Config, workdir: pathlib.Path, methods: list[str]) 
       workdir, "headroom_rlhb", lambda: probe(run, "sft_actor", "rlhb_disc", 8, temp)
     ),
   }
-  if "rlhf" in methods:
-    timing["rlhf"] = stage(workdir, "rlhf", lambda: train.rlhf(run))
-  if "oracle" in methods:
-    timing["oracle"] = stage(
-      workdir, "oracle", lambda: train.ppo(run, "oracle", "sim", ("sft_actor",))
-    )
-  names = {"sft": "sft_actor", "rlhb": "rlhb_actor"}
-  names |= {m: f"{m}_actor" for m in methods if m in ("rlhf", "oracle")}
-  results = stage(workdir, "eval_" + "_".join(names), lambda: evaluate.evaluate(run, names))
-  results = {k: v for k, v in results.items() if k in names}
-  results["sft"] |= {"win": 0.0, "tie": 1.0, "loss": 0.0}  # against itself, by definition
+  trainers = {
+    "rlhf": lambda: train.rlhf(run),
+    "oracle": lambda: train.ppo(run, "oracle", "sim", ("sft_actor",)),
+  }
+  for name in methods:
+    if name in trainers:
+      timing[name] = stage(workdir, name, trainers[name])
+      results[name] = stage(workdir, f"eval_{name}", lambda name=name: evaluation(name))
+  merged = {"sft": results["rlhb"]["sft"] | {"win": 0.0, "tie": 1.0, "loss": 0.0}}
+  merged |= {name: r[name] for name, r in results.items()}
   return {
-    "results": results,
+    "results": merged,
     "headroom": headroom,
     "wall_seconds": {k: v["wall_seconds"] for k, v in timing.items()},
   }
