@@ -10,8 +10,9 @@ saves, so the next stage starts from a plain model: the RLHB reference is the SF
 actor's base, adapters off), and D's base is its warmed-up trunk.
 
 Choices (measured on the 2-core CPU, README "RLHB on SmolLM2"):
-- Prompts: SmolLM2's chat template with a 5-token system message instead of its ~20-token
-  default, a short behavior sentence, the question and the search result it was shown with.
+- Prompts: SmolLM2's chat template with a 3-token system message ("Answer briefly.", 13 tokens
+  fewer per row than its ~20-token default), a short behavior sentence, the question and the
+  search result it was shown with.
 - Critic-free group advantages (n = 4 rollouts per prompt, RLOO baseline scaled by the group's
   std): no value model as large as the actor.
 - Reward: f(D(query, response, most preferred behavior)) alone; the contrastive reward
