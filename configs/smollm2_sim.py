@@ -9,7 +9,7 @@ of its own on a frozen base and its own head. Every stage merges its adapters in
 saves, so the next stage starts from a plain model: the RLHB reference is the SFT model (the
 actor's base, adapters off), and D's base is its warmed-up trunk.
 
-Choices (measured on the 2-core CPU, README "RLHB on SmolLM2"):
+Choices (README, "RLHB on a model that reads"):
 - Prompts: SmolLM2's chat template with a 3-token system message ("Answer briefly.", 13 tokens
   fewer per row than its ~20-token default), a short behavior sentence, the question and the
   search result it was shown with.
