@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,73 +25,39 @@ from flax import nnx
 
 Params = Any
 
-# target -> (base weight, A's logical axes, B's logical axes, einsums: base, x A, (x A) B, and the
-# stacked delta A B in the base weight's layout).
+
+class Target(NamedTuple):
+  """One adaptable projection: its base weight, the adapters' logical axes, and the einsums of
+  the base projection, of x A, of (x A) B, and of the stacked update A B in the weight's layout."""
+
+  weight: str
+  a_axes: tuple[str, ...]
+  b_axes: tuple[str, ...]
+  base: str
+  down: str
+  up: str
+  delta: str
+
+
+_IN, _HEADS, _KV = ("layers", "embed", "lora"), ("heads", "head_dim"), ("kv_heads", "head_dim")
+# fmt: off
 TARGETS = {
-  "q": (
-    "wq",
-    ("layers", "embed", "lora"),
-    ("layers", "lora", "heads", "head_dim"),
-    "btd,dnh->btnh",
-    "btd,dr->btr",
-    "btr,rnh->btnh",
-    "ldr,lrnh->ldnh",
-  ),
-  "k": (
-    "wk",
-    ("layers", "embed", "lora"),
-    ("layers", "lora", "kv_heads", "head_dim"),
-    "btd,dkh->btkh",
-    "btd,dr->btr",
-    "btr,rkh->btkh",
-    "ldr,lrkh->ldkh",
-  ),
-  "v": (
-    "wv",
-    ("layers", "embed", "lora"),
-    ("layers", "lora", "kv_heads", "head_dim"),
-    "btd,dkh->btkh",
-    "btd,dr->btr",
-    "btr,rkh->btkh",
-    "ldr,lrkh->ldkh",
-  ),
-  "o": (
-    "wo",
-    ("layers", "heads", "head_dim", "lora"),
-    ("layers", "lora", "embed"),
-    "btnh,nhd->btd",
-    "btnh,nhr->btr",
-    "btr,rd->btd",
-    "lnhr,lrd->lnhd",
-  ),
-  "gate": (
-    "w_gate",
-    ("layers", "embed", "lora"),
-    ("layers", "lora", "mlp"),
-    "btd,df->btf",
-    "btd,dr->btr",
-    "btr,rf->btf",
-    "ldr,lrf->ldf",
-  ),
-  "up": (
-    "w_up",
-    ("layers", "embed", "lora"),
-    ("layers", "lora", "mlp"),
-    "btd,df->btf",
-    "btd,dr->btr",
-    "btr,rf->btf",
-    "ldr,lrf->ldf",
-  ),
-  "down": (
-    "w_down",
-    ("layers", "mlp", "lora"),
-    ("layers", "lora", "embed"),
-    "btf,fd->btd",
-    "btf,fr->btr",
-    "btr,rd->btd",
-    "lfr,lrd->lfd",
-  ),
+  "q": Target("wq", _IN, ("layers", "lora", *_HEADS),
+              "btd,dnh->btnh", "btd,dr->btr", "btr,rnh->btnh", "ldr,lrnh->ldnh"),
+  "k": Target("wk", _IN, ("layers", "lora", *_KV),
+              "btd,dkh->btkh", "btd,dr->btr", "btr,rkh->btkh", "ldr,lrkh->ldkh"),
+  "v": Target("wv", _IN, ("layers", "lora", *_KV),
+              "btd,dkh->btkh", "btd,dr->btr", "btr,rkh->btkh", "ldr,lrkh->ldkh"),
+  "o": Target("wo", ("layers", *_HEADS, "lora"), ("layers", "lora", "embed"),
+              "btnh,nhd->btd", "btnh,nhr->btr", "btr,rd->btd", "lnhr,lrd->lnhd"),
+  "gate": Target("w_gate", _IN, ("layers", "lora", "mlp"),
+                 "btd,df->btf", "btd,dr->btr", "btr,rf->btf", "ldr,lrf->ldf"),
+  "up": Target("w_up", _IN, ("layers", "lora", "mlp"),
+               "btd,df->btf", "btd,dr->btr", "btr,rf->btf", "ldr,lrf->ldf"),
+  "down": Target("w_down", ("layers", "mlp", "lora"), ("layers", "lora", "embed"),
+                 "btf,fd->btd", "btf,fr->btr", "btr,rd->btd", "lfr,lrd->lfd"),
 }
+# fmt: on
 HEAD_KEYS = ("head_w", "head_b")  # a ScalarModel's head: trained with the adapters
 
 
@@ -141,7 +107,7 @@ def attach(lm, cfg: LoraConfig, seed: int) -> None:
 def delta(p: dict, target: str, scale: float) -> jax.Array:
   """The stacked update (alpha / r) A B of one target, in its base weight's (L, ...) layout."""
   a, b = p[f"lora_{target}_a"], p[f"lora_{target}_b"]
-  return scale * jnp.einsum(TARGETS[target][6], a.astype(jnp.float32), b.astype(jnp.float32))
+  return scale * jnp.einsum(TARGETS[target].delta, a.astype(jnp.float32), b.astype(jnp.float32))
 
 
 def project(x: jax.Array, p: dict, target: str, scale: float) -> jax.Array:
@@ -149,13 +115,13 @@ def project(x: jax.Array, p: dict, target: str, scale: float) -> jax.Array:
 
   The adapter runs as two thin einsums through the rank axis, O(r (in + out)) per token.
   """
-  w_name, _, _, spec, a_spec, b_spec, _ = TARGETS[target]
-  y = jnp.einsum(spec, x, p[w_name].astype(x.dtype))
+  t = TARGETS[target]
+  y = jnp.einsum(t.base, x, p[t.weight].astype(x.dtype))
   a = p.get(f"lora_{target}_a")
   if a is None:
     return y
-  xa = jnp.einsum(a_spec, x, a.astype(x.dtype))
-  return y + scale * jnp.einsum(b_spec, xa, p[f"lora_{target}_b"].astype(x.dtype))
+  xa = jnp.einsum(t.down, x, a.astype(x.dtype))
+  return y + scale * jnp.einsum(t.up, xa, p[f"lora_{target}_b"].astype(x.dtype))
 
 
 def strip(p: dict) -> dict:
@@ -169,7 +135,7 @@ def merge_params(params: Params, scale: float) -> Params:
     return params
   out = {k: merge_params(v, scale) for k, v in params.items() if not k.startswith("lora_")}
   for t, spec in TARGETS.items():
-    w_name = spec[0]
+    w_name = spec.weight
     if f"lora_{t}_a" in params:
       w = params[w_name]
       out[w_name] = (w.astype(jnp.float32) + delta(params, t, scale)).astype(w.dtype)
@@ -184,7 +150,7 @@ def merge(lm) -> None:
   scale = lm.cfg.lora_alpha / lm.cfg.lora_rank
   arrays = layers.arrays()
   for t in lm.cfg.lora_targets:
-    w_name = TARGETS[t][0]
+    w_name = TARGETS[t].weight
     w = arrays[w_name]
     getattr(layers, w_name).set_value(
       (w.astype(jnp.float32) + delta(arrays, t, scale)).astype(w.dtype)
