@@ -179,7 +179,7 @@ def state_shardings(
       ps[name], frozen[name] = {}, {}
       continue
     full = sharding.param_shardings(params_of(m), sharding.logical_axes(m), mesh, rules)
-    ps[name], frozen[name] = lora.split(full, has_lora(m) and name != "rm")
+    ps[name], frozen[name] = lora.split(full, has_lora(m))
   rep = sharding.replicated(mesh)
   return steps.RLHBState(
     step=rep,
