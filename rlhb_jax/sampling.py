@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from rlhb_jax.config import SamplingConfig
-from rlhb_jax.model.llama import Cache, Transformer, positions_from_mask
+from rlhb_jax.model.llama import Cache, LayerCache, Transformer, positions_from_mask
 
 
 class SampleOutput(NamedTuple):
@@ -78,6 +78,15 @@ def _choose(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> tuple[jax
   return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 
+def unroll_decode(cfg: SamplingConfig) -> bool:
+  """Whether the decode loop unrolls the layers (`SamplingConfig.decode_layers`)."""
+  if cfg.decode_layers not in ("auto", "unroll", "scan"):
+    raise ValueError(f"sampling.decode_layers={cfg.decode_layers!r}: auto | unroll | scan")
+  if cfg.decode_layers == "auto":
+    return jax.default_backend() == "cpu"
+  return cfg.decode_layers == "unroll"
+
+
 def sample(
   model: Transformer,
   prompt_tokens: jax.Array,
@@ -96,6 +105,12 @@ def sample(
   logits = model.logits(h[:, -1:])[:, 0]
   next_pos = prompt_mask.sum(axis=-1).astype(jnp.int32)
   eos = jnp.asarray(eos_ids, jnp.int32)
+  if unroll_decode(cfg):  # weights and cache sliced per layer once, here (`Transformer.decode`)
+    layers = model.layer_params()
+    cache = LayerCache.from_cache(cache)
+    forward = lambda tok, pos, live, cache: model.decode(tok, pos, live, layers, cache)  # noqa: E731
+  else:
+    forward = model.trunk
 
   def step(carry, key):
     logits, cache, pos, done = carry
@@ -103,7 +118,7 @@ def sample(
     token = jnp.where(done, pad_id, token)
     live = ~done
     done = done | jnp.isin(token, eos)
-    h, cache = model.trunk(token[:, None], pos[:, None], live[:, None], cache)
+    h, cache = forward(token[:, None], pos[:, None], live[:, None], cache)
     return (model.logits(h)[:, 0], cache, pos + 1, done), (token, jnp.where(live, logp, 0.0), live)
 
   keys = jax.random.split(rng, Tn)

@@ -1,4 +1,5 @@
-"""The model on its own: cached decoding equals the plain forward; left padding changes nothing."""
+"""The model on its own: cached decoding equals the plain forward (both decode paths); left
+padding changes nothing."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rlhb_jax.model.llama import Cache, LlamaConfig, Transformer, positions_from_mask
+from rlhb_jax.model import lora
+from rlhb_jax.model.llama import Cache, LayerCache, LlamaConfig, Transformer, positions_from_mask
 
 CFG = LlamaConfig(
   vocab_size=61,
@@ -67,6 +69,36 @@ def test_cached_decoding_equals_plain_forward(model):
   m = np.asarray(mask)
   np.testing.assert_allclose(np.asarray(cached)[m], np.asarray(full)[m], atol=1e-5, rtol=0)
   assert int(cache.index) == tokens.shape[1]
+
+
+@pytest.mark.parametrize("adapters", [False, True])
+def test_unrolled_decode_equals_the_layer_scan(adapters):
+  """`Transformer.decode` (per-layer weights and cache, the sampler's CPU path) against `trunk`
+  with the stacked cache, step by step after a shared prefill; adapters on and off."""
+  m = Transformer(CFG, rngs=nnx.Rngs(3))
+  lora.attach(m, lora.LoraConfig(rank=2, alpha=4.0), seed=1)
+  for t in m.cfg.lora_targets:  # non-zero B, as after training
+    b = getattr(m.layers, f"lora_{t}_b")
+    b.set_value(0.2 * jax.random.normal(jax.random.key(len(t)), b[...].shape))
+  tokens, mask = _batch([10, 7, 4], seed=2)
+  positions = positions_from_mask(mask)
+  P = 5
+  cache = Cache.zeros(m.cfg, tokens.shape[0], tokens.shape[1])
+  _, cache = m.trunk(tokens[:, :P], positions[:, :P], mask[:, :P], cache, adapters)
+  fast = LayerCache.from_cache(cache)
+  layers = m.layer_params(adapters)
+  decode = jax.jit(lambda tok, pos, msk, c: m.decode(tok, pos, msk, layers, c))
+  scan = jax.jit(lambda *a: m.trunk(*a, adapters=adapters))
+  for t in range(P, tokens.shape[1]):
+    cols = (tokens[:, t : t + 1], positions[:, t : t + 1], mask[:, t : t + 1])
+    h_scan, cache = scan(*cols, cache)
+    h_fast, fast = decode(*cols, fast)
+    np.testing.assert_allclose(np.asarray(h_fast), np.asarray(h_scan), atol=1e-5, rtol=0)
+  k, v = fast.stacked()
+  np.testing.assert_allclose(np.asarray(k), np.asarray(cache.k), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(np.asarray(v), np.asarray(cache.v), atol=1e-5, rtol=0)
+  np.testing.assert_array_equal(np.asarray(fast.mask), np.asarray(cache.mask))
+  assert int(fast.index) == int(cache.index) == tokens.shape[1]
 
 
 def test_left_padding_changes_nothing(model):

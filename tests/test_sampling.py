@@ -106,10 +106,11 @@ def reference(lm):
   return lm.greedy(PROMPTS)
 
 
-def test_greedy_equals_uncached_reference_loop(lm, reference):
+@pytest.mark.parametrize("decode_layers", ["unroll", "scan"])
+def test_greedy_equals_uncached_reference_loop(lm, reference, decode_layers):
   ref_tokens, ref_logits = reference
   assert len(set(ref_tokens.ravel().tolist())) > 5  # the model says something, not one token
-  out = lm.sample(PROMPTS, greedy=True)
+  out = lm.sample(PROMPTS, greedy=True, decode_layers=decode_layers)
   np.testing.assert_array_equal(out.tokens, ref_tokens)
   np.testing.assert_allclose(out.logprobs, chosen(log_softmax(ref_logits), ref_tokens), atol=1e-4)
   assert out.mask.all()

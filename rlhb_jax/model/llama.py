@@ -83,6 +83,33 @@ class Cache(NamedTuple):
     )
 
 
+class LayerCache(NamedTuple):
+  """The decode loop's cache: per layer (tuples of L), keys (B, K, H, S) and values (B, K, S, H).
+
+  Per-layer arrays let each decode step read and update its layer in place (a stacked (L, ...)
+  cache inside the layer scan is sliced out and written back every step), and the layouts are
+  the ones the attention dots read without a transpose.
+  """
+
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  mask: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def from_cache(cls, cache: Cache) -> LayerCache:
+    L = cache.k.shape[0]
+    k = tuple(cache.k[i].transpose(0, 2, 3, 1) for i in range(L))
+    v = tuple(cache.v[i].transpose(0, 2, 1, 3) for i in range(L))
+    return cls(k, v, cache.mask, cache.index)
+
+  def stacked(self) -> tuple[jax.Array, jax.Array]:
+    """Keys and values in `Cache`'s (L, B, S, K, H) layout (for tests)."""
+    k = jnp.stack([x.transpose(0, 3, 1, 2) for x in self.k])
+    v = jnp.stack([x.transpose(0, 2, 1, 3) for x in self.v])
+    return k, v
+
+
 def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None, ones=False) -> nnx.Param:
   if ones:
     value = jnp.ones(shape, dtype)
@@ -159,20 +186,38 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
   return out.astype(x.dtype)
 
 
-def _layer(cfg: LlamaConfig, x, p, k_cache, v_cache, positions, allowed, index, inv_freq):
-  """One decoder layer. x: (B, T, D); k_cache/v_cache: (B, S, K, H); allowed: (B, T, S)."""
-  B, T, _ = x.shape
-  K, G = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
+def _qkv(cfg: LlamaConfig, x, p, positions, inv_freq, scale):
+  """Normed x -> rotated q (B, T, N, H), rotated k and v (B, T, K, H)."""
   dt = x.dtype
   h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-  scale = cfg.lora_alpha / cfg.lora_rank if cfg.lora_rank else 0.0
   q = lora.project(h, p, "q", scale)
   k = lora.project(h, p, "k", scale)
   v = lora.project(h, p, "v", scale)
   if cfg.qkv_bias:
     q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
-  q = apply_rope(q, positions, inv_freq)
-  k = apply_rope(k, positions, inv_freq)
+  return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+
+def _out_and_mlp(cfg: LlamaConfig, x, attn, p, scale):
+  """The residual stream after the attention output projection and the MLP."""
+  x = x + lora.project(attn, p, "o", scale)
+  h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
+  gate = lora.project(h, p, "gate", scale)
+  up = lora.project(h, p, "up", scale)
+  return x + lora.project(jax.nn.silu(gate) * up, p, "down", scale)
+
+
+def _lora_scale(cfg: LlamaConfig) -> float:
+  return cfg.lora_alpha / cfg.lora_rank if cfg.lora_rank else 0.0
+
+
+def _layer(cfg: LlamaConfig, x, p, k_cache, v_cache, positions, allowed, index, inv_freq):
+  """One decoder layer. x: (B, T, D); k_cache/v_cache: (B, S, K, H); allowed: (B, T, S)."""
+  B, T, _ = x.shape
+  K, G = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
+  dt = x.dtype
+  scale = _lora_scale(cfg)
+  q, k, v = _qkv(cfg, x, p, positions, inv_freq, scale)
   if k_cache is None:
     keys, values = k, v
   else:
@@ -184,12 +229,31 @@ def _layer(cfg: LlamaConfig, x, p, k_cache, v_cache, positions, allowed, index, 
   scores = jnp.where(allowed[:, None, None], scores, _MASKED)
   probs = jax.nn.softmax(scores, axis=-1).astype(dt)
   attn = jnp.einsum("bkgts,bskh->btkgh", probs, values.astype(dt)).reshape(B, T, -1, cfg.head_dim)
-  x = x + lora.project(attn, p, "o", scale)
-  h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
-  gate = lora.project(h, p, "gate", scale)
-  up = lora.project(h, p, "up", scale)
-  x = x + lora.project(jax.nn.silu(gate) * up, p, "down", scale)
-  return x, k, v
+  return _out_and_mlp(cfg, x, attn, p, scale), k, v
+
+
+def _decode_layer(cfg: LlamaConfig, x, p, k_cache, v_cache, positions, allowed, index, inv_freq):
+  """`_layer` for the decode loop, over a cache laid out for the attention dots: keys
+  (B, K, H, S), values (B, K, S, H), so neither is transposed at every step. Returns the new x
+  and the updated key and value caches."""
+  B, T, _ = x.shape
+  K, G = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
+  dt = x.dtype
+  scale = _lora_scale(cfg)
+  q, k, v = _qkv(cfg, x, p, positions, inv_freq, scale)
+  k_cache = jax.lax.dynamic_update_slice(
+    k_cache, k.transpose(0, 2, 3, 1).astype(k_cache.dtype), (0, 0, 0, index)
+  )
+  v_cache = jax.lax.dynamic_update_slice(
+    v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, index, 0)
+  )
+  q = q.reshape(B, T, K, G, cfg.head_dim)
+  scores = jnp.einsum("btkgh,bkhs->bkgts", q, k_cache.astype(dt)).astype(jnp.float32)
+  scores = scores * cfg.head_dim**-0.5
+  scores = jnp.where(allowed[:, None, None], scores, _MASKED)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+  attn = jnp.einsum("bkgts,bksh->btkgh", probs, v_cache.astype(dt)).reshape(B, T, -1, cfg.head_dim)
+  return _out_and_mlp(cfg, x, attn, p, scale), k_cache, v_cache
 
 
 class Transformer(nnx.Module):
@@ -236,11 +300,7 @@ class Transformer(nnx.Module):
       kv_mask = None
     else:
       index = cache.index
-      kv_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, index))
-      S = cache.mask.shape[1]
-      key_pos = jnp.arange(S)[None, :]
-      query_pos = index + jnp.arange(T)[:, None]
-      allowed = (key_pos <= query_pos)[None] & kv_mask[:, None, :]
+      kv_mask, allowed = _cached_attention(cache.mask, mask, index)
 
     def body(x, xs):
       p, k_c, v_c = xs
@@ -265,6 +325,41 @@ class Transformer(nnx.Module):
       )
     return rms_norm(x, self.final_norm[...], cfg.norm_eps), new_cache
 
+  def layer_params(self, adapters: bool = True) -> tuple[dict[str, jax.Array], ...]:
+    """Each layer's parameters, sliced once out of the stacked arrays (for `decode`)."""
+    params = self.layers.arrays()
+    if not adapters:
+      params = lora.strip(params)
+    return tuple({k: v[i] for k, v in params.items()} for i in range(self.cfg.num_layers))
+
+  def decode(
+    self,
+    tokens: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array,
+    layers: tuple[dict[str, jax.Array], ...],
+    cache: LayerCache,
+  ) -> tuple[jax.Array, LayerCache]:
+    """`trunk` with a cache, for the sampler's decode loop: the layers unrolled over per-layer
+    weights (`layer_params`, sliced once before the loop) and per-layer cache arrays.
+
+    Inside a `lax.scan` over stacked layers, XLA on the CPU copies every layer's weights out of the
+    stacked arrays at every step; here each step reads them where they lie. Same math as `trunk`.
+    """
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.dtype)
+    x = self.embed[...].astype(dt)[tokens]
+    inv_freq = rope_frequencies(cfg)
+    index = cache.index
+    kv_mask, allowed = _cached_attention(cache.mask, mask, index)
+    ks, vs = [], []
+    for p, k_c, v_c in zip(layers, cache.k, cache.v, strict=True):
+      x, k_c, v_c = _decode_layer(cfg, x, p, k_c, v_c, positions, allowed, index, inv_freq)
+      ks.append(k_c)
+      vs.append(v_c)
+    h = rms_norm(x, self.final_norm[...], cfg.norm_eps)
+    return h, LayerCache(tuple(ks), tuple(vs), kv_mask, index + tokens.shape[1])
+
   def logits(self, h: jax.Array) -> jax.Array:
     """LM head: (B, T, D) -> (B, T, V) float32."""
     if self.cfg.tie_embeddings:
@@ -275,6 +370,15 @@ class Transformer(nnx.Module):
   def __call__(self, tokens, positions, mask, cache=None, adapters: bool = True):
     h, cache = self.trunk(tokens, positions, mask, cache, adapters)
     return self.logits(h), cache
+
+
+def _cached_attention(cache_mask: jax.Array, mask: jax.Array, index) -> tuple[jax.Array, jax.Array]:
+  """(the cache's key mask with the T new tokens written at `index`, (B, T, S) allowed keys)."""
+  T = mask.shape[1]
+  kv_mask = jax.lax.dynamic_update_slice(cache_mask, mask, (0, index))
+  key_pos = jnp.arange(cache_mask.shape[1])[None, :]
+  query_pos = index + jnp.arange(T)[:, None]
+  return kv_mask, (key_pos <= query_pos)[None] & kv_mask[:, None, :]
 
 
 def positions_from_mask(mask: jax.Array, offset: jax.Array | int = 0) -> jax.Array:

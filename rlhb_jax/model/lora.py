@@ -116,7 +116,11 @@ def project(x: jax.Array, p: dict, target: str, scale: float) -> jax.Array:
   The adapter runs as two thin einsums through the rank axis, O(r (in + out)) per token.
   """
   t = TARGETS[target]
-  y = jnp.einsum(t.base, x, p[t.weight].astype(x.dtype))
+  w = p[t.weight].astype(x.dtype)
+  if x.ndim == 4:  # (B, T, N, H) @ (N, H, D) as one 2-D matmul: XLA would transpose w every call
+    y = x.reshape(*x.shape[:2], -1) @ w.reshape(-1, w.shape[-1])
+  else:
+    y = jnp.einsum(t.base, x, w)
   a = p.get(f"lora_{target}_a")
   if a is None:
     return y
