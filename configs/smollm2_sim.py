@@ -17,7 +17,11 @@ Choices (README, "RLHB on a model that reads"):
   std): no value model as large as the actor.
 - Reward: f(D(query, response, most preferred behavior)) alone; the contrastive reward
   D(best) - D(least preferred) ranked answers worse than a random pick (issue #11's probe).
-- Rollouts at temperature 0.7: at 1.0 the instruct model's samples are mostly off-topic.
+- Exploration: 2 prompts x 8 rollouts per step at temperature 1.0. The SFT policy's greedy answer
+  is already the best of its own samples at 4 rollouts and T = 0.7 (PPO on the simulator's own
+  reward did not move it in 40 steps); with 8 rollouts at T = 1.0 RLHB finds the answers with a
+  cited source that the "thorough" users like and that the discriminator, trained against the
+  generator's bare answers, comes to reward (README, "RLHB on a model that reads").
 """
 
 from rlhb_jax import config as config_lib
@@ -30,7 +34,7 @@ def get_config():
   c.prompt.system = "Answer briefly."
   c.behavior.sentence = "Users: {clauses}."
   c.sampling.max_new_tokens = 24
-  c.sampling.temperature = 0.7
+  c.sampling.temperature = 1.0
   c.sampling.prompt_buckets = (48, 64, 80, 96, 112, 128, 160, 192, 256)
   c.sim.num_records = 4000
 
@@ -53,8 +57,8 @@ def get_config():
   c.ppo.advantage_std = True
   c.ppo.reward_contrast = False
   c.ppo.reward_norm = "none"
-  c.ppo.prompts_per_step = 4
-  c.ppo.rollouts_per_prompt = 4
+  c.ppo.prompts_per_step = 2
+  c.ppo.rollouts_per_prompt = 8
   c.ppo.epochs = 1  # on-policy: one update per batch (RLOO); more epochs cost a pass each
   c.ppo.minibatches = 1
   c.ppo.kl_coef = 0.05

@@ -1,6 +1,7 @@
 """The real-model evidence: SFT, RLHB, RLHF and the PPO ceiling on SmolLM2-135M-Instruct.
 
-  python experiments/real_model.py --seeds 0,1 [--runs runs/real_model] [--methods rlhb,rlhf,oracle]
+  python experiments/real_model.py --seeds 0,1 [--runs runs/real_model]
+      [--methods rlhb,headroom,rlhf,oracle]
       [-- --config.rlhb.steps=40 ...]
 
 Per seed, in its own run directory (each stage resumes; a finished stage is skipped):
@@ -47,11 +48,17 @@ def load_config(overrides: list[str]) -> config_lib.Config:
   return compare_methods.load_config(overrides, CONFIG)
 
 
-def stage(workdir: pathlib.Path, name: str, fn) -> dict:
-  """Runs `fn()` once per run directory; its result (and wall time) is kept in stage_<name>.json."""
+READ_ONLY = False  # --report: gather finished stages, run none
+
+
+def stage(workdir: pathlib.Path, name: str, fn) -> dict | None:
+  """Runs `fn()` once per run directory; its result (and wall time) is kept in stage_<name>.json.
+  With --report an unfinished stage is skipped (None)."""
   path = workdir / f"stage_{name}.json"
   if path.exists():
     return json.loads(path.read_text())
+  if READ_ONLY:
+    return None
   t0 = time.perf_counter()
   out = fn() or {}
   out = {**out, "wall_seconds": time.perf_counter() - t0}
@@ -77,14 +84,16 @@ def run_seed(cfg: config_lib.Config, workdir: pathlib.Path, methods: list[str]) 
 
   timing = {"pipeline": stage(workdir, "pipeline", pipeline)}
   results = {"rlhb": stage(workdir, "eval_rlhb", lambda: evaluation("rlhb"))}
-  headroom = {
-    "after_warmup": stage(
-      workdir, "headroom_warmup", lambda: probe(run, "sft_actor", "disc_warmup", 8, temp)
-    ),
-    "after_rlhb": stage(
-      workdir, "headroom_rlhb", lambda: probe(run, "sft_actor", "rlhb_disc", 8, temp)
-    ),
-  }
+  headroom = {}
+  if "headroom" in methods:
+    headroom = {
+      "after_warmup": stage(
+        workdir, "headroom_warmup", lambda: probe(run, "sft_actor", "disc_warmup", 8, temp)
+      ),
+      "after_rlhb": stage(
+        workdir, "headroom_rlhb", lambda: probe(run, "sft_actor", "rlhb_disc", 8, temp)
+      ),
+    }
   trainers = {
     "rlhf": lambda: train.rlhf(run),
     "oracle": lambda: train.ppo(run, "oracle", "sim", ("sft_actor",)),
@@ -94,11 +103,11 @@ def run_seed(cfg: config_lib.Config, workdir: pathlib.Path, methods: list[str]) 
       timing[name] = stage(workdir, name, trainers[name])
       results[name] = stage(workdir, f"eval_{name}", lambda name=name: evaluation(name))
   merged = {"sft": results["rlhb"]["sft"] | {"win": 0.0, "tie": 1.0, "loss": 0.0}}
-  merged |= {name: r[name] for name, r in results.items()}
+  merged |= {name: r[name] for name, r in results.items() if r is not None}
   return {
     "results": merged,
-    "headroom": headroom,
-    "wall_seconds": {k: v["wall_seconds"] for k, v in timing.items()},
+    "headroom": {k: v for k, v in headroom.items() if v is not None},
+    "wall_seconds": {k: v["wall_seconds"] for k, v in timing.items() if v is not None},
   }
 
 
@@ -107,9 +116,18 @@ def main() -> None:
   ap.add_argument("--seeds", default="0,1")
   ap.add_argument("--runs", default="runs/real_model")
   ap.add_argument("--out", default="results/real_model.json")
-  ap.add_argument("--methods", default="rlhb,rlhf,oracle")
+  ap.add_argument(
+    "--methods",
+    default="rlhb,headroom,rlhf,oracle",
+    help="rlhb (the pipeline: SFT, D warm-up, RLHB) always runs; headroom adds the probes",
+  )
   ap.add_argument("overrides", nargs="*", help="--config.* flags for configs/smollm2_sim.py")
+  ap.add_argument(
+    "--report", action="store_true", help="gather the finished stages into --out; train nothing"
+  )
   args = ap.parse_args()
+  global READ_ONLY
+  READ_ONLY = args.report
   seeds = [int(s) for s in args.seeds.split(",")]
   methods = args.methods.split(",")
   per_seed = {}
@@ -119,7 +137,7 @@ def main() -> None:
     rows = [{"method": m, **r} for m, r in per_seed[seed]["results"].items()]
     print(f"seed {seed}")
     print(format_markdown_table(rows, ["method", *KEYS]))
-  names = list(per_seed[seeds[0]]["results"])
+  names = list(dict.fromkeys(m for s in seeds for m in per_seed[s]["results"]))
 
   def stat(method, key):
     vals = [per_seed[s]["results"][method][key] for s in seeds if method in per_seed[s]["results"]]
@@ -137,7 +155,10 @@ def main() -> None:
       m: {
         "like_rate": stat(m, "like_rate"),
         "accuracy": stat(m, "accuracy"),
-        **{k: float(np.mean([per_seed[s]["results"][m][k] for s in seeds])) for k in KEYS[2:]},
+        **{
+          k: float(np.mean([r[m][k] for r in (per_seed[s]["results"] for s in seeds) if m in r]))
+          for k in KEYS[2:]
+        },
       }
       for m in names
     },
