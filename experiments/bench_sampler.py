@@ -22,6 +22,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_train_step import matmul_peak  # the same peak in both benchmarks
 from flax import nnx
 
 from rlhb_jax.config import ModelSpec, SamplingConfig
@@ -49,20 +50,6 @@ def read_bandwidth(nbytes: int = 540_000_000) -> float:
     f(x).block_until_ready()
     times.append(time.perf_counter() - t0)
   return nbytes / statistics.median(times)
-
-
-def matmul_peak() -> float:
-  """FLOP/s of a jitted f32 2048^2 matmul (8192^2 bf16 on accelerators), median of 10."""
-  n, dt = (2048, jnp.float32) if jax.default_backend() == "cpu" else (8192, jnp.bfloat16)
-  a = jnp.ones((n, n), dt)
-  f = jax.jit(lambda x, y: x @ y)
-  f(a, a).block_until_ready()
-  times = []
-  for _ in range(10):
-    t0 = time.perf_counter()
-    f(a, a).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return 2 * n**3 / statistics.median(times)
 
 
 def roofline_tok_s(model, batch: int, bandwidth: float, peak: float) -> float:
@@ -183,7 +170,8 @@ def main() -> None:
     model, tok = _loading().load_model(spec)
     ids, pad_id = tok.chat_prompt(PROMPT), tok.pad_id
   ref = None if args.skip_hf else hf_model(args.random_init, args.dtype)
-  bandwidth, peak = read_bandwidth(), matmul_peak()
+  cpu = jax.default_backend() == "cpu"
+  bandwidth, peak = read_bandwidth(), matmul_peak("float32" if cpu else "bfloat16")
   print(
     f"device: {jax.devices()[0].device_kind}; prompt tokens: {len(ids)}; dtype {args.dtype}; "
     f"read bandwidth {bandwidth / 1e9:.1f} GB/s, matmul peak {peak / 1e12:.3f} TFLOP/s "

@@ -207,15 +207,27 @@ def _out_and_mlp(cfg: LlamaConfig, x, attn, p, scale):
   return x + lora.project(jax.nn.silu(gate) * up, p, "down", scale)
 
 
+def _attend(cfg: LlamaConfig, q, keys, values, allowed, k_layout: str, v_layout: str):
+  """Grouped-query attention of q (B, T, N, H) over keys and values laid out as `k_layout` /
+  `v_layout` (einsum letters b, s, k, h); allowed: (B, T, S). Returns (B, T, N, H)."""
+  B, T = q.shape[:2]
+  K, G = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
+  dt = q.dtype
+  q = q.reshape(B, T, K, G, cfg.head_dim)
+  scores = jnp.einsum(f"btkgh,{k_layout}->bkgts", q, keys.astype(dt)).astype(jnp.float32)
+  scores = scores * cfg.head_dim**-0.5
+  scores = jnp.where(allowed[:, None, None], scores, _MASKED)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+  attn = jnp.einsum(f"bkgts,{v_layout}->btkgh", probs, values.astype(dt))
+  return attn.reshape(B, T, -1, cfg.head_dim)
+
+
 def _lora_scale(cfg: LlamaConfig) -> float:
   return cfg.lora_alpha / cfg.lora_rank if cfg.lora_rank else 0.0
 
 
 def _layer(cfg: LlamaConfig, x, p, k_cache, v_cache, positions, allowed, index, inv_freq):
   """One decoder layer. x: (B, T, D); k_cache/v_cache: (B, S, K, H); allowed: (B, T, S)."""
-  B, T, _ = x.shape
-  K, G = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
-  dt = x.dtype
   scale = _lora_scale(cfg)
   q, k, v = _qkv(cfg, x, p, positions, inv_freq, scale)
   if k_cache is None:
@@ -223,12 +235,7 @@ def _layer(cfg: LlamaConfig, x, p, k_cache, v_cache, positions, allowed, index, 
   else:
     keys = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
     values = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-  q = q.reshape(B, T, K, G, cfg.head_dim)
-  scores = jnp.einsum("btkgh,bskh->bkgts", q, keys.astype(dt)).astype(jnp.float32)
-  scores = scores * cfg.head_dim**-0.5
-  scores = jnp.where(allowed[:, None, None], scores, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-  attn = jnp.einsum("bkgts,bskh->btkgh", probs, values.astype(dt)).reshape(B, T, -1, cfg.head_dim)
+  attn = _attend(cfg, q, keys, values, allowed, "bskh", "bskh")
   return _out_and_mlp(cfg, x, attn, p, scale), k, v
 
 
@@ -236,9 +243,6 @@ def _decode_layer(cfg: LlamaConfig, x, p, k_cache, v_cache, positions, allowed, 
   """`_layer` for the decode loop, over a cache laid out for the attention dots: keys
   (B, K, H, S), values (B, K, S, H), so neither is transposed at every step. Returns the new x
   and the updated key and value caches."""
-  B, T, _ = x.shape
-  K, G = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
-  dt = x.dtype
   scale = _lora_scale(cfg)
   q, k, v = _qkv(cfg, x, p, positions, inv_freq, scale)
   k_cache = jax.lax.dynamic_update_slice(
@@ -247,12 +251,7 @@ def _decode_layer(cfg: LlamaConfig, x, p, k_cache, v_cache, positions, allowed, 
   v_cache = jax.lax.dynamic_update_slice(
     v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, index, 0)
   )
-  q = q.reshape(B, T, K, G, cfg.head_dim)
-  scores = jnp.einsum("btkgh,bkhs->bkgts", q, k_cache.astype(dt)).astype(jnp.float32)
-  scores = scores * cfg.head_dim**-0.5
-  scores = jnp.where(allowed[:, None, None], scores, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-  attn = jnp.einsum("bkgts,bksh->btkgh", probs, v_cache.astype(dt)).reshape(B, T, -1, cfg.head_dim)
+  attn = _attend(cfg, q, k_cache, v_cache, allowed, "bkhs", "bksh")
   return _out_and_mlp(cfg, x, attn, p, scale), k_cache, v_cache
 
 
