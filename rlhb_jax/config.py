@@ -334,6 +334,11 @@ class Config:
       )
     if self.mode == "online" and (self.lora.rank or self.disc.lora.rank):
       raise ValueError("mode=online does not support LoRA yet: set config.lora.rank=0")
+    if self.sampling.decode_layers not in ("auto", "unroll", "scan"):
+      raise ValueError(
+        f"config.sampling.decode_layers={self.sampling.decode_layers!r}: expected auto, unroll "
+        "or scan"
+      )
     if self.eval.judge not in ("sim", "llm"):
       raise ValueError(f"config.eval.judge={self.eval.judge!r}: expected sim or llm")
     if self.reward.source not in ("disc", "rm", "classifier", "disc+rm", "sim"):

@@ -88,7 +88,12 @@ def test_bootstrap_ratio_of_one_half_is_refused_for_collapse():
 
 @pytest.mark.parametrize(
   ("key", "value"),
-  [("mode", "train"), ("ppo.kl_estimator", "k2"), ("ppo.reward_transform", "exp")],
+  [
+    ("mode", "train"),
+    ("ppo.kl_estimator", "k2"),
+    ("ppo.reward_transform", "exp"),
+    ("sampling.decode_layers", "loop"),
+  ],
 )
 def test_enumerated_options_are_checked(key, value):
   with pytest.raises(ValueError, match=value):
