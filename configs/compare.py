@@ -20,5 +20,10 @@ def get_config():
   config.reward.rm_batch_size = 16
   config.reward.classifier_steps = 100
   config.reward.classifier_batch_size = 16
+  # DPO / KTO see as many answers as PPO samples: 40 steps x 8 prompts x 4 rollouts = 1280.
+  config.dpo.steps = 40
+  config.dpo.batch_size = 16
+  config.kto.steps = 40
+  config.kto.batch_size = 32
   config.eval.curve_every = 10  # win rate vs. SFT over training, on 48 held-out queries
   return config

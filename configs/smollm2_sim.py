@@ -74,6 +74,12 @@ def get_config():
   c.reward.classifier_batch_size = 8
   c.reward.classifier_optim.learning_rate = 3e-4
 
+  # DPO and KTO from the logs on RLHB's budget in answers seen: 40 steps x 16 answers (8 pairs).
+  c.dpo.steps = 40
+  c.dpo.batch_size = 8
+  c.kto.steps = 40
+  c.kto.batch_size = 16
+
   c.checkpoint.every_steps = 10
   c.eval.num_queries = 48
   c.eval.batch_size = 16

@@ -1,7 +1,7 @@
-"""The real-model evidence: SFT, RLHB, RLHF and the PPO ceiling on SmolLM2-135M-Instruct.
+"""The real-model evidence: SFT, RLHB, RLHF, DPO, KTO and the PPO ceiling on SmolLM2-135M-Instruct.
 
   python experiments/real_model.py --seeds 0,1 [--runs runs/real_model]
-      [--methods rlhb,headroom,rlhf,oracle]
+      [--methods rlhb,headroom,rlhf,oracle,dpo,kto]
       [-- --config.rlhb.steps=40 ...]
 
 Per seed, in its own run directory (each stage resumes; a finished stage is skipped):
@@ -12,6 +12,8 @@ Per seed, in its own run directory (each stage resumes; a finished stage is skip
   3. RLHF: a Bradley-Terry reward model on the annotators' (biased) preferences, then PPO on it with
      the same budget as RLHB;
   4. the ceiling: PPO on the simulated users' own expected like rate (`reward.source=sim`);
+  5. DPO on (liked, disliked) answer pairs from the same logs and KTO on single answers marked by
+     their behavior, from the same SFT start, seeing as many answers as RLHB samples;
   Each generator is evaluated right after its training, on the same held-out queries (simulator
   ground truth, the most preferred behavior, greedy), Win / Tie / Loss against SFT.
 Writes results/real_model.json (and prints its tables).
@@ -97,6 +99,8 @@ def run_seed(cfg: config_lib.Config, workdir: pathlib.Path, methods: list[str]) 
   trainers = {
     "rlhf": lambda: train.rlhf(run),
     "oracle": lambda: train.ppo(run, "oracle", "sim", ("sft_actor",)),
+    "dpo": lambda: train.dpo(run),
+    "kto": lambda: train.kto(run),
   }
   for name in methods:
     if name in trainers:
@@ -118,7 +122,7 @@ def main() -> None:
   ap.add_argument("--out", default="results/real_model.json")
   ap.add_argument(
     "--methods",
-    default="rlhb,headroom,rlhf,oracle",
+    default="rlhb,headroom,rlhf,oracle,dpo,kto",
     help="rlhb (the pipeline: SFT, D warm-up, RLHB) always runs; headroom adds the probes",
   )
   ap.add_argument("overrides", nargs="*", help="--config.* flags for configs/smollm2_sim.py")

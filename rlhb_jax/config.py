@@ -39,6 +39,8 @@ MODES = (
   "behavior_classifier",
   "rlhbc",
   "rlhf_rlhb",  # RLHB continued from the RLHF policy (the paper's Q2)
+  "dpo",  # offline: DPO on (liked, disliked) answers from the logs, or on the annotators' pairs
+  "kto",  # offline: KTO on single answers marked desirable / undesirable by their behavior
   "online",
   "serve",
 )
@@ -214,6 +216,44 @@ class RLHBConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DPOConfig:
+  """mode=dpo: direct preference optimisation from the SFT generator (README, "DPO and KTO")."""
+
+  pairs: str = "behavior"  # behavior: pairs from the logs | annotators: reward.preferences pairs
+  beta: float = 0.1
+  steps: int = 60
+  batch_size: int = 16  # pairs per step
+  optim: OptimConfig = OptimConfig(learning_rate=1e-4)
+  # Behavior pairs: two logged answers to one query (and search result) whose `rate_type` per
+  # impression differs by at least `min_gap`, each shown at least `min_impressions` times.
+  rate_type: str = "likes"
+  min_gap: float = 0.2
+  min_impressions: int = 10
+  max_pairs_per_query: int = 4  # the widest gaps first
+  heldout_fraction: float = 0.1  # pairs kept out of training for the held-out accuracy
+
+
+@dataclasses.dataclass(frozen=True)
+class KTOConfig:
+  """mode=kto: Kahneman-Tversky optimisation from the SFT generator on single logged answers."""
+
+  beta: float = 0.1
+  steps: int = 60
+  batch_size: int = 32  # answers per step (and as many mismatched pairs for the KL estimate)
+  optim: OptimConfig = OptimConfig(learning_rate=1e-4)
+  desirable_weight: float = 1.0
+  undesirable_weight: float = 1.0
+  # Scale the rarer kind's weight so that w_D n_D = w_U n_U over the training answers (the paper
+  # recommends w_D n_D / (w_U n_U) in [1, 4/3]); the weights above are then ignored.
+  balance: bool = True
+  # Desirable: the written behavior bins within `max_distance` (sum of |bin - bin*| over the
+  # written types) of the most preferred ones; undesirable: as close to the least preferred.
+  max_distance: int = 2
+  min_impressions: int = 10
+  heldout_fraction: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
 class OnlineConfig:
   """mode=online: rounds of deploy -> collect -> train (see README, "Online alignment")."""
 
@@ -304,6 +344,8 @@ class Config:
   ppo: PPOConfig = PPOConfig()
   rlhb: RLHBConfig = RLHBConfig()
   reward: RewardConfig = RewardConfig()
+  dpo: DPOConfig = DPOConfig()
+  kto: KTOConfig = KTOConfig()
   online: OnlineConfig = OnlineConfig()
   mesh: MeshConfig = MeshConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
@@ -361,6 +403,13 @@ class Config:
         raise ValueError(
           f"config.reward: {name!r} is not a behavior type; known: {self.behavior.names}"
         )
+    if self.dpo.pairs not in ("behavior", "annotators"):
+      raise ValueError(f"config.dpo.pairs={self.dpo.pairs!r}: expected behavior or annotators")
+    if self.dpo.rate_type not in self.behavior.names:
+      raise ValueError(
+        f"config.dpo.rate_type={self.dpo.rate_type!r} is not a behavior type; known: "
+        f"{self.behavior.names}"
+      )
     if self.online.source not in ("sim", "live"):
       raise ValueError(f"config.online.source={self.online.source!r}: expected sim or live")
     if self.online.sft_rows not in ("best", "all"):

@@ -390,3 +390,78 @@ def sft_loss(logits: Array, targets: Array, mask: Array) -> tuple[Array, Metrics
   loss = masked_mean(ce, mask)
   correct = jnp.argmax(jax.lax.stop_gradient(logits), axis=-1) == targets
   return loss, {"accuracy": masked_mean(correct, mask), "num_tokens": jnp.sum(_f32(mask))}
+
+
+# ----------------------------------------------------------------------------- offline preferences
+
+
+def dpo_loss(
+  policy_chosen: Array,
+  policy_rejected: Array,
+  ref_chosen: Array,
+  ref_rejected: Array,
+  beta: float,
+) -> tuple[Array, Metrics]:
+  """Direct preference optimisation (Rafailov et al., 2023), mean over (B,) pairs.
+
+    r(y) = beta (log pi(y | x) - log pi_ref(y | x))        (sequence log-probs, summed over tokens)
+    loss = -1/B sum_b log sigmoid(r(y_chosen) - r(y_rejected))
+
+  Metrics: accuracy (share of pairs with r(chosen) > r(rejected)), margin (mean r difference),
+  chosen_reward, rejected_reward (mean implicit rewards).
+  """
+  chosen = beta * (_f32(policy_chosen) - _f32(ref_chosen))
+  rejected = beta * (_f32(policy_rejected) - _f32(ref_rejected))
+  margin = chosen - rejected
+  loss = jnp.mean(-jax.nn.log_sigmoid(margin))
+  margin, chosen, rejected = jax.lax.stop_gradient((margin, chosen, rejected))
+  return loss, {
+    "accuracy": jnp.mean(margin > 0),
+    "margin": jnp.mean(margin),
+    "chosen_reward": jnp.mean(chosen),
+    "rejected_reward": jnp.mean(rejected),
+  }
+
+
+def kto_loss(
+  policy: Array,
+  ref: Array,
+  policy_kl: Array,
+  ref_kl: Array,
+  desirable: Array,
+  beta: float,
+  desirable_weight: float = 1.0,
+  undesirable_weight: float = 1.0,
+) -> tuple[Array, Metrics]:
+  """Kahneman-Tversky optimisation (Ethayarajh et al., 2024), mean over (B,) single answers.
+
+    r(x, y) = log pi(y | x) - log pi_ref(y | x)
+    z0      = max(0, mean_b [log pi(y'_b | x_b) - log pi_ref(y'_b | x_b)])   (no gradient)
+    v(x, y) = w_D sigmoid(beta (r - z0))   if y is desirable
+              w_U sigmoid(beta (z0 - r))   if y is undesirable
+    loss    = 1/B sum_b (w_b - v(x_b, y_b))
+
+  z0 is the reference point: the policy's KL from the reference, estimated on mismatched pairs
+  (x_b, y'_b), each prompt with another row's answer (`policy_kl`, `ref_kl`, (B,)).
+
+  Metrics: kl (z0), desirable_reward and undesirable_reward (mean r of each kind; 0 if the batch
+  has none), the counts of each kind.
+  """
+  r = _f32(policy) - _f32(ref)
+  z0 = jax.lax.stop_gradient(jnp.maximum(jnp.mean(_f32(policy_kl) - _f32(ref_kl)), 0.0))
+  d = _f32(desirable) > 0.5
+  value = jnp.where(
+    d,
+    desirable_weight * jax.nn.sigmoid(beta * (r - z0)),
+    undesirable_weight * jax.nn.sigmoid(beta * (z0 - r)),
+  )
+  weight = jnp.where(d, desirable_weight, undesirable_weight)
+  loss = jnp.mean(weight - value)
+  r = jax.lax.stop_gradient(r)
+  return loss, {
+    "kl": z0,
+    "desirable_reward": masked_mean(r, d),
+    "undesirable_reward": masked_mean(r, ~d),
+    "n_desirable": jnp.sum(d, dtype=jnp.float32),
+    "n_undesirable": jnp.sum(~d, dtype=jnp.float32),
+  }

@@ -39,6 +39,8 @@ JOBS = {
   "behavior_classifier": "train",
   "rlhbc": "train",
   "rlhf_rlhb": "train",
+  "dpo": "train",
+  "kto": "train",
   "online": "online",
   "serve": "serve",
 }

@@ -18,19 +18,24 @@ from rlhb_jax.model import lora
 @struct.dataclass
 class SupervisedState:
   """One model in training: its trainable params (all, or LoRA adapters and head) and optimizer
-  state; `frozen` holds the rest of the model ({} without LoRA)."""
+  state; `frozen` holds the rest of the model ({} without LoRA). `ref` is a frozen copy of the
+  starting params for the offline preference steps without LoRA ({} otherwise: under LoRA the
+  reference is the base with adapters off)."""
 
   step: jax.Array
   params: Any
   opt: Any
   frozen: Any = struct.field(default_factory=dict)
+  ref: Any = struct.field(default_factory=dict)
 
   def full(self, params: Any) -> Any:
     return lora.join(params, self.frozen)
 
 
-def init(params: Any, tx: optax.GradientTransformation, frozen: Any = None) -> SupervisedState:
-  return SupervisedState(jnp.zeros((), jnp.int32), params, tx.init(params), frozen or {})
+def init(
+  params: Any, tx: optax.GradientTransformation, frozen: Any = None, ref: Any = None
+) -> SupervisedState:
+  return SupervisedState(jnp.zeros((), jnp.int32), params, tx.init(params), frozen or {}, ref or {})
 
 
 def sft_step(graphdef, tx, state: SupervisedState, batch: dict, rng=None):

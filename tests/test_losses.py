@@ -422,6 +422,66 @@ def test_bradley_terry_loss():
   assert np.isfinite(float(losses.bradley_terry_loss(np.array([-200.0]), np.array([200.0]))[0]))
 
 
+def np_log_sigmoid(x):
+  return -np.log1p(np.exp(-x))
+
+
+def np_dpo(pc, pr, rc, rr, beta):
+  """Pair by pair, in float64."""
+  terms, hits = [], []
+  for a, b, c, d in zip(pc, pr, rc, rr, strict=True):
+    h = beta * ((a - c) - (b - d))
+    terms.append(-np_log_sigmoid(h))
+    hits.append(h > 0)
+  return np.mean(terms), np.mean(hits)
+
+
+def test_dpo_loss_matches_numpy(rng):
+  pc, pr, rc, rr = (rng.normal(size=6) * 5 for _ in range(4))
+  loss, m = losses.dpo_loss(pc, pr, rc, rr, 0.3)
+  ref_loss, ref_acc = np_dpo(pc, pr, rc, rr, 0.3)
+  _close(loss, ref_loss)
+  _close(m["accuracy"], ref_acc)
+  _close(m["chosen_reward"], np.mean(0.3 * (pc - rc)))
+  # The policy equal to its reference: every implicit reward is 0, the loss log 2.
+  _close(losses.dpo_loss(pc, pr, pc, pr, 0.3)[0], np.log(2.0))
+  # Gradient: d loss / d policy_chosen = -beta sigmoid(-h) / B.
+  g = jax.grad(lambda x: losses.dpo_loss(x, pr, rc, rr, 0.3)[0])(jnp.asarray(pc))
+  h = 0.3 * ((pc - rc) - (pr - rr))
+  _close(g, -0.3 * np_sigmoid(-h) / 6)
+
+
+def np_kto(p, r, pk, rk, desirable, beta, wd, wu):
+  z0 = max(0.0, float(np.mean(np.asarray(pk, np.float64) - np.asarray(rk, np.float64))))
+  terms = []
+  for a, b, d in zip(p, r, desirable, strict=True):
+    reward = a - b
+    if d:
+      terms.append(wd * (1.0 - np_sigmoid(beta * (reward - z0))))
+    else:
+      terms.append(wu * (1.0 - np_sigmoid(beta * (z0 - reward))))
+  return np.mean(terms), z0
+
+
+@pytest.mark.parametrize("kl_shift", [0.0, 3.0])
+def test_kto_loss_matches_numpy_with_its_kl_reference_point(rng, kl_shift):
+  """kl_shift 0: the estimate is negative on average and clamps to 0; 3: z0 > 0 counts."""
+  p, r = rng.normal(size=8) * 4, rng.normal(size=8) * 4
+  rk = rng.normal(size=8)
+  pk = rk + rng.normal(size=8) * 0.1 + kl_shift - 0.5
+  desirable = np.array([1, 0, 1, 1, 0, 0, 1, 0], np.float32)
+  loss, m = losses.kto_loss(p, r, pk, rk, desirable, 0.2, 1.0, 1.5)
+  ref_loss, z0 = np_kto(p, r, pk, rk, desirable, 0.2, 1.0, 1.5)
+  assert (z0 > 0) == (kl_shift > 0)
+  _close(loss, ref_loss)
+  _close(m["kl"], z0)
+  _close(m["desirable_reward"], np.mean((p - r)[desirable > 0]))
+  _close(m["undesirable_reward"], np.mean((p - r)[desirable == 0]))
+  # The reference point takes no gradient: the KL rows' log-probs get none.
+  g = jax.grad(lambda x: losses.kto_loss(p, r, x, rk, desirable, 0.2, 1.0, 1.5)[0])(jnp.asarray(pk))
+  _close(g, np.zeros(8))
+
+
 def test_classifier_loss(rng):
   m, n = 4, 5
   logits = rng.normal(size=(B, m, n)).astype(np.float32)

@@ -156,3 +156,38 @@ def test_smollm2_sim_pipeline_end_to_end(tmp_path):
   pairs = zip(jax.tree.leaves(sft), jax.tree.leaves(rl), strict=True)
   moved = max(float(np.abs(a - b).max()) for a, b in pairs)
   assert moved > 0  # RLHB changed the generator (through its merged adapters)
+
+
+@pytest.mark.slow
+def test_dpo_and_kto_modes_then_eval(tmp_path):
+  """mode=dpo and mode=kto on the embedded default write their generators and data reports;
+  mode=eval then scores them beside SFT."""
+  small = ["--config.dpo.steps=3", "--config.kto.steps=3", "--config.sim.num_records=600"]
+  for mode, *extra in (("dpo",), ("dpo", "--config.dpo.pairs=annotators"), ("kto",), ("eval",)):
+    out = subprocess.run(
+      cli(tmp_path, *small, *extra, mode=mode),
+      capture_output=True,
+      text=True,
+      env=env(),
+      timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+  dpo = json.loads((tmp_path / "models" / "dpo.json").read_text())
+  kto = json.loads((tmp_path / "models" / "kto.json").read_text())
+  assert dpo["pairs"] > 0 and dpo["pairs"] <= dpo["candidate_pairs"]
+  assert 0.0 <= dpo["heldout_accuracy"] <= 1.0
+  assert kto["desirable"] > 0 and kto["undesirable"] > 0
+  assert (
+    kto["desirable"] + kto["undesirable"] + kto["neither"] + kto["below_min_impressions"]
+    == kto["records"]
+  )
+  assert [json.loads(x)["step"] for x in (tmp_path / "dpo.jsonl").read_text().splitlines()] == [
+    1,
+    2,
+    3,
+  ]
+  results = json.loads((tmp_path / "eval.json").read_text())
+  assert set(results) == {"sft", "dpo", "dpo_annotators", "kto"}
+  assert (tmp_path / "models" / "dpo_annotators.json").exists()
+  for name in ("dpo", "dpo_annotators", "kto"):
+    assert results[name]["win"] + results[name]["tie"] + results[name]["loss"] == pytest.approx(1)

@@ -120,7 +120,7 @@ def print_results(results: dict) -> None:
 def run(cfg: Config, workdir: pathlib.Path) -> dict:
   run_ = Run(cfg, workdir)
   methods = {"sft": "sft_actor"}
-  for name in ("rlhf", "rlhbc", "rlhb", "rlhf_rlhb", "online"):
+  for name in ("rlhf", "rlhbc", "rlhb", "rlhf_rlhb", "dpo", "dpo_annotators", "kto", "online"):
     if run_.has_params(f"{name}_actor"):
       methods[name] = f"{name}_actor"
   results = evaluate(run_, methods)

@@ -12,10 +12,11 @@ import pathlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rlhb_jax import baselines, loop, rewards, roles, sharding, steps, supervised
+from rlhb_jax import baselines, loop, offline, rewards, roles, sharding, steps, supervised
 from rlhb_jax import config as config_lib
 from rlhb_jax.batches import Batcher
 from rlhb_jax.config import Config
@@ -37,19 +38,23 @@ def _meta(run: Run, stage: str) -> dict:
   }
 
 
-def _train_model(run: Run, name: str, model, spec, tx, compile_fn, batch_fn, num_steps, show):
+def _train_model(
+  run: Run, name: str, model, spec, tx, compile_fn, batch_fn, num_steps, show, reference=False
+):
   """A supervised stage: attaches `spec`'s adapters to `model` (rank 0: trains every weight),
   runs the resumable loop and returns (graphdef, params) of the plain model with the adapters
-  merged in, ready to save under models/<name>."""
+  merged in, ready to save under models/<name>. `reference` keeps a frozen copy of the starting
+  weights in the state when there are no adapters (the offline preference stages' reference)."""
   plain = nnx.graphdef(model)
   roles.with_lora(model, spec, run.cfg.seed)
   params, frozen = roles.split_params(model)
+  ref = jax.tree.map(jnp.copy, params) if reference and not spec.rank else None
   state = loop.train_loop(
     name=name,
     workdir=run.workdir,
     cfg=run.cfg,
     step_fn=compile_fn(nnx.graphdef(model), tx),
-    state=supervised.init(params, tx, frozen),
+    state=supervised.init(params, tx, frozen, ref),
     batch_fn=batch_fn,
     num_steps=num_steps,
     rng=jax.random.key(run.cfg.seed),
@@ -334,6 +339,92 @@ def rlhf_rlhb(run: Run) -> None:
   ppo(run, "rlhf_rlhb", source, ("rlhf_actor", "sft_actor"))
 
 
+def _start_params(run: Run, plain_model) -> Any:
+  """The offline stages' reference for held-out checks: the SFT generator (or the base one)."""
+  params = run.load_params("sft_actor", plain_model)
+  return params if params is not None else roles.params_of(run.base_actor())
+
+
+def dpo_name(cfg: Config) -> str:
+  return "dpo" if cfg.dpo.pairs == "behavior" else "dpo_annotators"
+
+
+def dpo(run: Run) -> None:
+  """DPO from the SFT generator on behavior pairs from the logs, or on the annotators' pairs
+  (`dpo.pairs`); writes models/dpo_actor (or dpo_annotators_actor) and a report beside it."""
+  cfg = run.cfg
+  name = dpo_name(cfg)
+  if run.has_params(f"{name}_actor") or cfg.dpo.steps <= 0:
+    return
+  if cfg.dpo.pairs == "behavior":
+    pairs, report = offline.behavior_pairs(run.records, cfg)
+  else:
+    pairs, report = run.preferences, {"pairs": len(run.preferences)}
+  train_pairs, heldout = baselines.split_heldout(pairs, cfg.dpo.heldout_fraction, cfg.seed)
+  log.info("%s: %d training pairs, %d held out (%s)", name, len(train_pairs), len(heldout), report)
+  batcher = offline.PairBatcher(
+    cfg, run.tokenizer, run.best_behavior, train_pairs, cfg.dpo.batch_size
+  )
+  tx = steps.make_optimizer(cfg.dpo.optim, cfg.dpo.steps)
+  graphdef, params = _train_model(
+    run,
+    name,
+    run.actor_model(prefer=("sft_actor",)),
+    cfg.lora,
+    tx,
+    lambda graphdef, tx: offline.compile_dpo(graphdef, tx, cfg.dpo.beta),
+    batcher,
+    cfg.dpo.steps,
+    ("loss", "accuracy", "margin"),
+    reference=True,
+  )
+  ref = _start_params(run, params)
+  report["heldout_pairs"] = len(heldout)
+  report["heldout_accuracy"] = offline.pair_accuracy(graphdef, params, ref, batcher, heldout)
+  run.save_params(f"{name}_actor", params)
+  (run.workdir / "models" / f"{name}.json").write_text(json.dumps(report, indent=2))
+  log.info("%s: held-out pairwise accuracy %.3f", name, report["heldout_accuracy"])
+
+
+def kto(run: Run) -> None:
+  """KTO from the SFT generator on logged answers marked desirable / undesirable by their
+  behavior; writes models/kto_actor and a report beside it."""
+  cfg = run.cfg
+  if run.has_params("kto_actor") or cfg.kto.steps <= 0:
+    return
+  items, report = offline.kto_examples(run.records, run.binner, cfg)
+  train_items, heldout = baselines.split_heldout(items, cfg.kto.heldout_fraction, cfg.seed)
+  if cfg.kto.balance:
+    w_good, w_bad = offline.balanced_weights(train_items)
+    cfg = config_lib.replace(
+      cfg, **{"kto.desirable_weight": w_good, "kto.undesirable_weight": w_bad}
+    )
+  report["weights"] = [cfg.kto.desirable_weight, cfg.kto.undesirable_weight]
+  log.info("kto: %d training answers, %d held out (%s)", len(train_items), len(heldout), report)
+  batcher = offline.LabeledBatcher(
+    cfg, run.tokenizer, run.best_behavior, train_items, cfg.kto.batch_size
+  )
+  tx = steps.make_optimizer(cfg.kto.optim, cfg.kto.steps)
+  graphdef, params = _train_model(
+    run,
+    "kto",
+    run.actor_model(prefer=("sft_actor",)),
+    cfg.lora,
+    tx,
+    lambda graphdef, tx: offline.compile_kto(graphdef, tx, cfg),
+    batcher,
+    cfg.kto.steps,
+    ("loss", "kl", "desirable_reward", "undesirable_reward"),
+    reference=True,
+  )
+  ref = _start_params(run, params)
+  report["heldout_answers"] = len(heldout)
+  report["heldout_auc"] = offline.labeled_auc(graphdef, params, ref, batcher, heldout)
+  run.save_params("kto_actor", params)
+  (run.workdir / "models" / "kto.json").write_text(json.dumps(report, indent=2))
+  log.info("kto: held-out desirable-vs-undesirable AUC %.3f", report["heldout_auc"])
+
+
 def run(cfg: Config, workdir: pathlib.Path) -> dict:
   run_ = Run(cfg, workdir)
   match cfg.mode:
@@ -360,6 +451,12 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
     case "rlhf_rlhb":
       sft(run_)
       rlhf_rlhb(run_)
+    case "dpo":
+      sft(run_)
+      dpo(run_)
+    case "kto":
+      sft(run_)
+      kto(run_)
     case other:
       raise ValueError(f"jobs.train has no mode {other!r}")
   return {"workdir": str(workdir)}
