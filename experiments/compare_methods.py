@@ -1,10 +1,12 @@
-"""SFT vs RLHF vs RLHBC vs RLHB vs RLHF + RLHB on the same logs, budget and seeds.
+"""SFT vs RLHF vs RLHBC vs RLHB vs RLHF + RLHB vs DPO and KTO on the same logs, budget and seeds.
 
   python experiments/compare_methods.py --seeds 0,1,2 [--runs runs/compare] [-- --config.x=y ...]
 
 Every seed runs, in its own run directory (an existing one resumes stage by stage): simulated
 logs, the BPE, behavior-conditioned SFT, the discriminator warm-up, the reward model and RLHF, the
-behavior classifier and RLHBC, RLHB, and RLHB continued from the RLHF policy. All are evaluated on
+behavior classifier and RLHBC, RLHB, RLHB continued from the RLHF policy, and the offline methods
+from the same SFT start: DPO on behavior pairs from the logs, DPO on the annotators' pairs and KTO
+on single answers marked by their behavior (as many answers seen as PPO samples). All are evaluated on
 the same held-out queries (simulator ground truth, most preferred behavior), Win / Tie / Loss
 against SFT by the simulated users. Writes results/compare.json, results/compare.md and
 results/img/compare_*.png. Ablations are config flags after `--`, e.g.
@@ -31,7 +33,8 @@ from rlhb_jax.jobs import evaluate, train  # noqa: E402
 from rlhb_jax.metrics import format_markdown_table, plot_series, read_jsonl  # noqa: E402
 from rlhb_jax.run import Run  # noqa: E402
 
-METHODS = ("sft", "rlhf", "rlhbc", "rlhb", "rlhf_rlhb")
+METHODS = ("sft", "rlhf", "rlhbc", "rlhb", "rlhf_rlhb", "dpo", "dpo_annotators", "kto")
+REPORTS = ("reward_model", "behavior_classifier", "dpo", "dpo_annotators", "kto")
 KEYS = ("like_rate", "dislike_rate", "requery_rate", "accuracy", "win", "tie", "loss")
 
 
@@ -63,12 +66,15 @@ def run_seed(cfg: config_lib.Config, workdir: pathlib.Path) -> dict:
   train.rlhbc(run)
   train.rlhb(run)
   train.rlhf_rlhb(run)
+  train.dpo(run)
+  train.dpo(Run(config_lib.replace(cfg, **{"dpo.pairs": "annotators"}), workdir))
+  train.kto(run)
   methods = {m: f"{m}_actor" for m in METHODS}
   results = evaluate.evaluate(run, methods)
   results["sft"] |= {"win": 0.0, "tie": 1.0, "loss": 0.0}  # against itself, by definition
   reports = {
     name: json.loads((workdir / "models" / f"{name}.json").read_text())
-    for name in ("reward_model", "behavior_classifier")
+    for name in REPORTS
   }
   blob = {"results": results, "reports": reports, "wall_seconds": time.perf_counter() - t0}
   out.write_text(json.dumps(blob, indent=2))
