@@ -184,12 +184,12 @@ def classifier_step(graphdef, tx, num_types: int, state: SupervisedState, batch:
   return supervised.apply_grads(tx, state, loss, metrics, grads)
 
 
-def compile_rm(graphdef, tx):
-  return jax.jit(functools.partial(rm_step, graphdef, tx), donate_argnums=(0,))
+def compile_rm(graphdef, tx, shardings=None):
+  return supervised.jit_step(functools.partial(rm_step, graphdef, tx), shardings)
 
 
-def compile_classifier(graphdef, tx, num_types: int):
-  return jax.jit(functools.partial(classifier_step, graphdef, tx, num_types), donate_argnums=(0,))
+def compile_classifier(graphdef, tx, num_types: int, shardings=None):
+  return supervised.jit_step(functools.partial(classifier_step, graphdef, tx, num_types), shardings)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -43,6 +43,7 @@ MODES = (
   "kto",  # offline: KTO on single answers marked desirable / undesirable by their behavior
   "online",
   "serve",
+  "export",  # a trained model as a Hugging Face directory or a GGUF file (jobs/export.py)
 )
 
 
@@ -317,6 +318,20 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExportConfig:
+  """mode=export: a trained model of the run for other tools (README, "Use the aligned model
+  elsewhere"), written to DIR/export/<params>/."""
+
+  what: str = "generator"  # generator | discriminator | reward_model (RLHF's Bradley-Terry RM)
+  format: str = "hf"  # hf (a Hugging Face directory) | gguf (one file; generators only)
+  # A name under DIR/models/; "" = the newest of `what` (*_actor; *_disc or disc_warmup;
+  # reward_model).
+  params: str = ""
+  dtype: str = "float32"  # hf: float32 | float16 | bfloat16; gguf: float32 | float16
+  max_shard_bytes: int = 5 * 2**30  # hf: larger models are split into shards with an index
+
+
+@dataclasses.dataclass(frozen=True)
 class LogConfig:
   every_steps: int = 1
   tensorboard: bool = True
@@ -352,6 +367,7 @@ class Config:
   eval: EvalConfig = EvalConfig()
   log: LogConfig = LogConfig()
   serve: ServeConfig = ServeConfig()
+  export: ExportConfig = ExportConfig()
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -416,6 +432,21 @@ class Config:
       raise ValueError(f"config.online.sft_rows={self.online.sft_rows!r}: expected best or all")
     if self.online.window_rounds < 1 or self.online.rounds < 1:
       raise ValueError("config.online: rounds and window_rounds must be >= 1")
+    self._check_export()
+
+  def _check_export(self):
+    ex = self.export
+    if ex.what not in ("generator", "discriminator", "reward_model"):
+      raise ValueError(
+        f"config.export.what={ex.what!r}: expected generator, discriminator or reward_model"
+      )
+    if ex.format not in ("hf", "gguf"):
+      raise ValueError(f"config.export.format={ex.format!r}: expected hf or gguf")
+    if ex.format == "gguf" and ex.what != "generator":
+      raise ValueError("config.export.format=gguf writes generators only; use hf for a scorer")
+    dtypes = ("float32", "float16") if ex.format == "gguf" else ("float32", "float16", "bfloat16")
+    if ex.dtype not in dtypes:
+      raise ValueError(f"config.export.dtype={ex.dtype!r}: expected one of {dtypes}")
 
 
 def _to_plain(value: Any) -> Any:

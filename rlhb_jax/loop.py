@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from rlhb_jax import sharding
 from rlhb_jax.checkpoint import Checkpointer
 from rlhb_jax.config import Config
 from rlhb_jax.metrics import MetricsWriter, Progress
@@ -22,6 +23,19 @@ Monitor = Callable[[int, dict[str, float]], None]
 
 class NonFiniteError(RuntimeError):
   pass
+
+
+class _NoWriter:
+  """The metrics writer of every process but the first: the run's files have one author."""
+
+  def truncate_from(self, step: int) -> int:
+    return 0
+
+  def write(self, step: int, values: dict) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
 
 
 def train_loop(
@@ -40,6 +54,7 @@ def train_loop(
   show: tuple[str, ...] = ("loss",),
   hook: Callable[[int, Any], dict[str, float]] | None = None,
   hook_every: int = 0,
+  batch_shardings: dict | None = None,
 ) -> Any:
   """Runs `state, metrics = step_fn(state, batch_fn(s), rng)` for s in [resumed step, num_steps).
 
@@ -47,16 +62,24 @@ def train_loop(
   logging never stalls the device. A checkpoint is written every `checkpoint.every_steps` and at the
   end; a run found in `workdir/checkpoints/<name>` resumes from its latest step. With `hook`, every
   `hook_every` steps `hook(step, state)` returns extra metrics (e.g. an evaluation) logged at that
-  step.
+  step. With `batch_shardings` each host batch becomes global arrays, every process placing only
+  its own devices' rows (`sharding.global_batch`); every process checkpoints, the first alone
+  writes metrics and shows progress.
   """
   ckpt = Checkpointer(workdir / "checkpoints" / name, cfg.checkpoint)
   if ckpt.latest_step() is not None:
     state, _ = ckpt.restore(state)
     log.info("%s: resumed from step %d", name, int(state.step))
   start = int(state.step)
-  writer = MetricsWriter(workdir, tensorboard=cfg.log.tensorboard, stream=name)
+  primary = sharding.is_primary()
+  if primary:
+    writer = MetricsWriter(workdir, tensorboard=cfg.log.tensorboard, stream=name)
+  else:
+    writer = _NoWriter()
   writer.truncate_from(start + 1)  # rows up to the checkpointed step stay
-  progress = Progress(total=num_steps, initial=start, desc=name, enabled=cfg.log.progress)
+  progress = Progress(
+    total=num_steps, initial=start, desc=name, enabled=cfg.log.progress and primary
+  )
   pending: tuple[int, dict] | None = None
   last_time = time.perf_counter()
 
@@ -85,6 +108,8 @@ def train_loop(
   try:
     for s in range(start, num_steps):
       batch = batch_fn(s)
+      if batch_shardings is not None:
+        batch = sharding.global_batch(batch, batch_shardings)
       state, metrics = step_fn(state, batch, rng)
       if pending is not None:
         flush(pending)

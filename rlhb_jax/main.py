@@ -43,6 +43,7 @@ JOBS = {
   "kto": "train",
   "online": "online",
   "serve": "serve",
+  "export": "export",
 }
 
 
@@ -73,12 +74,16 @@ def main(argv: list[str]) -> None:
   if cfg.distributed:
     jax.distributed.initialize()
   from rlhb_jax.data import BadRecordError
+  from rlhb_jax.jobs.export import ExportError
 
   try:
     run(cfg, pathlib.Path(_WORKDIR.value))
   except BadRecordError as e:
     print(f"bad record: {e}", file=sys.stderr)
     sys.exit(3)
+  except ExportError as e:
+    print(f"export error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -286,12 +286,12 @@ def kto_step(graphdef, tx, cfg: Config, state: SupervisedState, batch: dict, rng
   return supervised.apply_grads(tx, state, loss, metrics, grads)
 
 
-def compile_dpo(graphdef, tx, beta: float):
-  return jax.jit(functools.partial(dpo_step, graphdef, tx, beta), donate_argnums=(0,))
+def compile_dpo(graphdef, tx, beta: float, shardings=None):
+  return supervised.jit_step(functools.partial(dpo_step, graphdef, tx, beta), shardings)
 
 
-def compile_kto(graphdef, tx, cfg: Config):
-  return jax.jit(functools.partial(kto_step, graphdef, tx, cfg), donate_argnums=(0,))
+def compile_kto(graphdef, tx, cfg: Config, shardings=None):
+  return supervised.jit_step(functools.partial(kto_step, graphdef, tx, cfg), shardings)
 
 
 # -- held-out checks ----------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def split_params(model: nnx.Module | None) -> tuple[Any, Any]:
 def merged_params(trainable: Any, frozen: Any, spec: lora.LoraConfig) -> Any:
   """A role's params on the host with its adapters (of `spec`) folded into the base: the tree of
   the plain model, as `models/<name>` stores it."""
-  full = lora.join(jax.device_get(trainable), jax.device_get(frozen))
+  full = lora.join(sharding.to_host(trainable), sharding.to_host(frozen))
   return lora.merge_params(full, spec.scale) if spec.rank else full
 
 
@@ -199,7 +199,7 @@ def state_shardings(
 
 
 def batch_shardings(batch: dict, mesh: Mesh) -> dict:
-  return {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
+  return {k: sharding.batch_sharding(mesh, v.ndim, v.shape[0]) for k, v in batch.items()}
 
 
 def compile_train_step(roles: steps.Roles, cfg: Config, state_sh, batch_sh, mesh: Mesh):

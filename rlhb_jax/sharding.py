@@ -94,10 +94,59 @@ def param_shardings(params: Any, axes: Any, mesh: Mesh, rules) -> Any:
   )
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-  """Leading (batch) dimension over ('data', 'fsdp'), the rest replicated."""
+def batch_sharding(mesh: Mesh, ndim: int, rows: int | None = None) -> NamedSharding:
+  """Leading (batch) dimension over ('data', 'fsdp'), the rest replicated; replicated whole when
+  `rows` is not a multiple of the batch axes' size."""
+  if rows is not None and rows % math.prod(mesh.shape[a] for a in BATCH_AXES):
+    return replicated(mesh)
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+# -- several processes (multi-host) -------------------------------------------------------------
+
+
+def is_primary() -> bool:
+  """Whether this process writes the run's files (metrics, plots, summaries, exports)."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches `name` (nothing to wait for in a single process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def global_batch(batch: dict[str, np.ndarray], shardings: dict[str, NamedSharding]) -> dict:
+  """Global arrays from a host batch that every process computes alike (batches are a pure
+  function of the step): each process places only the rows of its own devices."""
+  return {
+    k: jax.make_array_from_callback(v.shape, shardings[k], lambda idx, v=v: v[idx])
+    for k, v in batch.items()
+  }
+
+
+def place(tree: Any, shardings: Any) -> Any:
+  """`tree` (host or single-device arrays, alike on every process) put on the mesh."""
+  if jax.process_count() > 1:
+    tree = jax.device_get(tree)  # process-local arrays cannot go straight to a global sharding
+  return jax.device_put(tree, shardings)
+
+
+def to_host(tree: Any) -> Any:
+  """NumPy copies of a tree of (possibly sharded, multi-process) arrays, on every process."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+
+  def get(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+      return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+  return jax.tree.map(get, tree)

@@ -81,9 +81,24 @@ def disc_warmup_step(graphdef, tx, cfg: Config, state: SupervisedState, batch: d
   return state.replace(step=state.step + 1, params=params, opt=opt), metrics
 
 
-def compile_sft(graphdef, tx):
-  return jax.jit(functools.partial(sft_step, graphdef, tx), donate_argnums=(0,))
+def jit_step(step_fn, shardings: tuple | None = None):
+  """`step_fn(state, batch, rng) -> (state, metrics)` jitted with the state donated; with
+  `shardings` = (state, batch, replicated) shardings, as one program over the mesh (metrics
+  replicated)."""
+  if shardings is None:
+    return jax.jit(step_fn, donate_argnums=(0,))
+  state_sh, batch_sh, rep = shardings
+  return jax.jit(
+    step_fn,
+    in_shardings=(state_sh, batch_sh, rep),
+    out_shardings=(state_sh, rep),
+    donate_argnums=(0,),
+  )
 
 
-def compile_disc_warmup(graphdef, tx, cfg: Config):
-  return jax.jit(functools.partial(disc_warmup_step, graphdef, tx, cfg), donate_argnums=(0,))
+def compile_sft(graphdef, tx, shardings=None):
+  return jit_step(functools.partial(sft_step, graphdef, tx), shardings)
+
+
+def compile_disc_warmup(graphdef, tx, cfg: Config, shardings=None):
+  return jit_step(functools.partial(disc_warmup_step, graphdef, tx, cfg), shardings)

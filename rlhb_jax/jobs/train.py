@@ -21,6 +21,7 @@ from rlhb_jax import config as config_lib
 from rlhb_jax.batches import Batcher
 from rlhb_jax.config import Config
 from rlhb_jax.jobs import evaluate
+from rlhb_jax.model import lora
 from rlhb_jax.run import Run
 
 log = logging.getLogger(__name__)
@@ -42,25 +43,45 @@ def _train_model(
   run: Run, name: str, model, spec, tx, compile_fn, batch_fn, num_steps, show, reference=False
 ):
   """A supervised stage: attaches `spec`'s adapters to `model` (rank 0: trains every weight),
-  runs the resumable loop and returns (graphdef, params) of the plain model with the adapters
-  merged in, ready to save under models/<name>. `reference` keeps a frozen copy of the starting
-  weights in the state when there are no adapters (the offline preference stages' reference)."""
+  runs the resumable loop on the mesh (the batch split over its data axes, the parameters placed
+  by the rules table) and returns (graphdef, params) of the plain model with the adapters merged
+  in, ready to save under models/<name>. `reference` keeps a frozen copy of the starting weights
+  in the state when there are no adapters (the offline preference stages' reference)."""
+  cfg = run.cfg
   plain = nnx.graphdef(model)
-  roles.with_lora(model, spec, run.cfg.seed)
+  roles.with_lora(model, spec, cfg.seed)
   params, frozen = roles.split_params(model)
   ref = jax.tree.map(jnp.copy, params) if reference and not spec.rank else None
-  state = loop.train_loop(
-    name=name,
-    workdir=run.workdir,
-    cfg=run.cfg,
-    step_fn=compile_fn(nnx.graphdef(model), tx),
-    state=supervised.init(params, tx, frozen, ref),
-    batch_fn=batch_fn,
-    num_steps=num_steps,
-    rng=jax.random.key(run.cfg.seed),
-    meta=_meta(run, name),
-    show=show,
+  state = supervised.init(params, tx, frozen, ref)
+  mesh = sharding.make_mesh(cfg.mesh)
+  full_sh = sharding.param_shardings(
+    roles.params_of(model), sharding.logical_axes(model), mesh, cfg.mesh.rules
   )
+  params_sh, frozen_sh = lora.split(full_sh, roles.has_lora(model))
+  rep = sharding.replicated(mesh)
+  state_sh = supervised.SupervisedState(
+    step=rep,
+    params=params_sh,
+    opt=roles.opt_shardings(tx, state.opt, params_sh, mesh),
+    frozen=frozen_sh if frozen else {},
+    ref=params_sh if ref is not None else {},
+  )
+  batch_sh = roles.batch_shardings(batch_fn(0), mesh)
+  with jax.set_mesh(mesh):
+    state = sharding.place(state, state_sh)
+    state = loop.train_loop(
+      name=name,
+      workdir=run.workdir,
+      cfg=cfg,
+      step_fn=compile_fn(nnx.graphdef(model), tx, (state_sh, batch_sh, rep)),
+      state=state,
+      batch_fn=batch_fn,
+      num_steps=num_steps,
+      rng=sharding.place(jax.random.key(cfg.seed), rep),
+      meta=_meta(run, name),
+      show=show,
+      batch_shardings=batch_sh,
+    )
   return plain, roles.merged_params(state.params, state.frozen, spec)
 
 
@@ -90,7 +111,7 @@ def disc_warmup(run: Run) -> None:
   actor = run.actor_model(prefer=("sft_actor",))
   disc = roles.build_disc(cfg, actor, run.tokenizer.vocab_size)
   tx = steps.make_optimizer(cfg.disc.optim, cfg.disc.warmup_steps)
-  compile_fn = lambda graphdef, tx: supervised.compile_disc_warmup(graphdef, tx, cfg)
+  compile_fn = lambda graphdef, tx, sh: supervised.compile_disc_warmup(graphdef, tx, cfg, sh)
   _, params = _train_model(
     run,
     "disc_warmup",
@@ -184,7 +205,7 @@ def setup_rlhb(
   state_sh = roles.state_shardings(rl_roles, state, models, mesh, cfg.mesh.rules)
   batch_sh = roles.batch_shardings(example_batch, mesh)
   with jax.set_mesh(mesh):
-    state = jax.device_put(state, state_sh)
+    state = sharding.place(state, state_sh)
   step_fn = roles.compile_train_step(rl_roles, cfg, state_sh, batch_sh, mesh)
   return state, step_fn, mesh
 
@@ -199,7 +220,8 @@ def ppo(run: Run, name: str, source: str, start: tuple[str, ...]) -> None:
   if cfg.reward.source != "disc":  # the RM / classifier prefixes come with the batches
     batcher = Batcher(cfg, run.tokenizer, run.examples, run.best_behavior, batcher.worst)
   oracle = sim_oracle(run, batcher.queries) if cfg.reward.source == "sim" else None
-  state, step_fn, mesh = setup_rlhb(run, batcher.rlhb(0), cfg, start, oracle)
+  example = batcher.rlhb(0)
+  state, step_fn, mesh = setup_rlhb(run, example, cfg, start, oracle)
   rows = cfg.ppo.prompts_per_step * cfg.ppo.rollouts_per_prompt
   show = ("reward_mean", "d_real", "d_fake", "kl", "tokens_per_s")
   if cfg.reward.source == "sim":
@@ -215,13 +237,14 @@ def ppo(run: Run, name: str, source: str, start: tuple[str, ...]) -> None:
       state=state,
       batch_fn=batcher.rlhb,
       num_steps=cfg.rlhb.steps,
-      rng=jax.random.key(cfg.seed),
+      rng=sharding.place(jax.random.key(cfg.seed), sharding.replicated(mesh)),
       meta=_meta(run, name),
       monitor=loop.rlhb_monitor(cfg),
       rows_per_step=rows,
       show=show,
       hook=evaluate.curve_hook(run) if cfg.eval.curve_every > 0 else None,
       hook_every=cfg.eval.curve_every,
+      batch_shardings=roles.batch_shardings(example, mesh),
     )
   run.save_params(
     f"{name}_actor", roles.merged_params(state.actor, state.frozen["actor"], cfg.lora)
@@ -303,7 +326,7 @@ def behavior_classifier(run: Run) -> None:
     clf,
     cfg.reward.lora,
     tx,
-    lambda graphdef, tx: baselines.compile_classifier(graphdef, tx, k),
+    lambda graphdef, tx, sh: baselines.compile_classifier(graphdef, tx, k, sh),
     train_b,
     cfg.reward.classifier_steps,
     ("loss", "accuracy"),
@@ -372,7 +395,7 @@ def dpo(run: Run) -> None:
     run.actor_model(prefer=("sft_actor",)),
     cfg.lora,
     tx,
-    lambda graphdef, tx: offline.compile_dpo(graphdef, tx, cfg.dpo.beta),
+    lambda graphdef, tx, sh: offline.compile_dpo(graphdef, tx, cfg.dpo.beta, sh),
     batcher,
     cfg.dpo.steps,
     ("loss", "accuracy", "margin"),
@@ -411,7 +434,7 @@ def kto(run: Run) -> None:
     run.actor_model(prefer=("sft_actor",)),
     cfg.lora,
     tx,
-    lambda graphdef, tx: offline.compile_kto(graphdef, tx, cfg),
+    lambda graphdef, tx, sh: offline.compile_kto(graphdef, tx, cfg, sh),
     batcher,
     cfg.kto.steps,
     ("loss", "kl", "desirable_reward", "undesirable_reward"),
