@@ -297,6 +297,26 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+  """Several JAX processes (multi-host). `enabled` alone calls jax.distributed.initialize(), which
+  finds the cluster on TPU pods and under SLURM; `coordinator` (host:port), `num_processes` and
+  `process_id` name it explicitly elsewhere (`python -m rlhb_jax.launch` sets them)."""
+
+  enabled: bool = False
+  coordinator: str = ""
+  num_processes: int = 0
+  process_id: int = -1
+  # Modes that run in one process only (they serve, or write files a second process would race).
+  single_process_modes: tuple[str, ...] = (
+    "online",
+    "serve",
+    "generate",
+    "simulate",
+    "inspect_logs",
+  )
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
   every_steps: int = 20
   keep: int = 2
@@ -343,7 +363,7 @@ class LogConfig:
 class Config:
   mode: str = "pipeline"  # one of MODES
   seed: int = 0
-  distributed: bool = False  # call jax.distributed.initialize() (multi-host TPU slices)
+  distributed: DistributedConfig = DistributedConfig()
   model: ModelSpec = ModelSpec()
   # The generator's LoRA adapters (SFT and PPO stages; a GAE critic gets its own of this shape).
   # With rank > 0 the PPO reference is the frozen base with adapters off: no second copy.
@@ -425,6 +445,12 @@ class Config:
       raise ValueError(
         f"config.dpo.rate_type={self.dpo.rate_type!r} is not a behavior type; known: "
         f"{self.behavior.names}"
+      )
+    d = self.distributed
+    if d.coordinator and (d.num_processes < 1 or not 0 <= d.process_id < d.num_processes):
+      raise ValueError(
+        f"config.distributed.coordinator={d.coordinator!r} needs num_processes >= 1 and "
+        f"0 <= process_id < num_processes (got {d.num_processes}, {d.process_id})"
       )
     if self.online.source not in ("sim", "live"):
       raise ValueError(f"config.online.source={self.online.source!r}: expected sim or live")

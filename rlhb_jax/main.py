@@ -47,6 +47,34 @@ JOBS = {
 }
 
 
+def initialize_distributed(cfg: config_lib.DistributedConfig) -> None:
+  """Joins the processes of one job: explicitly (coordinator, count, index) or as the platform
+  tells (TPU pods, SLURM). CPU processes talk through gloo."""
+  if not (cfg.enabled or cfg.coordinator):
+    return
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if cfg.coordinator:
+    jax.distributed.initialize(
+      coordinator_address=cfg.coordinator,
+      num_processes=cfg.num_processes,
+      process_id=cfg.process_id,
+    )
+  else:
+    jax.distributed.initialize()
+
+
+def multi_process_problem(cfg: config_lib.Config) -> str | None:
+  """Why `cfg` cannot run in several processes, or None."""
+  if cfg.mode in cfg.distributed.single_process_modes:
+    return (
+      f"config.mode={cfg.mode} runs in one process only; start it without the launcher and "
+      "without config.distributed"
+    )
+  if cfg.reward.source == "sim":
+    return "config.reward.source=sim (a host callback into the simulator) runs in one process only"
+  return None
+
+
 def run(cfg: config_lib.Config, workdir: pathlib.Path) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   # The first job in a run directory writes config.json; later ones (eval, generate, a resumed
@@ -54,7 +82,8 @@ def run(cfg: config_lib.Config, workdir: pathlib.Path) -> dict:
   path = workdir / "config.json"
   if path.exists():
     path = workdir / f"config_{cfg.mode}.json"
-  path.write_text(json.dumps(config_lib.to_configdict(cfg).to_dict(), indent=2, default=list))
+  if jax.process_index() == 0:
+    path.write_text(json.dumps(config_lib.to_configdict(cfg).to_dict(), indent=2, default=list))
   module = importlib.import_module(f"rlhb_jax.jobs.{JOBS[cfg.mode]}")
   return module.run(cfg, workdir)
 
@@ -71,8 +100,10 @@ def main(argv: list[str]) -> None:
   except (KeyError, TypeError, ValueError) as e:
     print(f"config error: {e}", file=sys.stderr)
     sys.exit(2)
-  if cfg.distributed:
-    jax.distributed.initialize()
+  initialize_distributed(cfg.distributed)
+  if jax.process_count() > 1 and (problem := multi_process_problem(cfg)):
+    print(f"config error: {problem}", file=sys.stderr)
+    sys.exit(2)
   from rlhb_jax.data import BadRecordError
   from rlhb_jax.jobs.export import ExportError
 

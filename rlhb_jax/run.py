@@ -9,6 +9,10 @@ Layout of `workdir`:
   models/<name>/         final parameters of each stage (sft_actor, disc_warmup, rlhb_actor, ...)
   checkpoints/<stage>/   resumable Orbax checkpoints of each training stage
   <stage>.jsonl, tb/     metrics; plots/ PNGs; summary.json
+
+With several processes (multi-host) the first one writes what every process derives alike (the
+simulated logs, the tokenizer, the bin edges, the quarantine) and the others wait for it and read
+it; parameters under models/ are saved by all of them together (Orbax).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from rlhb_jax import roles
+from rlhb_jax import roles, sharding
 from rlhb_jax.batches import Batcher, Example
 from rlhb_jax.config import Config
 from rlhb_jax.model.llama import Transformer
@@ -53,16 +57,16 @@ class Run:
     if loaded is not None:
       return loaded[1]
     tok_dir = self.workdir / "tokenizer"
-    if (tok_dir / "tokenizer.json").exists():
-      return Tokenizer.load(tok_dir)
-    from rlhb_jax.sim.bpe import tokenizer_corpus, train_bpe
+    if not (tok_dir / "tokenizer.json").exists() and sharding.is_primary():
+      from rlhb_jax.sim.bpe import tokenizer_corpus, train_bpe
 
-    extra = [self.cfg.prompt.generator, self.cfg.prompt.disc]
-    texts = tokenizer_corpus(self.simulator, self.cfg.behavior, extra=extra)
-    tok = Tokenizer.from_tokenizers(train_bpe(texts, self.cfg.model.vocab_size))
-    tok.save(tok_dir)
-    log.info("trained a %d-token BPE on the simulator corpus: %s", tok.vocab_size, tok_dir)
-    return tok
+      extra = [self.cfg.prompt.generator, self.cfg.prompt.disc]
+      texts = tokenizer_corpus(self.simulator, self.cfg.behavior, extra=extra)
+      tok = Tokenizer.from_tokenizers(train_bpe(texts, self.cfg.model.vocab_size))
+      tok.save(tok_dir)
+      log.info("trained a %d-token BPE on the simulator corpus: %s", tok.vocab_size, tok_dir)
+    sharding.barrier("tokenizer")
+    return Tokenizer.load(tok_dir)
 
   def base_actor(self) -> Transformer:
     """The generator before any training of ours (random tiny, or the loaded checkpoint)."""
@@ -115,11 +119,12 @@ class Run:
     if self.cfg.data.path:
       return pathlib.Path(self.cfg.data.path)
     path = self.workdir / "logs.jsonl"
-    if not path.exists():
+    if not path.exists() and sharding.is_primary():
+      self.simulator.write_preferences(self.workdir / "preferences.jsonl")
       n = self.simulator.write_logs(self.workdir / "logs.jsonl.tmp")
       (self.workdir / "logs.jsonl.tmp").rename(path)
-      self.simulator.write_preferences(self.workdir / "preferences.jsonl")
       log.info("simulated %d log records: %s", n, path)
+    sharding.barrier("logs")
     return path
 
   @functools.cached_property
@@ -143,7 +148,8 @@ class Run:
   def records(self) -> list[dict]:
     from rlhb_jax.data import read_records
 
-    reader = read_records(self.logs_path, self.cfg.data, self.workdir, self.cfg.behavior)
+    quarantine = self.workdir if sharding.is_primary() else None  # one author of quarantine.jsonl
+    reader = read_records(self.logs_path, self.cfg.data, quarantine, self.cfg.behavior)
     records = list(reader)
     report = reader.report
     log.info(
@@ -161,11 +167,10 @@ class Run:
     from rlhb_jax.behavior import Binner
 
     path = self.workdir / "bin_edges.json"
-    if path.exists():
-      return Binner.load(path, self.cfg.behavior)
-    binner = Binner.fit(self.records, self.cfg.behavior)
-    binner.save(path)
-    return binner
+    if not path.exists() and sharding.is_primary():
+      Binner.fit(self.records, self.cfg.behavior).save(path)
+    sharding.barrier("bin_edges")
+    return Binner.load(path, self.cfg.behavior)
 
   @functools.cached_property
   def examples(self) -> list[Example]:

@@ -133,9 +133,16 @@ def global_batch(batch: dict[str, np.ndarray], shardings: dict[str, NamedShardin
 
 def place(tree: Any, shardings: Any) -> Any:
   """`tree` (host or single-device arrays, alike on every process) put on the mesh."""
-  if jax.process_count() > 1:
-    tree = jax.device_get(tree)  # process-local arrays cannot go straight to a global sharding
-  return jax.device_put(tree, shardings)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+
+  def put(x, s):  # process-local arrays cannot go straight to a global sharding: via the host
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      data = jax.device_put(np.asarray(jax.random.key_data(x)), s)
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    return jax.device_put(np.asarray(x), s)
+
+  return jax.tree.map(put, tree, shardings)
 
 
 def to_host(tree: Any) -> Any:

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from rlhb_jax import roles
+from rlhb_jax import roles, sharding
 from rlhb_jax.config import Config
 from rlhb_jax.judges import LLMJudge, SimulatedUsersJudge, win_tie_loss
 from rlhb_jax.metrics import format_table
@@ -107,7 +107,8 @@ def evaluate(run: Run, methods: dict[str, str]) -> dict:
   samples = [
     {"query": q, **{m: responses[m][i] for m in methods}} for i, q in enumerate(queries[:20])
   ]
-  (run.workdir / "eval_samples.json").write_text(json.dumps(samples, indent=1))
+  if sharding.is_primary():
+    (run.workdir / "eval_samples.json").write_text(json.dumps(samples, indent=1))
   return results
 
 
@@ -124,6 +125,7 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
     if run_.has_params(f"{name}_actor"):
       methods[name] = f"{name}_actor"
   results = evaluate(run_, methods)
-  (run_.workdir / "eval.json").write_text(json.dumps(results, indent=2))
+  if sharding.is_primary():
+    (run_.workdir / "eval.json").write_text(json.dumps(results, indent=2))
   print_results(results)
   return results

@@ -10,6 +10,7 @@ import json
 import pathlib
 import time
 
+from rlhb_jax import sharding
 from rlhb_jax.config import Config
 from rlhb_jax.jobs import evaluate, train
 from rlhb_jax.metrics import plot_training, read_jsonl
@@ -25,6 +26,7 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
   train.disc_warmup(run_)
   train.rlhb(run_)
   results = evaluate.evaluate(run_, {"sft": "sft_actor", "rlhb": "rlhb_actor"})
+  sharding.barrier("metrics")  # the first process wrote rlhb.jsonl
   rl = read_jsonl(run_.workdir / "rlhb.jsonl")
   tail = rl[-max(1, len(rl) // 10) :]
 
@@ -40,9 +42,10 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
     "disc": {"real_mean": mean("d_real"), "fake_mean": mean("d_fake")},
     "wall_seconds": time.perf_counter() - t0,
   }
-  (run_.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-  if cfg.log.plots:
-    plot_training(run_.workdir, stream="rlhb")
+  if sharding.is_primary():  # every process evaluated alike; one writes
+    (run_.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if cfg.log.plots:
+      plot_training(run_.workdir, stream="rlhb")
   evaluate.print_results(results)
   show = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
   print(

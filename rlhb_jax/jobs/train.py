@@ -297,7 +297,8 @@ def reward_model(run: Run) -> None:
     "heldout_pairs": len(heldout),
   }
   run.save_params("reward_model", params)
-  (run.workdir / "models" / "reward_model.json").write_text(json.dumps(report, indent=2))
+  if sharding.is_primary():
+    (run.workdir / "models" / "reward_model.json").write_text(json.dumps(report, indent=2))
   log.info("reward model: held-out pairwise accuracy %.3f", report["heldout_accuracy"])
 
 
@@ -340,7 +341,8 @@ def behavior_classifier(run: Run) -> None:
     },
   }
   run.save_params("behavior_classifier", params)
-  (run.workdir / "models" / "behavior_classifier.json").write_text(json.dumps(report, indent=2))
+  if sharding.is_primary():
+    (run.workdir / "models" / "behavior_classifier.json").write_text(json.dumps(report, indent=2))
   log.info("behavior classifier: held-out bin accuracy %s", report["heldout_bin_accuracy"])
 
 
@@ -405,7 +407,8 @@ def dpo(run: Run) -> None:
   report["heldout_pairs"] = len(heldout)
   report["heldout_accuracy"] = offline.pair_accuracy(graphdef, params, ref, batcher, heldout)
   run.save_params(f"{name}_actor", params)
-  (run.workdir / "models" / f"{name}.json").write_text(json.dumps(report, indent=2))
+  if sharding.is_primary():
+    (run.workdir / "models" / f"{name}.json").write_text(json.dumps(report, indent=2))
   log.info("%s: held-out pairwise accuracy %.3f", name, report["heldout_accuracy"])
 
 
@@ -444,7 +447,8 @@ def kto(run: Run) -> None:
   report["heldout_answers"] = len(heldout)
   report["heldout_auc"] = offline.labeled_auc(graphdef, params, ref, batcher, heldout)
   run.save_params("kto_actor", params)
-  (run.workdir / "models" / "kto.json").write_text(json.dumps(report, indent=2))
+  if sharding.is_primary():
+    (run.workdir / "models" / "kto.json").write_text(json.dumps(report, indent=2))
   log.info("kto: held-out desirable-vs-undesirable AUC %.3f", report["heldout_auc"])
 
 
