@@ -313,6 +313,7 @@ class DistributedConfig:
     "generate",
     "simulate",
     "inspect_logs",
+    "export",
   )
 
 
