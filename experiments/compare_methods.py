@@ -73,8 +73,7 @@ def run_seed(cfg: config_lib.Config, workdir: pathlib.Path) -> dict:
   results = evaluate.evaluate(run, methods)
   results["sft"] |= {"win": 0.0, "tie": 1.0, "loss": 0.0}  # against itself, by definition
   reports = {
-    name: json.loads((workdir / "models" / f"{name}.json").read_text())
-    for name in REPORTS
+    name: json.loads((workdir / "models" / f"{name}.json").read_text()) for name in REPORTS
   }
   blob = {"results": results, "reports": reports, "wall_seconds": time.perf_counter() - t0}
   out.write_text(json.dumps(blob, indent=2))

@@ -1,8 +1,14 @@
 """Several JAX processes on one machine (2 x 4 fake CPU devices, gloo) against one process with 8.
 
 The same pipeline through `python -m rlhb_jax.launch` must give the per-step metrics and final
-parameters of the single-process run on the same (2, 2, 2) mesh, write each file once, and resume
-after one of its processes is killed to the parameters of the uninterrupted run.
+parameters of one process with 8 devices on the same (2, 2, 2) mesh, write each file once, and
+resume after one of its processes is killed to the parameters of the uninterrupted run.
+
+The one-process reference is launched the same way (`--num_processes 1 --devices_per_process 8`),
+so both use gloo's collectives and agree bit for bit. A plain `python -m rlhb_jax.main` with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 uses XLA's in-process collectives, whose
+summation order differs: its parameters agree to about 1e-7 relative on this tiny model (1.4e-5
+on the default one after 3 RLHB steps; docs/TPU.md).
 """
 
 import json
@@ -31,16 +37,13 @@ ARGS = [
   "--config.checkpoint.async_save=False",
   "--config.mesh.shape=2,2,2",
 ]
-LAUNCH = [sys.executable, "-m", "rlhb_jax.launch", "--num_processes", "2", "--devices_per_process"]
 TIMING = ("time", "step_time", "tokens_per_s")
 
 
-def launch(workdir, *extra) -> list[str]:
-  return [*LAUNCH, "4", "--", *ARGS, "--workdir", str(workdir), *extra]
-
-
-def single(workdir) -> list[str]:
-  return [sys.executable, "-m", "rlhb_jax.main", *ARGS, "--workdir", str(workdir)]
+def launch(workdir, processes: int = 2) -> list[str]:
+  devices = str(8 // processes)
+  cmd = [sys.executable, "-m", "rlhb_jax.launch", "--num_processes", str(processes)]
+  return [*cmd, "--devices_per_process", devices, "--", *ARGS, "--workdir", str(workdir)]
 
 
 def rows(path: pathlib.Path) -> list[dict]:
@@ -64,9 +67,8 @@ def runs(tmp_path_factory):
   two, one = tmp_path_factory.mktemp("two"), tmp_path_factory.mktemp("one")
   out = subprocess.run(launch(two), capture_output=True, text=True, env=env(), timeout=900)
   assert out.returncode == 0, out.stdout[-4000:]
-  eight = {**env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  ref = subprocess.run(single(one), capture_output=True, text=True, env=eight, timeout=900)
-  assert ref.returncode == 0, ref.stderr[-4000:]
+  ref = subprocess.run(launch(one, 1), capture_output=True, text=True, env=env(), timeout=900)
+  assert ref.returncode == 0, ref.stdout[-4000:]
   return two, one, out.stdout
 
 
@@ -80,14 +82,9 @@ def test_two_processes_equal_one_process(runs):
     for ra, rb in zip(a, b, strict=True):
       assert set(ra) == set(rb)
       for k in set(ra) - set(TIMING):
-        if rb[k] is None:
-          assert ra[k] is None
-          continue
-        # Summation order differs between gloo and in-process collectives: near-zero metrics (a
-        # KL of 1e-8) get an absolute floor.
-        assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), (stream, ra["step"], k)
+        assert ra[k] == rb[k], (stream, ra["step"], k)
   for name in ("sft_actor", "disc_warmup", "rlhb_actor"):
-    assert_params_close(params(two / "models" / name), params(one / "models" / name), 1e-5)
+    assert_params_close(params(two / "models" / name), params(one / "models" / name), 0.0)
   s2, s1 = (json.loads((d / "summary.json").read_text()) for d in (two, one))
   assert s2["methods"] == s1["methods"]
 
@@ -140,8 +137,9 @@ def test_kill_one_process_and_resume(runs, tmp_path):
 
 def test_single_process_modes_refuse_to_launch(tmp_path):
   cmd = [
-    *LAUNCH,
-    "2",
+    sys.executable,
+    "-m",
+    "rlhb_jax.launch",
     "--",
     "--config",
     str(ROOT / "configs/default.py"),
