@@ -6,12 +6,13 @@ Every seed runs, in its own run directory (an existing one resumes stage by stag
 logs, the BPE, behavior-conditioned SFT, the discriminator warm-up, the reward model and RLHF, the
 behavior classifier and RLHBC, RLHB, RLHB continued from the RLHF policy, and the offline methods
 from the same SFT start: DPO on behavior pairs from the logs, DPO on the annotators' pairs and KTO
-on single answers marked by their behavior (as many answers seen as PPO samples). All are evaluated on
-the same held-out queries (simulator ground truth, most preferred behavior), Win / Tie / Loss
+on single answers marked by their behavior (as many answers seen as PPO samples). All are evaluated
+on the same held-out queries (simulator ground truth, most preferred behavior), Win / Tie / Loss
 against SFT by the simulated users. Writes results/compare.json, results/compare.md and
 results/img/compare_*.png. Ablations are config flags after `--`, e.g.
 `--config.ppo.rollouts_per_prompt=6`, `--config.disc.bootstrap_ratio=0.2`,
-`--config.ppo.reward_transform=logit`.
+`--config.ppo.reward_transform=logit`. `--methods sft,dpo,kto` trains and evaluates only those and
+carries the others over from an existing results/compare.json of the same seeds.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from rlhb_jax.metrics import format_markdown_table, plot_series, read_jsonl  # n
 from rlhb_jax.run import Run  # noqa: E402
 
 METHODS = ("sft", "rlhf", "rlhbc", "rlhb", "rlhf_rlhb", "dpo", "dpo_annotators", "kto")
-REPORTS = ("reward_model", "behavior_classifier", "dpo", "dpo_annotators", "kto")
 KEYS = ("like_rate", "dislike_rate", "requery_rate", "accuracy", "win", "tie", "loss")
 
 
@@ -54,30 +54,55 @@ def load_config(overrides: list[str], path: str = "configs/compare.py") -> confi
   return config_lib.from_configdict(cd)
 
 
-def run_seed(cfg: config_lib.Config, workdir: pathlib.Path) -> dict:
-  out = workdir / "compare_seed.json"
-  if out.exists():
-    return json.loads(out.read_text())
-  t0 = time.perf_counter()
+def _dpo_annotators(run: Run) -> None:
+  cfg = config_lib.replace(run.cfg, **{"dpo.pairs": "annotators"})
+  train.dpo(Run(cfg, run.workdir))
+
+
+TRAINERS = {  # method -> the stages that make its generator (each skips what is already done)
+  "sft": lambda run: None,
+  "rlhf": train.rlhf,
+  "rlhbc": train.rlhbc,
+  "rlhb": lambda run: (train.disc_warmup(run), train.rlhb(run)),
+  "rlhf_rlhb": train.rlhf_rlhb,
+  "dpo": train.dpo,
+  "dpo_annotators": _dpo_annotators,
+  "kto": train.kto,
+}
+REPORT_OF = {
+  "rlhf": "reward_model",
+  "rlhbc": "behavior_classifier",
+  "dpo": "dpo",
+  "dpo_annotators": "dpo_annotators",
+  "kto": "kto",
+}
+
+
+def run_seed(cfg: config_lib.Config, workdir: pathlib.Path, methods: list[str]) -> dict:
+  """Trains and evaluates `methods` on one seed; each method's result is kept in
+  compare_<method>.json, so a rerun (or one adding methods) redoes only what is missing."""
   run = Run(cfg, workdir)
   train.sft(run)
-  train.disc_warmup(run)
-  train.rlhf(run)
-  train.rlhbc(run)
-  train.rlhb(run)
-  train.rlhf_rlhb(run)
-  train.dpo(run)
-  train.dpo(Run(config_lib.replace(cfg, **{"dpo.pairs": "annotators"}), workdir))
-  train.kto(run)
-  methods = {m: f"{m}_actor" for m in METHODS}
-  results = evaluate.evaluate(run, methods)
-  results["sft"] |= {"win": 0.0, "tie": 1.0, "loss": 0.0}  # against itself, by definition
-  reports = {
-    name: json.loads((workdir / "models" / f"{name}.json").read_text()) for name in REPORTS
-  }
-  blob = {"results": results, "reports": reports, "wall_seconds": time.perf_counter() - t0}
-  out.write_text(json.dumps(blob, indent=2))
-  return blob
+  results, reports, wall = {}, {}, {}
+  for m in methods:
+    path = workdir / f"compare_{m}.json"
+    if not path.exists():
+      t0 = time.perf_counter()
+      TRAINERS[m](run)
+      out = evaluate.evaluate(run, {"sft": "sft_actor", m: f"{m}_actor"})
+      out["sft"] |= {"win": 0.0, "tie": 1.0, "loss": 0.0}  # against itself, by definition
+      report = workdir / "models" / f"{REPORT_OF.get(m, '-')}.json"
+      blob = {
+        "result": out[m],
+        "report": json.loads(report.read_text()) if report.exists() else None,
+        "wall_seconds": time.perf_counter() - t0,
+      }
+      path.write_text(json.dumps(blob, indent=2))
+    blob = json.loads(path.read_text())
+    results[m], wall[m] = blob["result"], blob["wall_seconds"]
+    if blob["report"] is not None:
+      reports[REPORT_OF[m]] = blob["report"]
+  return {"results": results, "reports": reports, "wall_seconds": wall}
 
 
 def figures(workdir: pathlib.Path, img: pathlib.Path) -> list[pathlib.Path]:
@@ -131,37 +156,61 @@ def main() -> None:
   ap.add_argument("--seeds", default="0,1,2")
   ap.add_argument("--runs", default="runs/compare")
   ap.add_argument("--out", default="results")
+  ap.add_argument(
+    "--methods",
+    default=",".join(METHODS),
+    help="the methods to train and evaluate; the others are carried over from an existing "
+    "OUT/compare.json of the same seeds (marked in its `carried_over`)",
+  )
   ap.add_argument("overrides", nargs="*", help="--config.* flags for configs/compare.py")
   args = ap.parse_args()
   seeds = [int(s) for s in args.seeds.split(",")]
+  methods = [m for m in METHODS if m in args.methods.split(",")]
   t0 = time.perf_counter()
   per_seed = []
   for seed in seeds:
     cfg = load_config([*args.overrides, f"--config.seed={seed}", "--config.log.progress=False"])
     workdir = pathlib.Path(args.runs) / f"seed_{seed}"
-    blob = run_seed(cfg, workdir)
+    blob = run_seed(cfg, workdir, methods)
     per_seed.append(blob)
-    rows = [{"method": m, **blob["results"][m]} for m in METHODS]
-    print(f"seed {seed} ({blob['wall_seconds']:.0f}s)")
+    rows = [{"method": m, **blob["results"][m]} for m in methods]
+    print(f"seed {seed} ({sum(blob['wall_seconds'].values()):.0f}s)")
     print(format_markdown_table(rows, ["method", *KEYS]))
+  out = pathlib.Path(args.out)
+  previous = (
+    json.loads((out / "compare.json").read_text()) if (out / "compare.json").exists() else {}
+  )
+  carried = {}
+  if previous.get("seeds") == seeds and previous.get("overrides", []) == args.overrides:
+    carried = {m: v for m, v in previous["methods"].items() if m not in methods}
   summary = {
+    "date": time.strftime("%Y-%m-%d"),
     "methods": {
       m: {
         k: {
           "mean": float(np.mean([b["results"][m][k] for b in per_seed])),
           "std": float(np.std([b["results"][m][k] for b in per_seed])),
+          "per_seed": [b["results"][m][k] for b in per_seed],
         }
         for k in KEYS
       }
-      for m in METHODS
+      for m in methods
+    }
+    | carried,
+    "carried_over": {
+      m: previous.get("carried_over", {}).get(m, previous.get("date", "2026-11-26"))
+      for m in carried
     },
     "seeds": seeds,
-    "reports": {str(s): b["reports"] for s, b in zip(seeds, per_seed, strict=True)},
-    "seed_wall_seconds": [b["wall_seconds"] for b in per_seed],
+    "reports": {
+      str(s): previous.get("reports", {}).get(str(s), {}) | b["reports"]
+      for s, b in zip(seeds, per_seed, strict=True)
+    },
+    "seed_wall_seconds": {str(s): b["wall_seconds"] for s, b in zip(seeds, per_seed, strict=True)},
     "wall_seconds": time.perf_counter() - t0,
     "overrides": args.overrides,
   }
-  out = pathlib.Path(args.out)
+  names = [m for m in METHODS if m in summary["methods"]]
   out.mkdir(parents=True, exist_ok=True)
   (out / "compare.json").write_text(json.dumps(summary, indent=2))
   rows = [
@@ -169,16 +218,19 @@ def main() -> None:
       "method": m,
       **{k: f"{v['mean']:.3f} ± {v['std']:.3f}" for k, v in summary["methods"][m].items()},
     }
-    for m in METHODS
+    for m in names
   ]
   table = format_markdown_table(rows, ["method", *KEYS])
+  note = "".join(f"\n{m}: measured {d}." for m, d in summary["carried_over"].items())
   (out / "compare.md").write_text(
     f"# Method comparison (seeds {seeds}, mean ± std)\n\n{table}\n\n"
-    f"Wall time {summary['wall_seconds'] / 60:.1f} min; overrides: {args.overrides or 'none'}.\n"
+    f"Wall time {summary['wall_seconds'] / 60:.1f} min for {', '.join(methods)}; overrides: "
+    f"{args.overrides or 'none'}.{note}\n"
   )
-  figures(pathlib.Path(args.runs) / f"seed_{seeds[0]}", out / "img")
+  if all(m in methods for m in ("rlhf", "rlhbc", "rlhb", "rlhf_rlhb")):
+    figures(pathlib.Path(args.runs) / f"seed_{seeds[0]}", out / "img")
   print(table)
-  print(f"wrote {out / 'compare.json'}, {out / 'compare.md'}, {out / 'img'}")
+  print(f"wrote {out / 'compare.json'}, {out / 'compare.md'}")
 
 
 if __name__ == "__main__":
