@@ -49,7 +49,7 @@ from rlhb_jax.jobs import evaluate, train
 from rlhb_jax.metrics import MetricsWriter, Progress, format_table, plot_series
 from rlhb_jax.run import Run
 from rlhb_jax.serving import aggregate_records, make_server, open_store, start_cursor
-from rlhb_jax.serving.policy import ModelPolicy, publish
+from rlhb_jax.serving.policy import ModelPolicy, publish, search_result_fn
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,10 @@ class Online:
     self.sim = None if cfg.data.path and cfg.online.source == "live" else self.run.simulator
     self.worst = least_preferred_text(cfg.behavior)
 
+  def search_result_fn(self):
+    """query -> the search result its answer is shown with, or None when the logs carry none."""
+    return search_result_fn(self.sim) if (self.sim is not None and self.run.uses_context) else None
+
   def examples(self, records: list[dict]) -> list[Example]:
     texts = verbalize_records(records, self.run.binner)
     return [
@@ -133,7 +137,7 @@ class Online:
         break
       log.info("round %d: %d/%d new records; waiting", r, len(records), cfg.min_records)
       time.sleep(cfg.poll_seconds)
-    context = self.sim.context if (self.sim is not None and self.run.uses_context) else None
+    context = self.search_result_fn()
     for rec in records:
       rec["meta"]["round"] = r
       if context is not None:
@@ -179,7 +183,7 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
     frozen = evaluate.respond(run_, eval_model, queries)
 
   serve_model = run_.actor_model(prefer=("sft_actor",))
-  context_fn = on.sim.context if (on.sim is not None and run_.uses_context) else None
+  context_fn = on.search_result_fn()
   policy = ModelPolicy(serve_model, run_.tokenizer, cfg, run_.best_behavior, context_fn)
   serve_cfg = cfg.serve if ocfg.source == "live" else dataclasses.replace(cfg.serve, port=0)
   store = open_store(serve_cfg.store_url, run_.workdir, serve_cfg.sqlite_synchronous)

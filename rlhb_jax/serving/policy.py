@@ -68,9 +68,13 @@ class ModelPolicy:
       nnx.update(self.model, params)
       self.model_step = int(step)
 
+  def context(self, query: str) -> str:
+    """The search result the prompt of `query` carries ("" for none)."""
+    return self.context_fn(query) if self.context_fn else ""
+
   def generate(self, queries: list[str], behaviors: list[str | None]) -> list[str]:
     prompts = [
-      self.enc.prompt(q, b or self.default_behavior, self.context_fn(q) if self.context_fn else "")
+      self.enc.prompt(q, b or self.default_behavior, self.context(q))
       for q, b in zip(queries, behaviors, strict=True)
     ]
     with self._lock:
@@ -89,6 +93,19 @@ class ModelPolicy:
       return False
     self.set_params(*newer)
     return True
+
+
+def search_result_fn(simulator) -> Callable[[str], str]:
+  """query -> the simulator's search result for it; "" for a query outside its knowledge base
+  (what a person types on the feedback page usually is)."""
+
+  def context(query: str) -> str:
+    try:
+      return simulator.context(query)
+    except KeyError:
+      return ""
+
+  return context
 
 
 def published_step(workdir: pathlib.Path) -> int | None:
@@ -116,12 +133,7 @@ def from_run(cfg: Config, workdir: pathlib.Path) -> ModelPolicy:
   model = run.actor_model(prefer=(PUBLISHED, "rlhb_actor", "sft_actor"))
   context_fn = None
   if not cfg.data.path and run.uses_context:  # the simulated platform shows its search result
-
-    def context_fn(query: str) -> str:
-      try:
-        return run.simulator.context(query)
-      except KeyError:  # a query outside the simulator's knowledge base: no search result
-        return ""
+    context_fn = search_result_fn(run.simulator)
 
   def reload_fn(current: int) -> tuple[Any, int] | None:
     step = published_step(run.workdir)
