@@ -60,7 +60,9 @@ def test_endpoints(serve):
   port = server.port
   assert call(port, "GET", "/healthz") == (200, {"status": "ok", "model_step": 0})
   status, out = call(port, "POST", "/v1/generate", {"query": "capital of Peru?"})
-  assert status == 200 and out["response"] == "answer to capital of Peru?"
+  assert status == 200 and set(out) == {"id", "response", "model_step", "behavior", "context"}
+  assert out["response"] == "answer to capital of Peru?"
+  assert (out["model_step"], out["behavior"], out["context"]) == (0, None, "")
   status, _ = call(port, "POST", "/v1/generate", {"query": "2+2?", "behavior": "many liked it"})
   assert status == 200
   event = {"id": out["id"], "event_id": "e1", "type": "likes"}
@@ -104,6 +106,7 @@ def _bad_requests(rid):
     ("wrong method", "GET", "/v1/generate", None, 405),
     ("wrong method with body", "PUT", "/v1/feedback", ok, 405),
     ("post to stats", "POST", "/v1/stats", {}, 405),
+    ("post to the page", "POST", "/", {"query": "q"}, 405),
   ]
 
 
@@ -121,6 +124,21 @@ def test_bad_requests_get_documented_status_and_keep_the_connection_usable(serve
   status, _ = call(server.port, "GET", "/v1/generate")
   assert status == 405
   assert server.store.counts() == {"responses": 1, "events": 0}
+
+
+def test_the_feedback_page_is_served_as_package_data(serve):
+  port = serve().port
+  conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+  conn.request("GET", "/?q=1")
+  response = conn.getresponse()
+  page = response.read().decode()
+  assert response.status == 200
+  assert response.getheader("Content-Type") == "text/html; charset=utf-8"
+  assert response.getheader("Cache-Control") == "no-cache"
+  for control in ("query", "ask", "answer", "source", "like", "dislike", "reask", "events"):
+    assert f'id="{control}"' in page
+  assert call(port, "GET", "/healthz", conn=conn)[0] == 200  # keep-alive after the page
+  conn.close()
 
 
 def test_wrong_method_names_the_allowed_one_and_length_is_required(serve):
@@ -175,11 +193,16 @@ def _run_threads(n, target):
 def test_generation_is_batched(serve):
   policy = SlowPolicy()
   policy.default_behavior = "most liked"
+  policy.context = lambda query: f"search result for {query}"
   server = serve(policy, batch_max_size=8, batch_timeout_ms=30)
   results = _run_threads(
     16, lambda k: call(server.port, "POST", "/v1/generate", {"query": f"q{k}"})
   )
   assert [r[1]["response"] for r in results] == [f"most liked: answer to q{k}" for k in range(16)]
+  # Each answer says what its prompt held: the condition used and the query's search result.
+  assert [(r[1]["behavior"], r[1]["context"]) for r in results] == [
+    ("most liked", f"search result for q{k}") for k in range(16)
+  ]
   assert sum(policy.batch_sizes) == 16 and len(policy.batch_sizes) < 16
   assert max(policy.batch_sizes) <= 8
   feed, _ = server.store.read_new()

@@ -2,6 +2,7 @@
 
 Standard library only (`http.server` + `json`), so it runs, and is tested, without JAX. The model
 sits behind the `Policy` protocol; the endpoints and their error statuses are in docs/SERVING.md.
+`GET /` is the feedback page (`static/index.html`), where a person asks and reacts to the answers.
 
 Threads: one per connection (ThreadingHTTPServer); one batcher that gathers up to `batch_max_size`
 generation requests (or waits `batch_timeout_ms` after the first) and calls the policy once; one
@@ -12,6 +13,7 @@ same lock, so new weights are swapped in between batches and no queued request i
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import json
 import logging
 import math
@@ -40,7 +42,9 @@ class Policy(Protocol):
 
   `generate` is called from one thread at a time, never concurrently with `maybe_reload`. An
   optional attribute `default_behavior: str` is used for requests without a behavior (the most
-  preferred behavior text); without it such requests reach `generate` as None.
+  preferred behavior text); without it such requests reach `generate` as None. An optional method
+  `context(query) -> str` names the search result the prompt of `query` carries ("" for none); the
+  server returns it with the answer, so a client shows what the model was conditioned on.
   """
 
   model_step: int
@@ -83,7 +87,7 @@ class _Pending:
   query: str
   behavior: str | None
   done: threading.Event = dataclasses.field(default_factory=threading.Event)
-  result: tuple[str, str] | None = None  # (response id, response text)
+  result: dict[str, Any] | None = None  # the JSON answer of /v1/generate
   error: str | None = None
 
 
@@ -101,8 +105,8 @@ class _Batcher:
     self._stopping = threading.Event()
     self.thread = threading.Thread(target=self._loop, name="rlhb-batcher", daemon=True)
 
-  def submit(self, query: str, behavior: str | None) -> tuple[str, str]:
-    """Blocks until the request's batch ran; returns (response id, response)."""
+  def submit(self, query: str, behavior: str | None) -> dict[str, Any]:
+    """Blocks until the request's batch ran; returns the answer (id, response, condition)."""
     if self._stopping.is_set():
       raise HTTPError(503, "server is shutting down")
     pending = _Pending(query, behavior)
@@ -136,6 +140,8 @@ class _Batcher:
         behaviors = [p.behavior if p.behavior is not None else default for p in batch]
         responses = self._policy.generate([p.query for p in batch], behaviors)
         model_step = int(self._policy.model_step)
+        context = getattr(self._policy, "context", lambda query: "")
+        contexts = [context(p.query) for p in batch]
       if len(responses) != len(batch):
         raise RuntimeError(f"policy returned {len(responses)} responses for {len(batch)} queries")
       ids = self._store.add_responses([p.query for p in batch], behaviors, responses, model_step)
@@ -145,8 +151,16 @@ class _Batcher:
         p.error = f"generation failed: {type(e).__name__}: {e}"
         p.done.set()
       return
-    for p, rid, response in zip(batch, ids, responses, strict=True):
-      p.result = (rid, response)
+    for p, rid, response, behavior, ctx in zip(
+      batch, ids, responses, behaviors, contexts, strict=True
+    ):
+      p.result = {
+        "id": rid,
+        "response": response,
+        "model_step": model_step,
+        "behavior": behavior,
+        "context": ctx,
+      }
       p.done.set()
 
   def _loop(self) -> None:
@@ -199,6 +213,7 @@ class FeedbackServer:
     self.store = store
     self.policy = policy
     self._own_store = own_store
+    self.page = importlib.resources.files(__package__).joinpath("static/index.html").read_bytes()
     self._policy_lock = threading.Lock()
     self._batcher = _Batcher(config, store, policy, self._policy_lock)
     self._stopping = threading.Event()
@@ -256,8 +271,7 @@ class FeedbackServer:
     body = _require_object(body)
     query = _require_str(body, "query")
     behavior = _require_str(body, "behavior", optional=True)
-    rid, response = self._batcher.submit(query, behavior)
-    return {"id": rid, "response": response}
+    return self._batcher.submit(query, behavior)
 
   def feedback(self, body: Any) -> dict[str, Any]:
     body = _require_object(body)
@@ -289,18 +303,33 @@ class FeedbackServer:
       "model_step": int(self.policy.model_step),
     }
 
+  def index(self, body: Any) -> bytes:
+    return self.page
+
   def health(self, body: Any) -> dict[str, Any]:
     if not self._batcher.thread.is_alive():
       raise HTTPError(503, "batcher thread is not running")
     return {"status": "ok", "model_step": int(self.policy.model_step)}
 
 
-# path -> (method, FeedbackServer method name)
+# path -> (method, FeedbackServer method name); a method returning bytes answers with the page.
 _ROUTES = {
+  "/": ("GET", "index"),
   "/v1/generate": ("POST", "generate"),
   "/v1/feedback": ("POST", "feedback"),
   "/v1/stats": ("GET", "stats"),
   "/healthz": ("GET", "health"),
+}
+
+
+# The page's script and style are inline and it talks to this server only.
+_PAGE_HEADERS = {
+  "Cache-Control": "no-cache",
+  "X-Content-Type-Options": "nosniff",
+  "Content-Security-Policy": (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; frame-ancestors 'none'"
+  ),
 }
 
 
@@ -338,14 +367,17 @@ class _Handler(BaseHTTPRequestHandler):
     self._body_read = False
     try:
       payload = self._route(method)
-      self._answer(200, payload)
+      if isinstance(payload, bytes):
+        self._send(200, payload, "text/html; charset=utf-8", _PAGE_HEADERS)
+      else:
+        self._answer(200, payload)
     except HTTPError as e:
       self._answer(e.status, {"error": e.message}, e.headers)
     except Exception as e:
       log.exception("%s %s failed", method, self.path)
       self._answer(500, {"error": f"internal error: {type(e).__name__}"})
 
-  def _route(self, method: str) -> dict[str, Any]:
+  def _route(self, method: str) -> dict[str, Any] | bytes:
     path = urllib.parse.urlsplit(self.path).path
     if path not in _ROUTES:
       raise HTTPError(404, f"no such path {path!r}")
@@ -407,10 +439,14 @@ class _Handler(BaseHTTPRequestHandler):
   def _answer(
     self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
   ) -> None:
+    self._send(status, json.dumps(payload).encode(), "application/json", headers)
+
+  def _send(
+    self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None
+  ) -> None:
     self._discard_body()
-    data = json.dumps(payload).encode()
     self.send_response(status)
-    self.send_header("Content-Type", "application/json")
+    self.send_header("Content-Type", content_type)
     self.send_header("Content-Length", str(len(data)))
     for key, value in (headers or {}).items():
       self.send_header(key, value)
