@@ -254,9 +254,9 @@ def test_hot_reload_swaps_between_batches_without_dropping_requests(serve):
   assert call(server.port, "GET", "/v1/stats")[1]["model_step"] >= max(steps)
 
 
-def test_concurrent_mixed_load(serve):
+def test_concurrent_mixed_load(serve, store_url):
   """8 threads x 200 requests: generate, feedback, duplicates, races on one event id, bad input."""
-  server = serve(batch_max_size=8)
+  server = serve(batch_max_size=8, store_url=store_url)
   port = server.port
   _, seed = call(port, "POST", "/v1/generate", {"query": "seed"})
   lock = threading.Lock()
@@ -328,9 +328,9 @@ def test_concurrent_mixed_load(serve):
 # -- the real process: SIGKILL mid-load, restart, nothing acknowledged is lost ---------------------
 
 
-def _start_process(tmp_path, workdir):
+def _start_process(tmp_path, workdir, store_url=""):
   config = tmp_path / "serve_config.py"
-  serve = {"serve": {"port": 0, "max_body_bytes": MAX_BODY}}
+  serve = {"serve": {"port": 0, "max_body_bytes": MAX_BODY, "store_url": store_url}}
   config.write_text(
     f"import ml_collections\n\n\ndef get_config():\n  return ml_collections.ConfigDict({serve!r})\n"
   )
@@ -355,9 +355,9 @@ def _save_checkpoint(path, state):
   os.replace(tmp, path)
 
 
-def test_sigkill_mid_load_loses_no_acknowledged_event(tmp_path):
+def test_sigkill_mid_load_loses_no_acknowledged_event(tmp_path, store_url):
   workdir = tmp_path / "run"
-  proc, port = _start_process(tmp_path, workdir)
+  proc, port = _start_process(tmp_path, workdir, store_url)
   acked, lock, stop = [], threading.Lock(), threading.Event()
 
   def load(k):
@@ -378,7 +378,7 @@ def test_sigkill_mid_load_loses_no_acknowledged_event(tmp_path):
   _save_checkpoint(checkpoint, {"cursor": start_cursor(), "consumed": []})
 
   def consume():
-    with open_store("", workdir) as store:
+    with open_store(store_url) as store:
       while not stop.is_set():
         state = json.loads(checkpoint.read_text())
         feed, cursor = store.read_new(state["cursor"], limit=25)
@@ -401,11 +401,11 @@ def test_sigkill_mid_load_loses_no_acknowledged_event(tmp_path):
     t.join()
   assert len(acked) >= 300
 
-  proc, port = _start_process(tmp_path, workdir)
+  proc, port = _start_process(tmp_path, workdir, store_url)
   try:
     stats = call(port, "GET", "/v1/stats")[1]
     assert stats["feedback_events"] >= len(acked)
-    with open_store("", workdir) as store:
+    with open_store(store_url) as store:
       feed, _ = store.read_new()
       stored = [e.event_id for e in feed.events]
       assert set(acked) <= set(stored) and len(stored) == len(set(stored))

@@ -1,7 +1,12 @@
-"""The feedback store: durability settings, idempotence, exactly-once consumption, aggregation."""
+"""The feedback store: durability settings, idempotence, exactly-once consumption, aggregation.
+
+Tests taking `store` or `store_url` run twice: on SQLite and on a throwaway PostgreSQL cluster
+(tests/pg.py, started by the `pg_cluster` fixture in conftest.py).
+"""
 
 import json
 import sqlite3
+import sys
 import threading
 
 import pytest
@@ -16,12 +21,13 @@ from rlhb_jax.serving import (
 
 
 @pytest.fixture
-def store(tmp_path):
-  with open_store("", tmp_path) as s:
+def store(store_url):
+  with open_store(store_url) as s:
     yield s
 
 
-def test_default_file_is_wal_with_full_sync(tmp_path, store):
+def test_default_file_is_wal_with_full_sync(tmp_path):
+  store = open_store("", tmp_path)
   assert store.where == str(tmp_path / "feedback.db")
   raw = sqlite3.connect(tmp_path / "feedback.db")
   assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -29,6 +35,7 @@ def test_default_file_is_wal_with_full_sync(tmp_path, store):
   assert {"responses", "events", "store_meta"} <= tables
   # synchronous is per connection: check the store's own (2 = FULL).
   assert store._conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+  store.close()
 
 
 def test_events_are_idempotent_and_checked_against_responses(store):
@@ -49,8 +56,8 @@ def test_events_are_idempotent_and_checked_against_responses(store):
   assert [r.model_step for r in feed.responses] == [3, 3]
 
 
-def test_read_new_returns_each_row_once_across_reopen(tmp_path):
-  with open_store("", tmp_path) as s:
+def test_read_new_returns_each_row_once_across_reopen(store_url):
+  with open_store(store_url) as s:
     ids = s.add_responses([f"q{i}" for i in range(5)], [None] * 5, ["a"] * 5, 0)
     for i, rid in enumerate(ids):
       s.add_event(rid, f"e{i}", "clicks")
@@ -59,7 +66,7 @@ def test_read_new_returns_each_row_once_across_reopen(tmp_path):
     assert len(feed.responses) == 3
     saved = json.dumps(cursor)  # what the trainer puts in its checkpoint
   # Restart: a new connection, more events arrive, the saved cursor resumes exactly.
-  with open_store("", tmp_path) as s:
+  with open_store(store_url) as s:
     s.add_event(ids[0], "e5", "likes")
     feed, cursor = s.read_new(json.loads(saved))
     assert [e.event_id for e in feed.events] == ["e3", "e4", "e5"]
@@ -74,9 +81,9 @@ def test_bad_cursor_is_an_error(store, cursor):
     store.read_new(cursor)
 
 
-def test_concurrent_writers_and_reader_see_every_event_once(tmp_path):
+def test_concurrent_writers_and_reader_see_every_event_once(store_url):
   """Writers on two connections (as two processes would be), a reader polling by cursor."""
-  stores = [open_store("", tmp_path) for _ in range(3)]
+  stores = [open_store(store_url) for _ in range(3)]
   (rid,) = stores[0].add_responses(["q"], [None], ["a"], 0)
   per_thread = 60
   done = threading.Event()
@@ -150,22 +157,27 @@ def test_store_urls(tmp_path):
     assert s.counts() == {"responses": 0, "events": 0}
   with pytest.raises(ValueError, match="store_url"):
     open_store("mysql://host/db")
-  try:
-    import psycopg  # noqa: F401
-  except ImportError:
-    with pytest.raises(ImportError, match="psycopg") as info:
-      open_store("postgresql://user:secret@localhost/feedback")
-    assert "secret" not in str(info.value)
 
 
-def test_schema_version_mismatch_is_refused(tmp_path):
-  open_store("", tmp_path).close()
-  raw = sqlite3.connect(tmp_path / "feedback.db")
-  raw.execute("UPDATE store_meta SET value = '99' WHERE key = 'schema_version'")
-  raw.commit()
-  raw.close()
+def test_postgres_url_without_driver_names_the_package_and_hides_the_password(monkeypatch):
+  monkeypatch.setitem(sys.modules, "psycopg", None)  # as if psycopg were not installed
+  with pytest.raises(ImportError, match="psycopg") as info:
+    open_store("postgresql://user:secret@localhost/feedback")
+  assert "secret" not in str(info.value)
+
+
+def test_postgres_store_names_no_credentials(pg_cluster):
+  url = pg_cluster.new_database()
+  with open_store(url) as s:
+    assert s.where == url.split("@")[1] and "postgres@" not in s.where
+    assert s.counts() == {"responses": 0, "events": 0}
+
+
+def test_schema_version_mismatch_is_refused(store_url):
+  with open_store(store_url) as s:
+    s._write(lambda: s._execute("UPDATE store_meta SET value = '99' WHERE key = 'schema_version'"))
   with pytest.raises(RuntimeError, match="schema version 99"):
-    open_store("", tmp_path)
+    open_store(store_url)
 
 
 def test_serve_config_validates():

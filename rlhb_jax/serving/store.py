@@ -170,7 +170,8 @@ def _connect_postgres(url: str) -> Any:
     raise ImportError(
       f"store_url {url.split('@')[-1]!r} needs the PostgreSQL driver: pip install 'psycopg[binary]'"
     ) from e
-  return psycopg.connect(url)
+  # Explicit transactions (psycopg's default): `_write` and `_read` end each with commit/rollback.
+  return psycopg.connect(url, autocommit=False)
 
 
 class FeedbackStore:
@@ -185,7 +186,11 @@ class FeedbackStore:
     self._dialect = dialect
     self._lock = threading.Lock()
     self.where = where  # path or URL without credentials, for messages
-    self._create_schema()
+    try:
+      self._create_schema()
+    except BaseException:
+      conn.close()  # e.g. a schema version this code does not read
+      raise
 
   # -- plumbing -----------------------------------------------------------------------------------
 
