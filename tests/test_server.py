@@ -425,3 +425,85 @@ def test_sigkill_mid_load_loses_no_acknowledged_event(tmp_path, store_url):
   finally:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 0
+
+
+# -- the framework's extras: the published schema, singular event types, the OpenAI endpoint -------
+
+
+def test_openapi_schema_is_published(serve):
+  status, schema = call(serve().port, "GET", "/openapi.json")
+  assert status == 200 and schema["openapi"].startswith("3.")
+  paths = schema["paths"]
+  for path in ("/v1/generate", "/v1/feedback", "/v1/chat/completions"):
+    assert set(paths[path]) == {"post"}
+    assert {"200", "400", "413", "422"} <= set(paths[path]["post"]["responses"])
+  assert set(paths["/v1/stats"]) == {"get"}
+  required = schema["components"]["schemas"]["FeedbackRequest"]["required"]
+  assert sorted(required) == ["event_id", "id", "type"]
+
+
+def test_singular_event_types_are_stored_as_the_configured_plural(serve):
+  server = serve()
+  _, out = call(server.port, "POST", "/v1/generate", {"query": "q"})
+  singular = ["like", "click", "dislike", "copy", "share", "dwell", "impression", "requery"]
+  for i, kind in enumerate(singular):
+    event = {"id": out["id"], "event_id": f"e{i}", "type": kind}
+    assert call(server.port, "POST", "/v1/feedback", event) == (200, {"duplicate": False})
+  event = {"id": out["id"], "event_id": "e-bad", "type": "hug"}
+  assert call(server.port, "POST", "/v1/feedback", event)[0] == 422
+  feed, _ = server.store.read_new()
+  assert [e.type for e in feed.events] == [
+    "likes",
+    "clicks",
+    "dislikes",
+    "copies",
+    "shares",
+    "dwell_seconds",
+    "impressions",
+    "requeries",
+  ]
+
+
+def test_openai_client_gets_a_chat_completion_whose_id_takes_feedback(serve):
+  openai = pytest.importorskip("openai")
+  policy = SlowPolicy(delay=0)
+  policy.default_behavior = "most liked"
+  server = serve(policy)
+  client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+  messages = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "capital of Peru?"},
+  ]
+  completion = client.chat.completions.create(
+    model="rlhb", messages=messages, max_tokens=32, temperature=0.7, n=1
+  )
+  (choice,) = completion.choices
+  assert choice.message.content == "most liked: answer to capital of Peru?"
+  assert (choice.message.role, choice.finish_reason) == ("assistant", "stop")
+  event = {"id": completion.id, "event_id": "e1", "type": "like"}
+  assert call(server.port, "POST", "/v1/feedback", event) == (200, {"duplicate": False})
+  # The behavior condition is an extra field; the stored response carries it.
+  other = client.chat.completions.create(
+    model="rlhb", messages=messages, extra_body={"behavior": "many disliked it"}
+  )
+  assert other.choices[0].message.content == "many disliked it: answer to capital of Peru?"
+  # Streaming: the answer as server-sent chunks with the same kind of id.
+  chunks = list(client.chat.completions.create(model="rlhb", messages=messages, stream=True))
+  text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+  assert text == "most liked: answer to capital of Peru?"
+  streamed = {"id": chunks[0].id, "event_id": "e2", "type": "clicks"}
+  assert call(server.port, "POST", "/v1/feedback", streamed) == (200, {"duplicate": False})
+  feed, _ = server.store.read_new()
+  assert [(r.id, r.behavior) for r in feed.responses] == [
+    (completion.id, "most liked"),
+    (other.id, "many disliked it"),
+    (chunks[0].id, "most liked"),
+  ]
+  assert [(e.response_id, e.type) for e in feed.events] == [
+    (completion.id, "likes"),
+    (chunks[0].id, "clicks"),
+  ]
+  with pytest.raises(openai.UnprocessableEntityError):
+    client.chat.completions.create(model="rlhb", messages=messages, n=2)
+  with pytest.raises(openai.UnprocessableEntityError):
+    client.chat.completions.create(model="rlhb", messages=[{"role": "system", "content": "x"}])

@@ -1,39 +1,39 @@
-"""HTTP JSON server: generation with request batching, behavior feedback, hot reload.
+"""The serving process: request batching, behavior feedback, hot reload, behind an HTTP app.
 
-Standard library only (`http.server` + `json`), so it runs, and is tested, without JAX. The model
-sits behind the `Policy` protocol; the endpoints and their error statuses are in docs/SERVING.md.
-`GET /` is the feedback page (`static/index.html`), where a person asks and reacts to the answers.
+The HTTP layer (routes, schemas, error shapes, `/openapi.json`) is `app.py`, a FastAPI app served by
+uvicorn in a background thread; this module is what it calls. The model sits behind the `Policy`
+protocol; the endpoints and their error statuses are in docs/SERVING.md. `GET /` is the feedback
+page (`static/index.html`), where a person asks and reacts to the answers.
 
-Threads: one per connection (ThreadingHTTPServer); one batcher that gathers up to `batch_max_size`
-generation requests (or waits `batch_timeout_ms` after the first) and calls the policy once; one
-watcher that calls `policy.maybe_reload()` every `reload_poll_seconds`. Batches and reloads take the
-same lock, so new weights are swapped in between batches and no queued request is dropped.
+Threads: uvicorn's event loop, which runs the (blocking) endpoints in its thread pool; one batcher
+that gathers up to `batch_max_size` generation requests (or waits `batch_timeout_ms` after the
+first) and calls the policy once; one watcher that calls `policy.maybe_reload()` every
+`reload_poll_seconds`. Batches and reloads take the same lock, so new weights are swapped in between
+batches and no queued request is dropped.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import importlib.resources
-import json
 import logging
-import math
 import os
 import queue
 import signal
+import socket
 import threading
 import time
-import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol, runtime_checkable
 
+import uvicorn
+from starlette.exceptions import HTTPException
+
+from rlhb_jax.serving.app import build_app
 from rlhb_jax.serving.config import ServeConfig
 from rlhb_jax.serving.store import FeedbackStore, UnknownResponseError, open_store
 
 log = logging.getLogger(__name__)
-
-# A body this much over the limit is still read and thrown away so the client sees the 413 (closing
-# a socket with unread data resets it); beyond that the connection is just closed.
-_DRAIN_SLACK_BYTES = 1 << 16
 
 
 @runtime_checkable
@@ -70,14 +70,27 @@ class EchoPolicy:
     return False
 
 
-class HTTPError(Exception):
+class HTTPError(HTTPException):
   """An error answered as `{"error": message}` with `status`."""
 
   def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
-    super().__init__(message)
+    super().__init__(status, message, headers)
     self.status = status
     self.message = message
-    self.headers = headers or {}
+
+
+# Singular forms users try ("like", "click", "copy", "dwell") -> the stored plural type.
+def _plural_forms(types: tuple[str, ...]) -> dict[str, str]:
+  forms = {t: t for t in types}
+  for t in types:
+    if t.endswith("ies"):
+      forms.setdefault(t[:-3] + "y", t)
+    elif t.endswith("s"):
+      forms.setdefault(t[:-1], t)
+    head = t.split("_")[0]
+    if head != t:
+      forms.setdefault(head, t)
+  return forms
 
 
 @dataclasses.dataclass
@@ -186,25 +199,6 @@ class _Batcher:
     self._fail_queued()
 
 
-def _require_object(body: Any) -> dict[str, Any]:
-  if not isinstance(body, dict):
-    raise HTTPError(422, f"body must be a JSON object, got {type(body).__name__}")
-  return body
-
-
-def _require_str(body: dict[str, Any], field: str, optional: bool = False) -> str | None:
-  value = body.get(field)
-  if value is None and optional:
-    return None
-  if value is None:
-    raise HTTPError(422, f"missing field {field!r}")
-  if not isinstance(value, str):
-    raise HTTPError(422, f"field {field!r} must be a string, got {type(value).__name__}")
-  if not value.strip():
-    raise HTTPError(422, f"field {field!r} must not be empty")
-  return value
-
-
 class FeedbackServer:
   """The serving process: HTTP front end, batcher, reload watcher and feedback store."""
 
@@ -218,38 +212,58 @@ class FeedbackServer:
     self._batcher = _Batcher(config, store, policy, self._policy_lock)
     self._stopping = threading.Event()
     self._watcher = threading.Thread(target=self._watch, name="rlhb-reload", daemon=True)
-    self._httpd = _HTTPServer((config.host, config.port), _Handler)
-    self._httpd.app = self
-    self._http_thread = threading.Thread(
-      target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1}, name="rlhb-http", daemon=True
+    self._types = _plural_forms(config.feedback_types)
+    # Bound now, so `.port` is known before start() (port=0 picks a free one).
+    self._socket = socket.create_server((config.host, config.port), backlog=128)
+    self._uvicorn = uvicorn.Server(
+      uvicorn.Config(
+        build_app(self),
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_keep_alive=30,  # seconds an idle keep-alive connection is kept
+        timeout_graceful_shutdown=5,
+      )
     )
+    self._http_thread = threading.Thread(target=self._serve_http, name="rlhb-http", daemon=True)
     self._shut = False
 
   @property
   def port(self) -> int:
-    return self._httpd.server_address[1]
+    return self._socket.getsockname()[1]
 
   @property
   def url(self) -> str:
     return f"http://{self.config.host}:{self.port}"
 
+  def _serve_http(self) -> None:
+    asyncio.run(self._uvicorn.serve(sockets=[self._socket]))
+
   def start(self) -> FeedbackServer:
-    """Serves in background threads; returns at once."""
+    """Serves in background threads; returns once the HTTP server accepts connections."""
     self._batcher.thread.start()
     self._watcher.start()
     self._http_thread.start()
+    deadline = time.monotonic() + 30
+    while not self._uvicorn.started and self._http_thread.is_alive():
+      if time.monotonic() > deadline:
+        raise RuntimeError("the HTTP server did not start within 30 s")
+      time.sleep(0.005)
+    if not self._uvicorn.started:
+      raise RuntimeError("the HTTP server failed to start (see the log)")
     log.info("serving on %s (store %s)", self.url, self.store.where)
     return self
 
   def shutdown(self) -> None:
-    """Stops accepting, fails what is still queued with 503, closes the store if it owns it."""
+    """Stops accepting, lets requests in flight finish (queued ones get 503), closes the store."""
     if self._shut:
       return
     self._shut = True
     self._stopping.set()
     if self._http_thread.is_alive():
-      self._httpd.shutdown()
-    self._httpd.server_close()
+      self._uvicorn.should_exit = True
+      self._http_thread.join()
+    self._socket.close()
     self._batcher.stop()
     if self._watcher.is_alive():
       self._watcher.join()
@@ -265,37 +279,23 @@ class FeedbackServer:
       except Exception:
         log.exception("policy reload failed; keeping the current weights")
 
-  # -- endpoints: each takes the parsed body (or None) and returns the JSON payload ---------------
+  # -- endpoints: called by app.py with validated fields, return the JSON payload ----------------
 
-  def generate(self, body: Any) -> dict[str, Any]:
-    body = _require_object(body)
-    query = _require_str(body, "query")
-    behavior = _require_str(body, "behavior", optional=True)
+  def generate(self, query: str, behavior: str | None) -> dict[str, Any]:
     return self._batcher.submit(query, behavior)
 
-  def feedback(self, body: Any) -> dict[str, Any]:
-    body = _require_object(body)
-    rid = _require_str(body, "id")
-    event_id = _require_str(body, "event_id")
-    kind = _require_str(body, "type")
-    if kind not in self.config.feedback_types:
+  def feedback(self, rid: str, event_id: str, kind: str, value: float) -> dict[str, Any]:
+    if kind not in self._types:
       raise HTTPError(
         422, f"field 'type': {kind!r} is not one of {list(self.config.feedback_types)}"
       )
-    value = body.get("value", 1)
-    if value is None:
-      value = 1
-    if isinstance(value, bool) or not isinstance(value, int | float):
-      raise HTTPError(422, f"field 'value' must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
-      raise HTTPError(422, f"field 'value' must be finite and >= 0, got {value!r}")
     try:
-      new = self.store.add_event(rid, event_id, kind, float(value))
+      new = self.store.add_event(rid, event_id, self._types[kind], float(value))
     except UnknownResponseError:
       raise HTTPError(404, f"unknown response id {rid!r}") from None
     return {"duplicate": not new}
 
-  def stats(self, body: Any) -> dict[str, Any]:
+  def stats(self) -> dict[str, Any]:
     counts = self.store.counts()
     return {
       "responses": counts["responses"],
@@ -303,157 +303,10 @@ class FeedbackServer:
       "model_step": int(self.policy.model_step),
     }
 
-  def index(self, body: Any) -> bytes:
-    return self.page
-
-  def health(self, body: Any) -> dict[str, Any]:
+  def health(self) -> dict[str, Any]:
     if not self._batcher.thread.is_alive():
       raise HTTPError(503, "batcher thread is not running")
     return {"status": "ok", "model_step": int(self.policy.model_step)}
-
-
-# path -> (method, FeedbackServer method name); a method returning bytes answers with the page.
-_ROUTES = {
-  "/": ("GET", "index"),
-  "/v1/generate": ("POST", "generate"),
-  "/v1/feedback": ("POST", "feedback"),
-  "/v1/stats": ("GET", "stats"),
-  "/healthz": ("GET", "health"),
-}
-
-
-# The page's script and style are inline and it talks to this server only.
-_PAGE_HEADERS = {
-  "Cache-Control": "no-cache",
-  "X-Content-Type-Options": "nosniff",
-  "Content-Security-Policy": (
-    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-    "connect-src 'self'; frame-ancestors 'none'"
-  ),
-}
-
-
-class _HTTPServer(ThreadingHTTPServer):
-  daemon_threads = True
-  request_queue_size = 128  # listen backlog; the default 5 drops bursts of new connections
-  app: FeedbackServer
-
-
-class _Handler(BaseHTTPRequestHandler):
-  protocol_version = "HTTP/1.1"  # keep-alive; every answer carries Content-Length
-  timeout = 30  # seconds a silent client may hold its thread
-  disable_nagle_algorithm = True  # headers and body go out as two writes: don't wait for an ACK
-  server: _HTTPServer
-
-  def do_GET(self) -> None:
-    self._dispatch("GET")
-
-  def do_POST(self) -> None:
-    self._dispatch("POST")
-
-  def do_PUT(self) -> None:
-    self._dispatch("PUT")
-
-  def do_DELETE(self) -> None:
-    self._dispatch("DELETE")
-
-  def do_PATCH(self) -> None:
-    self._dispatch("PATCH")
-
-  def log_message(self, format: str, *args: Any) -> None:
-    log.debug("%s %s", self.address_string(), format % args)
-
-  def _dispatch(self, method: str) -> None:
-    self._body_read = False
-    try:
-      payload = self._route(method)
-      if isinstance(payload, bytes):
-        self._send(200, payload, "text/html; charset=utf-8", _PAGE_HEADERS)
-      else:
-        self._answer(200, payload)
-    except HTTPError as e:
-      self._answer(e.status, {"error": e.message}, e.headers)
-    except Exception as e:
-      log.exception("%s %s failed", method, self.path)
-      self._answer(500, {"error": f"internal error: {type(e).__name__}"})
-
-  def _route(self, method: str) -> dict[str, Any] | bytes:
-    path = urllib.parse.urlsplit(self.path).path
-    if path not in _ROUTES:
-      raise HTTPError(404, f"no such path {path!r}")
-    allowed, endpoint = _ROUTES[path]
-    if method != allowed:
-      raise HTTPError(405, f"{path} accepts {allowed} only", {"Allow": allowed})
-    body = self._read_json() if method == "POST" else None
-    return getattr(self.server.app, endpoint)(body)
-
-  def _content_length(self) -> int:
-    if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-      raise HTTPError(411, "chunked bodies are not accepted; send Content-Length")
-    raw = self.headers.get("Content-Length")
-    if raw is None:
-      raise HTTPError(411, "Content-Length required")
-    try:
-      length = int(raw)
-    except ValueError:
-      raise HTTPError(400, f"bad Content-Length {raw!r}") from None
-    if length < 0:
-      raise HTTPError(400, f"bad Content-Length {raw!r}")
-    return length
-
-  def _read_json(self) -> Any:
-    length = self._content_length()
-    limit = self.server.app.config.max_body_bytes
-    if length > limit:
-      raise HTTPError(413, f"body of {length} bytes is over the limit of {limit}")
-    raw = self.rfile.read(length)
-    self._body_read = True
-    if len(raw) != length:
-      raise HTTPError(400, "body shorter than Content-Length")
-    try:
-      return json.loads(raw)
-    except (ValueError, RecursionError) as e:
-      raise HTTPError(400, f"malformed JSON: {e}") from None
-
-  def _discard_body(self) -> None:
-    """Keeps the connection usable after an early error, or closes it if the body is too big."""
-    if self._body_read or self.headers.get("Content-Length") is None:
-      if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-        self.close_connection = True
-      return
-    try:
-      left = int(self.headers["Content-Length"])
-    except ValueError:
-      self.close_connection = True
-      return
-    if left > self.server.app.config.max_body_bytes + _DRAIN_SLACK_BYTES:
-      self.close_connection = True
-      return
-    while left > 0:
-      chunk = self.rfile.read(min(left, 1 << 16))
-      if not chunk:
-        break
-      left -= len(chunk)
-    self._body_read = True
-
-  def _answer(
-    self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
-  ) -> None:
-    self._send(status, json.dumps(payload).encode(), "application/json", headers)
-
-  def _send(
-    self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None
-  ) -> None:
-    self._discard_body()
-    self.send_response(status)
-    self.send_header("Content-Type", content_type)
-    self.send_header("Content-Length", str(len(data)))
-    for key, value in (headers or {}).items():
-      self.send_header(key, value)
-    if self.close_connection:
-      self.send_header("Connection", "close")
-    self.end_headers()
-    self.wfile.write(data)
 
 
 def make_server(
