@@ -430,6 +430,19 @@ def test_sigkill_mid_load_loses_no_acknowledged_event(tmp_path, store_url):
 # -- the framework's extras: the published schema, singular event types, the OpenAI endpoint -------
 
 
+def test_keep_alive_answers_do_not_wait_for_delayed_acks(serve):
+  """Without TCP_NODELAY every answer waited ~40 ms (Nagle's algorithm vs. delayed ACK)."""
+  port = serve().port
+  conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+  took = []
+  for _ in range(21):
+    start = time.perf_counter()
+    assert call(port, "GET", "/healthz", conn=conn)[0] == 200
+    took.append(time.perf_counter() - start)
+  conn.close()
+  assert sorted(took)[10] < 0.02, took
+
+
 def test_openapi_schema_is_published(serve):
   status, schema = call(serve().port, "GET", "/openapi.json")
   assert status == 200 and schema["openapi"].startswith("3.")
