@@ -173,6 +173,25 @@ def test_postgres_store_names_no_credentials(pg_cluster):
     assert s.counts() == {"responses": 0, "events": 0}
 
 
+def test_postgres_store_reconnects_after_the_server_drops_it(pg_cluster):
+  import psycopg  # noqa: PLC0415 - present: pg_cluster skips without it
+
+  url = pg_cluster.new_database()
+  with open_store(url) as s:
+    (rid,) = s.add_responses(["q"], [None], ["a"], 0)
+    assert s.add_event(rid, "e1", "likes") is True
+    with psycopg.connect(url, autocommit=True) as admin:  # as a database restart would
+      admin.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+      )
+    with pytest.raises(psycopg.OperationalError):
+      s.add_event(rid, "e2", "likes")  # the call that finds the connection gone fails
+    assert s.add_event(rid, "e2", "likes") is True  # its retry lands on a new connection
+    assert s.add_event(rid, "e1", "likes") is False
+    assert s.counts() == {"responses": 1, "events": 2}
+
+
 def test_schema_version_mismatch_is_refused(store_url):
   with open_store(store_url) as s:
     s._write(lambda: s._execute("UPDATE store_meta SET value = '99' WHERE key = 'schema_version'"))

@@ -17,8 +17,11 @@ may lose the last commits on power loss; it is a config option for throughput-bo
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import datetime
+import functools
+import logging
 import math
 import os
 import sqlite3
@@ -28,6 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 CURSOR_KEYS = ("responses", "events")
 # Arbitrary constant naming the PostgreSQL advisory lock that serialises writers.
@@ -181,8 +185,12 @@ class FeedbackStore:
   `read_new(cursor)` and keeps the returned cursor in its checkpoint.
   """
 
-  def __init__(self, conn: Any, dialect: _Dialect, where: str):
+  def __init__(
+    self, conn: Any, dialect: _Dialect, where: str, connect: Callable[[], Any] | None = None
+  ):
     self._conn = conn
+    self._connect = connect  # reopens a connection the database server dropped
+    self._closed = False
     self._dialect = dialect
     self._lock = threading.Lock()
     self.where = where  # path or URL without credentials, for messages
@@ -197,22 +205,42 @@ class FeedbackStore:
   def _execute(self, statement: str, params: Sequence[Any] = ()) -> Any:
     return self._conn.execute(self._dialect.sql(statement), tuple(params))
 
+  def _reconnect_if_dropped(self) -> None:
+    """Opens a new connection if the database server dropped the current one.
+
+    A PostgreSQL restart or a terminated backend breaks the connection: the call that saw it fails
+    (answered 500; a client retries with the same event id), the next one gets a new connection.
+    """
+    if self._connect is not None and not self._closed and getattr(self._conn, "broken", False):
+      log.warning("%s: connection lost; reconnecting", self.where)
+      self._conn = self._connect()
+
+  def _rollback(self) -> None:
+    with contextlib.suppress(Exception):  # a dropped connection cannot roll back, nor needs to
+      self._conn.rollback()
+
   def _write(self, body: Callable[[], T]) -> T:
     """Runs `body()` in one serialised write transaction and commits it."""
     with self._lock:
-      self._execute(self._dialect.write_lock)
+      self._reconnect_if_dropped()
       try:
+        self._execute(self._dialect.write_lock)
         result = body()
+        self._conn.commit()
       except BaseException:
-        self._conn.rollback()
+        self._rollback()
         raise
-      self._conn.commit()
       return result
 
   def _read(self, statement: str, params: Sequence[Any] = ()) -> list[tuple]:
     with self._lock:
-      rows = self._execute(statement, params).fetchall()
-      self._conn.commit()  # ends the read snapshot (a no-op in SQLite autocommit mode)
+      self._reconnect_if_dropped()
+      try:
+        rows = self._execute(statement, params).fetchall()
+        self._conn.commit()  # ends the read snapshot (a no-op in SQLite autocommit mode)
+      except BaseException:
+        self._rollback()
+        raise
       return rows
 
   def _create_schema(self) -> None:
@@ -332,6 +360,7 @@ class FeedbackStore:
 
   def close(self) -> None:
     with self._lock:
+      self._closed = True
       self._conn.close()
 
   def __enter__(self) -> FeedbackStore:
@@ -353,7 +382,8 @@ def open_store(
     synchronous: SQLite durability, "FULL" or "NORMAL" (see the module docstring).
   """
   if url.startswith(("postgresql://", "postgres://")):
-    return FeedbackStore(_connect_postgres(url), _POSTGRES, url.split("@")[-1])
+    connect = functools.partial(_connect_postgres, url)
+    return FeedbackStore(connect(), _POSTGRES, url.split("@")[-1], connect)
   if url.startswith("sqlite:///"):
     path = url[len("sqlite:///") :]  # sqlite:///rel.db is relative, sqlite:////abs.db absolute
   elif "://" in url:
