@@ -14,7 +14,6 @@ batches and no queued request is dropped.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import importlib.resources
 import logging
@@ -247,7 +246,12 @@ class FeedbackServer:
         timeout_graceful_shutdown=5,
       )
     )
-    self._http_thread = threading.Thread(target=self._serve_http, name="rlhb-http", daemon=True)
+    self._http_thread = threading.Thread(
+      target=self._uvicorn.run,  # its own event loop (uvloop where installed) in this thread
+      kwargs={"sockets": [self._socket]},
+      name="rlhb-http",
+      daemon=True,
+    )
     self._shut = False
 
   @property
@@ -257,9 +261,6 @@ class FeedbackServer:
   @property
   def url(self) -> str:
     return f"http://{self.config.host}:{self.port}"
-
-  def _serve_http(self) -> None:
-    asyncio.run(self._uvicorn.serve(sockets=[self._socket]))
 
   def start(self) -> FeedbackServer:
     """Serves in background threads; returns once the HTTP server accepts connections."""
