@@ -296,15 +296,20 @@ class FeedbackStore:
     """
 
     def insert():
+      # One statement on the common path (a new event for a known response): a round trip less
+      # on PostgreSQL. Nothing inserted means a duplicate, or an unknown response (checked then).
+      cur = self._execute(
+        "INSERT INTO events (event_id, response_id, type, value, created_at) "
+        "SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM responses WHERE id = ?) "
+        "ON CONFLICT (event_id) DO NOTHING",
+        (event_id, response_id, type, float(value), _utc_now(), response_id),
+      )
+      if cur.rowcount == 1:
+        return True
       known = self._execute("SELECT 1 FROM responses WHERE id = ?", (response_id,)).fetchone()
       if known is None:
         raise UnknownResponseError(response_id)
-      cur = self._execute(
-        "INSERT INTO events (event_id, response_id, type, value, created_at) "
-        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
-        (event_id, response_id, type, float(value), _utc_now()),
-      )
-      return cur.rowcount == 1
+      return False
 
     return self._write(insert)
 
