@@ -114,6 +114,7 @@ def main() -> None:
   parser.add_argument("--pg-url", default="", help="default: a throwaway cluster (tests/pg.py)")
   args = parser.parse_args()
 
+  layers = {"http.server (old)": _old_make_server(), "FastAPI+uvicorn (new)": make_server}
   cluster = None
   if not args.pg_url:
     sys.path.insert(0, os.path.join(REPO, "tests"))
@@ -124,7 +125,6 @@ def main() -> None:
       cluster = pg.Cluster()
     else:
       print(f"PostgreSQL skipped: {reason}", file=sys.stderr)
-  layers = {"http.server (old)": _old_make_server(), "FastAPI+uvicorn (new)": make_server}
   stores = ["sqlite"] + (["postgresql"] if args.pg_url or cluster else [])
   runs = {(layer, store): [] for layer in layers for store in stores}
   try:

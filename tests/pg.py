@@ -69,13 +69,18 @@ class Cluster:
     self.data = os.path.join(self.root, "data")
     self.port = _free_port()
     self._names = itertools.count()
-    self._run("initdb", "-D", self.data, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
     options = (
       f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c fsync=off "
       "-c max_connections=200"
     )
     log = os.path.join(self.root, "server.log")
-    self._run("pg_ctl", "-D", self.data, "-l", log, "-o", options, "-w", "-t", "60", "start")
+    initdb = ("-D", self.data, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
+    try:
+      self._run("initdb", *initdb)
+      self._run("pg_ctl", "-D", self.data, "-l", log, "-o", options, "-w", "-t", "60", "start")
+    except BaseException:
+      self.stop()  # nothing left behind by a cluster that did not come up
+      raise
 
   def _run(self, tool: str, *args: str) -> None:
     command = [os.path.join(self._bin, tool), *args]
@@ -97,6 +102,7 @@ class Cluster:
 
   def stop(self) -> None:
     try:
-      self._run("pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop")
+      if os.path.exists(os.path.join(self.data, "postmaster.pid")):
+        self._run("pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop")
     finally:
       shutil.rmtree(self.root, ignore_errors=True)
