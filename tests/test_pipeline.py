@@ -161,9 +161,16 @@ def test_smollm2_sim_pipeline_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_dpo_and_kto_modes_then_eval(tmp_path):
   """mode=dpo and mode=kto on the embedded default write their generators and data reports;
-  mode=eval then scores them beside SFT."""
+  mode=eval then scores them beside SFT and RLHB."""
   small = ["--config.dpo.steps=3", "--config.kto.steps=3", "--config.sim.num_records=600"]
-  for mode, *extra in (("dpo",), ("dpo", "--config.dpo.pairs=annotators"), ("kto",), ("eval",)):
+  runs = (
+    ("dpo",),
+    ("dpo", "--config.dpo.pairs=annotators"),
+    ("kto",),
+    ("rlhb", "--config.rlhb.steps=2"),
+    ("eval",),
+  )
+  for mode, *extra in runs:
     out = subprocess.run(
       cli(tmp_path, *small, *extra, mode=mode),
       capture_output=True,
@@ -187,7 +194,7 @@ def test_dpo_and_kto_modes_then_eval(tmp_path):
     3,
   ]
   results = json.loads((tmp_path / "eval.json").read_text())
-  assert set(results) == {"sft", "dpo", "dpo_annotators", "kto"}
+  assert set(results) == {"sft", "rlhb", "dpo", "dpo_annotators", "kto"}
   assert (tmp_path / "models" / "dpo_annotators.json").exists()
   for name in ("dpo", "dpo_annotators", "kto"):
     assert results[name]["win"] + results[name]["tie"] + results[name]["loss"] == pytest.approx(1)
