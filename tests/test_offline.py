@@ -4,6 +4,8 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from test_baselines import ByteTokenizer, synthetic_pairs
+from test_baselines import tiny_config as baseline_config
 
 from rlhb_jax import baselines, offline, roles, steps, supervised
 from rlhb_jax import config as C
@@ -14,29 +16,8 @@ V = 64
 BEST = "Users: most liked it."
 
 
-class ByteTokenizer:
-  eos_ids = (1,)
-  pad_id = 0
-
-  def encode(self, text):
-    return [b % 60 + 4 for b in text.encode()][:60]
-
-  def chat_prompt(self, message, system=""):
-    return [2, *self.encode(message), 3]
-
-
 def tiny_config(**changes):
-  base = {
-    "model.embed_dim": 32,
-    "model.num_layers": 1,
-    "model.num_heads": 2,
-    "model.num_kv_heads": 1,
-    "model.head_dim": 16,
-    "model.mlp_dim": 64,
-    "sampling.max_new_tokens": 8,
-    "sampling.prompt_buckets": (64, 128),
-  }
-  return C.replace(C.Config(), **(base | changes))
+  return baseline_config(**{"sampling.prompt_buckets": (64, 128), **changes})
 
 
 def record(query, response, impressions, likes, dislikes=0, context=""):
@@ -104,17 +85,6 @@ def test_kto_examples_label_by_distance_to_the_preferred_bins():
 
 
 # -- learning --------------------------------------------------------------------------------
-
-
-def synthetic_pairs(n, seed):
-  """Chosen answers start with "yes", rejected ones with "no"; the rest is random filler."""
-  rng = np.random.default_rng(seed)
-  words = ["sun", "rain", "tree", "river", "stone", "cloud", "bird", "road", "lamp", "door"]
-  fill = lambda: " ".join(rng.choice(words, rng.integers(1, 3)))  # noqa: E731
-  return [
-    baselines.Pair(" ".join(rng.choice(words, 3)), f"yes {fill()}", f"no {fill()}")
-    for _ in range(n)
-  ]
 
 
 def _policy(cfg, rank):
