@@ -1,8 +1,11 @@
 """Orbax checkpoints of a run: the whole train state plus the JSON needed to resume it exactly.
 
-A checkpoint holds `state` (every role's parameters and optimizer state, the step, the KL
+A checkpoint holds `state` (every role's trainable parameters and optimizer state, the step, the KL
 coefficient and counters) and `meta` (config, data position, bin edges, tokenizer, extras). The RNG
-is not stored: per-step keys are `fold_in(key(seed), step)`, and the step is in the state.
+is not stored: per-step keys are `fold_in(key(seed), step)`, and the step is in the state. Nor is a
+state's `frozen` field, the base weights under LoRA: they never change, and a resumed run rebuilds
+them from the stage's inputs (the target passed to `restore`), so a LoRA checkpoint holds adapters,
+heads and optimizer state only.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ class Checkpointer:
   def __init__(self, directory: pathlib.Path, cfg: CheckpointConfig):
     self.directory = pathlib.Path(directory).absolute()
     self.cfg = cfg
+    self._closed = False
     options = ocp.CheckpointManagerOptions(
       max_to_keep=cfg.keep,
       save_interval_steps=max(1, cfg.every_steps),
@@ -40,7 +44,9 @@ class Checkpointer:
   def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
     return self.manager.save(
       step,
-      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(_without_frozen(state)), meta=ocp.args.JsonSave(meta)
+      ),
       force=force,
     )
 
@@ -50,7 +56,7 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-      target,
+      _without_frozen(target),
     )
     out = self.manager.restore(
       step,
@@ -58,11 +64,26 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
       ),
     )
-    return out["state"], out["meta"]
+    state = out["state"]
+    if _has_frozen(target):
+      state = state.replace(frozen=target.frozen)
+    return state, out["meta"]
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
+    if self._closed:
+      return
+    self._closed = True
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _has_frozen(state: Any) -> bool:
+  return hasattr(state, "frozen") and hasattr(state, "replace")
+
+
+def _without_frozen(state: Any) -> Any:
+  """The state with its frozen base weights left out."""
+  return state.replace(frozen={}) if _has_frozen(state) else state

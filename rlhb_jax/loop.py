@@ -130,10 +130,10 @@ def train_loop(
     ckpt.wait()
     if ckpt.latest_step() != num_steps:
       ckpt.save(num_steps, state, meta, force=True)
-  finally:
+  finally:  # an error lets pending async saves finish first (no half-written step at exit)
     progress.close()
     writer.close()
-  ckpt.close()
+    ckpt.close()
   return state
 
 

@@ -18,6 +18,7 @@ import tokenizers
 import torch
 import transformers
 from flax import nnx
+from test_pipeline import why
 from tokenizers import models, pre_tokenizers, trainers
 
 from rlhb_jax import roles
@@ -357,7 +358,7 @@ def cli(workdir, *args, mode: str = "export", check: bool = True) -> subprocess.
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
   out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
   if check:
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, why(out.stderr)
   return out
 
 
@@ -424,7 +425,7 @@ def test_cli_export_generates_like_mode_generate(tiny_run):
     env=env,
     timeout=300,
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.returncode == 0, why(proc.stderr)
   theirs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
   assert len(theirs) == len(ours) == 4
   for g, t in zip(ours, theirs, strict=True):

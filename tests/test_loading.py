@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tokenizers
+from test_pipeline import why
 from tokenizers import models, pre_tokenizers, trainers
 
 from rlhb_jax.config import ModelSpec
@@ -201,7 +202,7 @@ def test_loading_smollm2_needs_no_torch():
   out = subprocess.run(
     [sys.executable, "-c", _NO_TORCH], capture_output=True, text=True, timeout=300, check=False
   )
-  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.returncode == 0, why(out.stderr)
   assert out.stdout.strip().endswith("ok 30")
 
 

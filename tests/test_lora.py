@@ -7,11 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from test_model import CFG  # biases, untied head, Llama-3 RoPE scaling
 
 from rlhb_jax import roles, sharding, supervised
+from rlhb_jax.checkpoint import Checkpointer
+from rlhb_jax.config import CheckpointConfig
 from rlhb_jax.model import lora
 from rlhb_jax.model.heads import ScalarModel
 from rlhb_jax.model.llama import Transformer, positions_from_mask
@@ -115,7 +118,8 @@ def test_adapters_carry_logical_axes_that_the_rules_shard():
   )
 
 
-def test_sft_step_with_lora_moves_adapters_only():
+def _sft_with_lora(steps=5):
+  """(model, tx, frozen base, SFT state after `steps` LoRA steps, their losses)."""
   model = Transformer(CFG, rngs=nnx.Rngs(0))
   lora.attach(model, SPEC, seed=0)
   params, frozen = roles.split_params(model)
@@ -130,9 +134,14 @@ def test_sft_step_with_lora_moves_adapters_only():
   }
   state = supervised.init(jax.tree.map(jnp.copy, params), tx, jax.tree.map(jnp.copy, frozen))
   losses = []
-  for _ in range(5):
+  for _ in range(steps):
     state, m = step(state, batch)
     losses.append(float(m["loss"]))
+  return model, tx, frozen, state, losses
+
+
+def test_sft_step_with_lora_moves_adapters_only():
+  model, _, frozen, state, losses = _sft_with_lora()
   assert losses[-1] < losses[0]  # the adapters alone fit the batch
   for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(state.frozen), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -143,3 +152,22 @@ def test_sft_step_with_lora_moves_adapters_only():
   nnx.update(plain, merged)
   nnx.update(model, lora.join(state.params, state.frozen))
   np.testing.assert_allclose(_logits(plain), _logits(model), atol=1e-5, rtol=1e-5)
+
+
+def test_lora_checkpoint_holds_no_base_weights_and_resumes_exactly(tmp_path):
+  model, tx, frozen, state, _ = _sft_with_lora(steps=3)
+  ckpt = Checkpointer(tmp_path, CheckpointConfig(async_save=False))
+  ckpt.save(3, state, {"note": "lora"}, force=True)
+  ckpt.close()
+  with ocp.StandardCheckpointer() as reader:  # what was written: adapters and Adam moments only
+    saved = reader.metadata(tmp_path / "3" / "state").item_metadata
+  assert saved["frozen"] == {} and jax.tree.leaves(frozen)
+  assert {k for k in saved["params"]["layers"]} == {k for k in state.params["layers"]}
+  # A fresh run of the stage builds the same base and fresh adapters; restoring fills in the rest.
+  params, base = roles.split_params(model)
+  fresh = supervised.init(jax.tree.map(jnp.zeros_like, params), tx, base)
+  restored, meta = Checkpointer(tmp_path, CheckpointConfig()).restore(fresh)
+  assert meta == {"note": "lora"} and int(restored.step) == 3
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert jax.tree.structure(restored) == jax.tree.structure(state)

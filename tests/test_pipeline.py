@@ -56,12 +56,18 @@ def env() -> dict:
   return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 
 
+def why(stderr: str, limit: int = 4000) -> str:
+  """A failed run's error: its first traceback onwards, not only the noise printed at exit."""
+  start = stderr.find("Traceback (most recent call last)")
+  return stderr[start : start + limit] if start >= 0 else stderr[-limit:]
+
+
 @pytest.mark.slow
 def test_default_pipeline_smoke(tmp_path):
   out = subprocess.run(
     cli(tmp_path, "--config.rlhb.steps=2"), capture_output=True, text=True, env=env(), timeout=600
   )
-  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.returncode == 0, why(out.stderr)
   summary = json.loads((tmp_path / "summary.json").read_text())
   for method in ("sft", "rlhb"):
     for key in ("like_rate", "dislike_rate", "requery_rate", "accuracy"):
@@ -91,7 +97,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
   args = ["--config.rlhb.steps=8", "--config.checkpoint.every_steps=2"]
   full, killed = tmp_path / "full", tmp_path / "killed"
   done = subprocess.run(cli(full, *args, mode="rlhb"), capture_output=True, text=True, env=env())
-  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.returncode == 0, why(done.stderr)
 
   proc = subprocess.Popen(
     cli(killed, *args, mode="rlhb"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env()
@@ -112,7 +118,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
   resumed = subprocess.run(
     cli(killed, *args, mode="rlhb"), capture_output=True, text=True, env=env()
   )
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert resumed.returncode == 0, why(resumed.stderr)
   a, b = _params(full / "models" / "rlhb_actor"), _params(killed / "models" / "rlhb_actor")
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)
@@ -141,7 +147,7 @@ def test_smollm2_sim_pipeline_end_to_end(tmp_path):
     "--config.log.progress=False",
   ]
   out = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=1500)
-  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.returncode == 0, why(out.stderr)
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert set(summary) == {"methods", "disc", "wall_seconds"}
   assert set(summary["methods"]["rlhb"]) >= {"like_rate", "accuracy", "win", "tie", "loss"}
@@ -178,7 +184,7 @@ def test_dpo_and_kto_modes_then_eval(tmp_path):
       env=env(),
       timeout=600,
     )
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, why(out.stderr)
   dpo = json.loads((tmp_path / "models" / "dpo.json").read_text())
   kto = json.loads((tmp_path / "models" / "kto.json").read_text())
   assert dpo["pairs"] > 0 and dpo["pairs"] <= dpo["candidate_pairs"]
