@@ -47,7 +47,7 @@ compare: venv
 	$(BIN)/python experiments/compare_methods.py --seeds 0,1,2
 
 test: venv browser
-	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -rs --durations=15 $(PYTEST_ARGS)
 
 test-fast: venv browser
 	$(BIN)/python -m pytest -q -rs -m "not slow" $(PYTEST_ARGS)

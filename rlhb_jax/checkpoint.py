@@ -64,10 +64,7 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
       ),
     )
-    state = out["state"]
-    if _has_frozen(target):
-      state = state.replace(frozen=target.frozen)
-    return state, out["meta"]
+    return _with_frozen(out["state"], target), out["meta"]
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -85,5 +82,14 @@ def _has_frozen(state: Any) -> bool:
 
 
 def _without_frozen(state: Any) -> Any:
-  """The state with its frozen base weights left out."""
+  """The state (or a dict of states) with its frozen base weights left out."""
+  if isinstance(state, dict):
+    return {k: _without_frozen(v) for k, v in state.items()}
   return state.replace(frozen={}) if _has_frozen(state) else state
+
+
+def _with_frozen(restored: Any, target: Any) -> Any:
+  """`restored` with the frozen base weights of `target` put back."""
+  if isinstance(target, dict):
+    return {k: _with_frozen(restored[k], v) for k, v in target.items()}
+  return restored.replace(frozen=target.frozen) if _has_frozen(target) else restored

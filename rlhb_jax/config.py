@@ -411,8 +411,6 @@ class Config:
         "config.ppo.advantage=group needs config.ppo.rollouts_per_prompt >= 2 (the baseline is "
         "the mean of the other rollouts of the same prompt)"
       )
-    if self.mode == "online" and (self.lora.rank or self.disc.lora.rank):
-      raise ValueError("mode=online does not support LoRA yet: set config.lora.rank=0")
     if self.sampling.decode_layers not in ("auto", "unroll", "scan"):
       raise ValueError(
         f"config.sampling.decode_layers={self.sampling.decode_layers!r}: expected auto, unroll "

@@ -6,6 +6,7 @@ import urllib.request
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from rlhb_jax import config as config_lib
@@ -116,6 +117,29 @@ def test_online_rounds_survive_a_crash_and_consume_every_event_once(tmp_path, mo
     "step": 3,
     "round": 3,
   }
+
+
+@pytest.mark.slow
+def test_online_with_lora_publishes_merged_weights_and_resumes(tmp_path):
+  """LoRA on the generator and D: rounds train adapters only, deploy and publish the merged plain
+  model, checkpoint without the base weights, and a longer run resumes after the last round."""
+  lora = {"lora.rank": 2, "disc.lora.rank": 2, "online.rounds": 2}
+  first = online.run(tiny_online_config(**lora), tmp_path)["rounds"]
+  assert first[0]["like_rate_online"] == first[0]["like_rate_frozen"]  # B = 0: the SFT start
+  run = Run(tiny_online_config(**lora), tmp_path)
+  published = run.load_params("online_actor", run.base_actor())
+  start = run.load_params("sft_actor", run.base_actor())
+  assert not [k for k in published["layers"] if k.startswith("lora_")]
+  pairs = zip(jax.tree.leaves(published), jax.tree.leaves(start), strict=True)
+  assert max(float(np.abs(a - b).max()) for a, b in pairs) > 0  # the adapters moved it
+  with ocp.StandardCheckpointer() as reader:
+    saved = reader.metadata(tmp_path / "checkpoints" / "online" / "2" / "state").item_metadata
+  assert saved["rlhb"]["frozen"] == {} and saved["sft"]["frozen"] == {}
+  assert "lora_q_b" in saved["rlhb"]["actor"]["layers"]
+
+  resumed = online.run(tiny_online_config(**(lora | {"online.rounds": 3})), tmp_path)["rounds"]
+  assert resumed[:2] == first and [e["model_step"] for e in resumed] == [0, 1, 2]
+  assert json.loads((tmp_path / "models" / "online_actor.json").read_text())["step"] == 3
 
 
 def _post(url, body):

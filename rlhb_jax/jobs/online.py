@@ -17,6 +17,10 @@ discriminator on the logs in the run). Then each round r:
   5. checkpoint the state with the store cursor and the round history, and publish the weights
      (`models/online_actor`, which a separate `rlhb_jax.serve --policy=model` hot-reloads).
 
+Under LoRA (`config.lora.rank`, `config.disc.lora.rank`) the rounds train adapters only, PPO and
+the per-round SFT steps alike, and what is deployed and published is the plain generator with its
+adapters merged.
+
 With a simulator, each round also scores the deployed policy and a frozen copy of the starting
 policy on held-out queries (greedy, most preferred behavior) under that round's users, and writes
 `DIR/online_summary.json` and `DIR/plots/online_like_rate.png`. A killed run resumes from the last
@@ -40,7 +44,7 @@ import numpy as np
 from flax import nnx
 
 from rlhb_jax import config as config_lib
-from rlhb_jax import sharding, steps, supervised
+from rlhb_jax import roles, sharding, steps, supervised
 from rlhb_jax.batches import Batcher, Example
 from rlhb_jax.behavior import least_preferred_text, verbalize_records
 from rlhb_jax.checkpoint import Checkpointer
@@ -158,12 +162,24 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
 
   base = run_.batcher  # the offline logs fix the padded lengths, so the step compiles once
   state, step_fn, mesh = train.setup_rlhb(run_, base.rlhb(0))
-  sft_graph = nnx.graphdef(run_.base_actor())
+  # The round's SFT steps train what PPO trains (all weights, or the adapters on the shared base).
+  sft_graph = nnx.graphdef(roles.with_lora(run_.base_actor(), cfg.lora, cfg.seed))
   sft_tx = steps.make_optimizer(ocfg.sft_optim, max(ocfg.rounds * ocfg.sft_steps, 1))
-  sft_fn = supervised.compile_sft(sft_graph, sft_tx)
-  sft_state = supervised.init(jax.tree.map(jnp.copy, state.actor), sft_tx)
-  sft_state = jax.device_put(sft_state, sharding.replicated(mesh))  # same devices as the state
-  actor_sh = jax.tree.map(lambda x: x.sharding, state.actor)  # the RLHB step's layout
+  # On the RLHB step's layout, so the two steps hand the generator to each other as it is.
+  sft_state = supervised.init(jax.tree.map(jnp.copy, state.actor), sft_tx, state.frozen["actor"])
+  layout = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
+  rep = sharding.replicated(mesh)
+  sft_sh = supervised.SupervisedState(
+    step=rep,
+    params=layout(state.actor),
+    opt=roles.opt_shardings(sft_tx, sft_state.opt, layout(state.actor), mesh),
+    frozen=layout(state.frozen["actor"]),
+  )
+  with jax.set_mesh(mesh):
+    sft_state = sharding.place(sft_state, sft_sh)
+  sft_fn = supervised.compile_sft(
+    sft_graph, sft_tx, (sft_sh, roles.batch_shardings(base.sft(0), mesh), rep)
+  )
   ckpt = Checkpointer(
     run_.workdir / "checkpoints" / "online",
     dataclasses.replace(cfg.checkpoint, every_steps=1, async_save=False),
@@ -174,6 +190,10 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
     state, sft_state = both["rlhb"], both["sft"]
     log.info("online: resumed after round %d (step %d)", meta["round"] - 1, int(state.step))
   start_round, cursor, history = meta["round"], meta["cursor"], meta["rounds"]
+
+  def generator(state):
+    """The plain generator's params on the host (LoRA adapters merged into the base)."""
+    return roles.merged_params(state.actor, state.frozen["actor"], cfg.lora)
 
   # Evaluation (with a simulator): the starting policy's answers are fixed; only its users change.
   eval_model = run_.actor_model(prefer=("sft_actor",))
@@ -203,7 +223,7 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
 
   try:
     for r in range(start_round, ocfg.rounds):
-      actor = jax.device_get(state.actor)
+      actor = generator(state)
       policy.set_params(actor, int(state.step))  # deploy
       entry = {"round": r, "model_step": int(state.step)}
       if on.sim is not None:
@@ -240,11 +260,12 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
             else None
           )
         if ocfg.sft_steps > 0 and sft_batcher is not None:
-          sft_state = sft_state.replace(params=state.actor)
+          sft_state = sft_state.replace(params=state.actor, frozen=state.frozen["actor"])
           s0 = int(sft_state.step)  # host-side step numbers: no sync inside the loops
           for i in range(ocfg.sft_steps):
-            sft_state, m = sft_fn(sft_state, sft_batcher.sft(s0 + i))
-          state = state.replace(actor=jax.device_put(sft_state.params, actor_sh))
+            sft_state, m = sft_fn(sft_state, sft_batcher.sft(s0 + i), rng)
+          bases = state.frozen | {"actor": sft_state.frozen}  # the step donated the base
+          state = state.replace(actor=sft_state.params, frozen=bases)
           entry["sft_loss"] = float(m["loss"])
         s0, pending = int(state.step), None
         for i in range(ocfg.steps_per_round):
@@ -254,11 +275,12 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
           pending = (s0 + i + 1, metrics)
         if pending is not None:
           log_step(*pending, r)
-      sft_state = sft_state.replace(params=state.actor)  # its own copy was donated to the step
+      # Its own copies were donated to the step.
+      sft_state = sft_state.replace(params=state.actor, frozen=state.frozen["actor"])
       history.append(entry)
       meta = {"round": r + 1, "cursor": cursor, "rounds": history}
       ckpt.save(int(state.step), {"rlhb": state, "sft": sft_state}, meta, force=True)
-      publish(run_, jax.device_get(state.actor), int(state.step), r + 1)
+      publish(run_, generator(state), int(state.step), r + 1)
       progress.write(
         f"round {r}: "
         + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items())
