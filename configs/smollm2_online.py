@@ -1,4 +1,4 @@
-"""Online alignment on a model that reads: SmolLM2-135M-Instruct with LoRA, deploy -> collect -> train.
+"""Online alignment on a model that reads: SmolLM2-135M-Instruct with LoRA, round after round.
 
   python -m rlhb_jax.main --config configs/smollm2_online.py --workdir runs/smollm2_online
 
