@@ -81,15 +81,18 @@ def _has_frozen(state: Any) -> bool:
   return hasattr(state, "frozen") and hasattr(state, "replace")
 
 
-def _without_frozen(state: Any) -> Any:
-  """The state (or a dict of states) with its frozen base weights left out."""
-  if isinstance(state, dict):
-    return {k: _without_frozen(v) for k, v in state.items()}
-  return state.replace(frozen={}) if _has_frozen(state) else state
+def _without_frozen(tree: Any) -> Any:
+  """`tree` (a state, or states in a dict) with every state's frozen base weights left out."""
+  return jax.tree.map(
+    lambda x: x.replace(frozen={}) if _has_frozen(x) else x, tree, is_leaf=_has_frozen
+  )
 
 
 def _with_frozen(restored: Any, target: Any) -> Any:
-  """`restored` with the frozen base weights of `target` put back."""
-  if isinstance(target, dict):
-    return {k: _with_frozen(restored[k], v) for k, v in target.items()}
-  return restored.replace(frozen=target.frozen) if _has_frozen(target) else restored
+  """`restored` with the frozen base weights of the matching states of `target` put back."""
+  return jax.tree.map(
+    lambda r, t: r.replace(frozen=t.frozen) if _has_frozen(t) else r,
+    restored,
+    target,
+    is_leaf=_has_frozen,
+  )

@@ -11,7 +11,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from rlhb_jax import sharding, steps
+from rlhb_jax import sharding, steps, supervised
 from rlhb_jax.config import Config, ModelSpec
 from rlhb_jax.model import lora
 from rlhb_jax.model.heads import ScalarModel
@@ -166,6 +166,21 @@ def opt_shardings(tx, opt_state, param_sh, mesh: Mesh):
     opt_state,
     param_sh,
     transform_non_params=lambda _: sharding.replicated(mesh),
+  )
+
+
+def supervised_shardings(
+  state: supervised.SupervisedState, tx, params_sh, frozen_sh, mesh: Mesh
+) -> supervised.SupervisedState:
+  """NamedShardings of a supervised state whose trainable params (and reference copy) are laid
+  out as `params_sh` and its frozen base as `frozen_sh`."""
+  rep = sharding.replicated(mesh)
+  return supervised.SupervisedState(
+    step=rep,
+    params=params_sh,
+    opt=opt_shardings(tx, state.opt, params_sh, mesh),
+    frozen=frozen_sh if state.frozen else {},
+    ref=params_sh if state.ref else {},
   )
 
 

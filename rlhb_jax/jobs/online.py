@@ -167,14 +167,11 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
   sft_tx = steps.make_optimizer(ocfg.sft_optim, max(ocfg.rounds * ocfg.sft_steps, 1))
   # On the RLHB step's layout, so the two steps hand the generator to each other as it is.
   sft_state = supervised.init(jax.tree.map(jnp.copy, state.actor), sft_tx, state.frozen["actor"])
-  layout = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
-  rep = sharding.replicated(mesh)
-  sft_sh = supervised.SupervisedState(
-    step=rep,
-    params=layout(state.actor),
-    opt=roles.opt_shardings(sft_tx, sft_state.opt, layout(state.actor), mesh),
-    frozen=layout(state.frozen["actor"]),
+  actor_sh, base_sh = (
+    jax.tree.map(lambda x: x.sharding, t) for t in (state.actor, sft_state.frozen)
   )
+  sft_sh = roles.supervised_shardings(sft_state, sft_tx, actor_sh, base_sh, mesh)
+  rep = sharding.replicated(mesh)
   with jax.set_mesh(mesh):
     sft_state = sharding.place(sft_state, sft_sh)
   sft_fn = supervised.compile_sft(
@@ -221,9 +218,9 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
     writer.write(step, values)
     progress.update(step, {k: values[k] for k in ("reward_mean", "d_real", "d_fake")})
 
+  actor = generator(state)
   try:
     for r in range(start_round, ocfg.rounds):
-      actor = generator(state)
       policy.set_params(actor, int(state.step))  # deploy
       entry = {"round": r, "model_step": int(state.step)}
       if on.sim is not None:
@@ -280,7 +277,8 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
       history.append(entry)
       meta = {"round": r + 1, "cursor": cursor, "rounds": history}
       ckpt.save(int(state.step), {"rlhb": state, "sft": sft_state}, meta, force=True)
-      publish(run_, generator(state), int(state.step), r + 1)
+      actor = generator(state)  # published now, deployed next round
+      publish(run_, actor, int(state.step), r + 1)
       progress.write(
         f"round {r}: "
         + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items())

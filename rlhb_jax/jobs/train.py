@@ -59,13 +59,7 @@ def _train_model(
   )
   params_sh, frozen_sh = lora.split(full_sh, roles.has_lora(model))
   rep = sharding.replicated(mesh)
-  state_sh = supervised.SupervisedState(
-    step=rep,
-    params=params_sh,
-    opt=roles.opt_shardings(tx, state.opt, params_sh, mesh),
-    frozen=frozen_sh if frozen else {},
-    ref=params_sh if ref is not None else {},
-  )
+  state_sh = roles.supervised_shardings(state, tx, params_sh, frozen_sh, mesh)
   batch_sh = roles.batch_shardings(batch_fn(0), mesh)
   with jax.set_mesh(mesh):
     state = sharding.place(state, state_sh)
