@@ -18,6 +18,7 @@ import tokenizers
 import torch
 import transformers
 from flax import nnx
+from parity import Reference, assert_f32_parity, hf_reference
 from test_pipeline import why
 from tokenizers import models, pre_tokenizers, trainers
 
@@ -99,15 +100,33 @@ def _ours(model, tokens, mask) -> np.ndarray:
   return np.asarray(model(jnp.asarray(tokens), positions_from_mask(m), m)[0])
 
 
-def _theirs(model, tokens, mask) -> np.ndarray:
-  positions = np.array(positions_from_mask(jnp.asarray(mask)))
-  with torch.no_grad():
-    out = model(
+def _theirs(model, tokens, mask) -> Reference:
+  """transformers' logits on a left-padded batch with our positions: float64 and its f32 error."""
+  positions = torch.from_numpy(np.array(positions_from_mask(jnp.asarray(mask)))).long()
+
+  def forward(m):
+    return m(
       input_ids=torch.from_numpy(tokens).long(),
       attention_mask=torch.from_numpy(mask).long(),
-      position_ids=torch.from_numpy(positions).long(),
-    )
-  return out.logits.float().numpy()
+      position_ids=positions,
+    ).logits
+
+  return hf_reference(model, forward, mask)
+
+
+def _scores(model, rows: list[list[int]], pad: int, bias: float) -> Reference:
+  """A sequence classifier's score (+ the exported bias) of each row: right-padded in one batch,
+  then each row alone, concatenated."""
+  right = np.full((len(rows), max(map(len, rows))), pad, np.int64)
+  for i, r in enumerate(rows):
+    right[i, : len(r)] = r
+
+  def forward(m):
+    batch = m(input_ids=torch.from_numpy(right), attention_mask=torch.from_numpy(right != pad))
+    single = [m(input_ids=torch.tensor([r])).logits[0] for r in rows]
+    return torch.cat([batch.logits[:, 0], torch.stack(single)[:, 0]]) + bias
+
+  return hf_reference(model, forward)
 
 
 def _greedy_ours(model, tok: Tokenizer, prompts: list[list[int]], n: int) -> list[list[int]]:
@@ -174,8 +193,8 @@ def test_hf_export_loads_in_transformers_and_back(case, tok, tmp_path):
   assert ref.config.rope_parameters["rope_type"] == ("llama3" if cfg.rope_scaling else "default")
   tokens, mask = _left_padded(np.random.default_rng(0), cfg.vocab_size, [20, 13, 5, 1])
   ours, theirs = _ours(model, tokens, mask), _theirs(ref, tokens, mask)
-  assert np.abs(theirs[mask]).max() > 1.0  # not a comparison of near-zero numbers
-  np.testing.assert_allclose(ours[mask], theirs[mask], atol=1e-4, rtol=0)
+  assert np.abs(theirs.exact[mask]).max() > 1.0  # not a comparison of near-zero numbers
+  assert_f32_parity(ours, theirs, mask)
 
   prompts = [tok.chat_prompt(t) for t in TEXTS]
   mine = _greedy_ours(model, tok, prompts, 12)
@@ -208,16 +227,8 @@ def test_discriminator_exports_as_sequence_classifier(case, tok, tmp_path):
   rows = [[*enc.prefix(TEXTS[i], behaviors[i % 2]), *enc.response(TEXTS[-1 - i])] for i in range(3)]
   ours = [float(disc.last_token(jnp.asarray([r]), jnp.ones((1, len(r)), bool))[0, 0]) for r in rows]
   ref = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
-  T = max(map(len, rows))
-  right = np.full((len(rows), T), hf["pad_token_id"], np.int64)
-  for i, r in enumerate(rows):
-    right[i, : len(r)] = r
-  with torch.no_grad():
-    batch = ref(input_ids=torch.from_numpy(right), attention_mask=torch.from_numpy(right != 0))
-    single = [ref(input_ids=torch.tensor([r])).logits[0, 0].item() for r in rows]
-  theirs = batch.logits[:, 0].numpy() + hf["score_bias"]
-  np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
-  np.testing.assert_allclose(np.asarray(single) + hf["score_bias"], ours, atol=1e-4, rtol=0)
+  theirs = _scores(ref, rows, hf["pad_token_id"], hf["score_bias"])  # batched, then one by one
+  assert_f32_parity(np.concatenate([ours, ours]), theirs)
   assert np.ptp(ours) > 0.1  # the rows score differently
 
 
@@ -236,7 +247,7 @@ def test_gguf_export_loads_back(case, tok, tmp_path):
   tokens, mask = _left_padded(np.random.default_rng(1), cfg.vocab_size, [16, 9, 2])
   ours = _ours(model, tokens, mask)
   back = _ours(loading.build_transformer(back_cfg, back_params), tokens, mask)
-  np.testing.assert_allclose(back[mask], ours[mask], atol=1e-4, rtol=0)
+  np.testing.assert_array_equal(back[mask], ours[mask])  # the same float32 weights
 
   gguf_tok = Tokenizer.from_gguf(path)
   for text in TEXTS:
@@ -257,7 +268,7 @@ def test_gguf_export_loads_back(case, tok, tmp_path):
   )
   rounded = _ours(loading.build_transformer(cfg, half), tokens, mask)
   f16 = _ours(loading.build_transformer(*loading.load_gguf(path)), tokens, mask)
-  np.testing.assert_allclose(f16[mask], rounded[mask], atol=1e-4, rtol=0)
+  np.testing.assert_array_equal(f16[mask], rounded[mask])
   assert np.abs(f16[mask] - ours[mask]).max() > 1e-5  # it did round
 
 
@@ -292,7 +303,7 @@ def test_smollm2_exports_to_transformers_and_gguf(tmp_path):
   # magnitude 3.5 (transformers' own sdpa and eager attention differ by 6.2e-5 here).
   tokens, mask = pad_prompts(prompts, (64,), tok.pad_id)
   ours, theirs = _ours(model, tokens, mask), _theirs(ref.eval(), tokens, mask)
-  np.testing.assert_allclose(ours[mask], theirs[mask], atol=1e-4, rtol=1e-5)
+  assert_f32_parity(ours, theirs, mask)  # float32 rounding: tests/parity.py
   for p, m in zip(prompts, _greedy_ours(model, tok, prompts, 16), strict=True):
     assert m == _greedy_theirs(ref, p, 16, list(tok.eos_ids), tok.pad_id)
   back, _ = loading.load_model(ModelSpec(source="hf", path=str(tmp_path / "hf")))
@@ -313,18 +324,11 @@ def test_smollm2_exports_to_transformers_and_gguf(tmp_path):
     float(disc.last_token(jnp.asarray([r]), jnp.ones((1, len(r)), bool))[0, 0]) for r in rows
   ]
   ref_disc = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "disc")
-  right = np.zeros((len(rows), max(map(len, rows))), np.int64)
-  for i, r in enumerate(rows):
-    right[i, : len(r)] = r
-  with torch.no_grad():
-    scores = ref_disc.eval()(
-      input_ids=torch.from_numpy(right), attention_mask=torch.from_numpy(right != 0)
-    ).logits[:, 0]
-  np.testing.assert_allclose(scores.numpy() + hf["score_bias"], logits, atol=1e-4, rtol=0)
+  assert_f32_parity(np.concatenate([logits, logits]), _scores(ref_disc, rows, 0, hf["score_bias"]))
 
   export.save_gguf(tmp_path / "m.gguf", cfg, params, tok, family, max_positions=max_positions)
   again = _ours(loading.build_transformer(*loading.load_gguf(tmp_path / "m.gguf")), tokens, mask)
-  np.testing.assert_allclose(again[mask], ours[mask], atol=1e-4, rtol=0)
+  np.testing.assert_array_equal(again[mask], ours[mask])  # the same float32 weights
   gguf_tok = Tokenizer.from_gguf(tmp_path / "m.gguf")
   for text in [*PROMPTS, *TEXTS, "in 2024,  double  spaces\nand a new line."]:
     assert gguf_tok.encode(text) == tok.encode(text)
@@ -459,9 +463,10 @@ def test_cli_exported_discriminator_scores_like_ours(tiny_run):
   directory = tiny_run / "export" / "disc_warmup"
   hf = json.loads((directory / "config.json").read_text())
   ref = transformers.AutoModelForSequenceClassification.from_pretrained(directory).eval()
-  with torch.no_grad():
-    theirs = [ref(input_ids=torch.tensor([r])).logits[0, 0].item() + hf["score_bias"] for r in rows]
-  np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+  theirs = hf_reference(
+    ref, lambda m: torch.stack([m(input_ids=torch.tensor([r])).logits[0, 0] for r in rows])
+  )
+  assert_f32_parity(np.asarray(ours) - hf["score_bias"], theirs)
 
 
 @pytest.mark.parametrize(

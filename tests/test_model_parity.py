@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
+from parity import assert_f32_parity, hf_reference
 
 from rlhb_jax.config import ModelSpec, SamplingConfig
 from rlhb_jax.model import loading
@@ -62,15 +64,18 @@ def _left_padded_batch(rng: np.random.Generator, vocab: int, lengths: list[int],
   return tokens, mask
 
 
-def _hf_logits(model, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
-  positions = np.asarray(positions_from_mask(jnp.asarray(mask)))
-  with torch.no_grad():
-    out = model(
+def _hf_logits(tokens: np.ndarray, mask: np.ndarray):
+  """transformers' forward on a left-padded batch, with our positions."""
+  positions = torch.tensor(np.asarray(positions_from_mask(jnp.asarray(mask)))).long()
+
+  def forward(model):
+    return model(
       input_ids=torch.from_numpy(tokens).long(),
       attention_mask=torch.from_numpy(mask).long(),
-      position_ids=torch.tensor(positions).long(),
-    )
-  return out.logits.float().numpy()
+      position_ids=positions,
+    ).logits
+
+  return forward
 
 
 def _our_logits(model, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -94,9 +99,9 @@ def test_hf_dir_logits_match_transformers(case, tmp_path):
   model = loading.build_transformer(cfg, params)
 
   tokens, mask = _left_padded_batch(np.random.default_rng(0), TINY["vocab_size"], [20, 13, 5, 1])
-  ours, theirs = _our_logits(model, tokens, mask), _hf_logits(ref, tokens, mask)
-  assert np.abs(theirs[mask]).max() > 1.0  # the comparison is not between near-zero numbers
-  np.testing.assert_allclose(ours[mask], theirs[mask], atol=1e-4, rtol=0)
+  ours, theirs = _our_logits(model, tokens, mask), hf_reference(ref, _hf_logits(tokens, mask), mask)
+  assert np.abs(theirs.exact[mask]).max() > 1.0  # the comparison is not between near-zero numbers
+  assert_f32_parity(ours, theirs, mask)
 
 
 def test_sharded_checkpoint_loads_like_single_file(tmp_path):
@@ -161,8 +166,39 @@ def test_gguf_logits_match_transformers(tmp_path):
   assert not cfg.tie_embeddings and cfg.num_kv_heads == 2
   model = loading.build_transformer(cfg, params)
   tokens, mask = _left_padded_batch(np.random.default_rng(1), TINY["vocab_size"], [16, 9, 2])
-  ours, theirs = _our_logits(model, tokens, mask), _hf_logits(ref, tokens, mask)
-  np.testing.assert_allclose(ours[mask], theirs[mask], atol=1e-4, rtol=0)
+  ours, theirs = _our_logits(model, tokens, mask), hf_reference(ref, _hf_logits(tokens, mask), mask)
+  assert_f32_parity(ours, theirs, mask)
+
+
+def _corrupted(model, how: str):
+  """`model` with one wrong weight in its middle layer, as a bad loader or exporter would make."""
+  params = jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  layers = params["layers"]
+  mid = model.cfg.num_layers // 2
+  if how == "swap_rows":  # q_proj's output rows 0 and 1 of head 0, swapped
+    wq = np.array(layers["wq"])
+    wq[mid, :, 0, [0, 1]] = wq[mid, :, 0, [1, 0]]
+    layers["wq"] = wq
+  else:  # one matrix (down_proj) scaled by 1.01
+    w_down = np.array(layers["w_down"])
+    w_down[mid] *= 1.01
+    layers["w_down"] = w_down
+  return loading.build_transformer(model.cfg, params)
+
+
+@pytest.mark.parametrize("how", ["swap_rows", "scale_1.01"])
+def test_parity_check_fails_on_wrong_weights(how, tmp_path):
+  """The float32 parity check (tests/parity.py) that every test against transformers uses passes
+  on the right weights and fails on one wrong weight: here on a tiny model; on SmolLM2 below."""
+  ref = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**TINY)).eval()
+  _randomize(ref, seed=4)
+  ref.save_pretrained(tmp_path)
+  model = loading.build_transformer(*loading.load_hf_dir(tmp_path))
+  tokens, mask = _left_padded_batch(np.random.default_rng(2), TINY["vocab_size"], [18, 7, 3])
+  theirs = hf_reference(ref, _hf_logits(tokens, mask), mask)
+  assert_f32_parity(_our_logits(model, tokens, mask), theirs, mask)
+  with pytest.raises(AssertionError, match="not float32 parity"):
+    assert_f32_parity(_our_logits(_corrupted(model, how), tokens, mask), theirs, mask)
 
 
 # -- SmolLM2-135M-Instruct, the built-in model -----------------------------------------------------
@@ -199,11 +235,25 @@ def test_smollm2_logits_match_transformers(smollm2):
     tokens[i, T - len(p) :], mask[i, T - len(p) :] = p, True
   batched = _our_logits(ours, tokens, mask)  # left-padded batch
   for i, p in enumerate(prompts):
-    with torch.no_grad():
-      theirs = ref(input_ids=torch.tensor([p])).logits[0].numpy()  # one unpadded prompt
+    theirs = hf_reference(ref, lambda m, p=p: m(input_ids=torch.tensor([p])).logits[0])  # unpadded
     mine = batched[i][mask[i]]
-    np.testing.assert_allclose(mine, theirs, atol=1e-3, rtol=0)
-    np.testing.assert_array_equal(mine.argmax(-1), theirs.argmax(-1))
+    assert_f32_parity(mine, theirs)
+    np.testing.assert_array_equal(mine.argmax(-1), theirs.exact.argmax(-1))
+
+
+@pytest.mark.slow
+def test_smollm2_parity_check_fails_on_wrong_weights(smollm2):
+  """On SmolLM2's 30 layers too, float32 rounding passes and one wrong weight fails."""
+  ours, tok, ref, _ = smollm2
+  prompts = [tok.chat_prompt(p) for p in PROMPTS[:2]]
+  tokens, mask = _left_padded_batch(np.random.default_rng(0), 2, [len(p) for p in prompts])
+  for i, p in enumerate(prompts):
+    tokens[i, mask[i]] = p
+  theirs = hf_reference(ref, _hf_logits(tokens, mask), mask)
+  assert_f32_parity(_our_logits(ours, tokens, mask), theirs, mask)
+  for how in ("swap_rows", "scale_1.01"):
+    with pytest.raises(AssertionError, match="not float32 parity"):
+      assert_f32_parity(_our_logits(_corrupted(ours, how), tokens, mask), theirs, mask)
 
 
 @pytest.mark.slow
