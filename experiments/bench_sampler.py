@@ -26,9 +26,10 @@ from bench_train_step import matmul_peak  # the same peak in both benchmarks
 from flax import nnx
 
 from rlhb_jax.config import ModelSpec, SamplingConfig
+from rlhb_jax.data.batches import pad_prompts
 from rlhb_jax.model.llama import Transformer
+from rlhb_jax.model.sampling import sample_jit
 from rlhb_jax.model.shapes import SHAPES
-from rlhb_jax.sampling import pad_prompts, sample_jit
 
 SMOLLM2_SHAPE = SHAPES["smollm2-135m"]
 

@@ -40,9 +40,14 @@ import numpy as np
 from flax import nnx
 
 from rlhb_jax import config as C
-from rlhb_jax import roles, sharding
+from rlhb_jax.infra import sharding
+from rlhb_jax.methods.ppo import advantages
+from rlhb_jax.methods.ppo import state as ppo_state
+from rlhb_jax.methods.ppo import step as ppo_step
+from rlhb_jax.model import build as build_lib
 from rlhb_jax.model.llama import Transformer
 from rlhb_jax.model.shapes import SHAPES
+from rlhb_jax.training import trainable
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -124,13 +129,14 @@ def measure(args, *, lora_rank: int, advantage: str, disc_updates: int, full_dis
     actor, tok = loading.load_model(cfg.model)
     eos_ids, pad_id = tok.eos_ids, tok.pad_id
   V = actor.cfg.vocab_size
-  critic = roles.scalar_from_lm(actor, 1, 1) if advantage == "gae" else None
-  disc = roles.build_disc(cfg, actor, V)  # SmolLM2's trunk with a fresh head (as TRL's RM)
-  roles.with_lora(actor, cfg.lora, 0)
+  critic = build_lib.scalar_from_lm(actor, 1, 1) if advantages.get(advantage).critic else None
+  disc = build_lib.build_disc(cfg, actor, V)  # SmolLM2's trunk with a fresh head (as TRL's RM)
+  build_lib.with_lora(actor, cfg.lora, 0)
   if critic is not None:
-    roles.with_lora(critic, cfg.lora, 1)
-  roles.with_lora(disc, cfg.disc.lora, 2)
-  rl_roles, state = roles.init_state(cfg, actor, critic, disc, eos_ids, pad_id)
+    build_lib.with_lora(critic, cfg.lora, 1)
+  build_lib.with_lora(disc, cfg.disc.lora, 2)
+  mesh = sharding.make_mesh(cfg.mesh)
+  rl_roles, state, state_sh = ppo_state.init_state(cfg, actor, critic, disc, eos_ids, pad_id, mesh)
   Bp = cfg.ppo.prompts_per_step
   B = Bp * cfg.ppo.rollouts_per_prompt
   text = prompt_tokens(args, V)
@@ -148,15 +154,12 @@ def measure(args, *, lora_rank: int, advantage: str, disc_updates: int, full_dis
     "real": text[:, :Tn],
     "real_mask": np.ones((Bp, Tn), bool),
   }
-  mesh = sharding.make_mesh(cfg.mesh)
-  models = {"actor": actor, "critic": critic, "disc": disc}
-  state_sh = roles.state_shardings(rl_roles, state, models, mesh, cfg.mesh.rules)
-  batch_sh = roles.batch_shardings(batch, mesh)
+  batch_sh = trainable.batch_shardings(batch, mesh)
   # EOS never ends a row here, so every step decodes all new tokens (as TRL's does, no stop token).
   rl_roles = rl_roles.__class__(**{**rl_roles.__dict__, "eos_ids": (-1,)})
   with jax.set_mesh(mesh):
     state = jax.device_put(state, state_sh)
-    step = roles.compile_train_step(rl_roles, cfg, state_sh, batch_sh, mesh)
+    step = ppo_step.compile_train_step(rl_roles, cfg, state_sh, batch_sh, mesh)
     t0 = time.perf_counter()
     state, m = step(state, batch, jax.random.key(0))
     jax.block_until_ready(m)
@@ -176,7 +179,7 @@ def measure(args, *, lora_rank: int, advantage: str, disc_updates: int, full_dis
     Pd,
     Tn,
     cfg.ppo.epochs,
-    critic=advantage == "gae",
+    critic=advantages.get(advantage).critic,
     lora=lora_rank > 0,
     contrast=False,
     disc_update=disc_updates > 0,

@@ -30,8 +30,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rlhb_jax import config as config_lib  # noqa: E402
-from rlhb_jax.jobs import evaluate, train  # noqa: E402
-from rlhb_jax.metrics import format_markdown_table, plot_series, read_jsonl  # noqa: E402
+from rlhb_jax.eval import evaluate  # noqa: E402
+from rlhb_jax.infra.metrics import format_markdown_table, plot_series, read_jsonl  # noqa: E402
+from rlhb_jax.methods import disc as disc_lib  # noqa: E402
+from rlhb_jax.methods import dpo as dpo_lib  # noqa: E402
+from rlhb_jax.methods import kto as kto_lib  # noqa: E402
+from rlhb_jax.methods import sft as sft_lib  # noqa: E402
+from rlhb_jax.methods.ppo import stages as ppo_stages  # noqa: E402
 from rlhb_jax.run import Run  # noqa: E402
 
 METHODS = ("sft", "rlhf", "rlhbc", "rlhb", "rlhf_rlhb", "dpo", "dpo_annotators", "kto")
@@ -56,18 +61,18 @@ def load_config(overrides: list[str], path: str = "configs/compare.py") -> confi
 
 def _dpo_annotators(run: Run) -> None:
   cfg = config_lib.replace(run.cfg, **{"dpo.pairs": "annotators"})
-  train.dpo(Run(cfg, run.workdir))
+  dpo_lib.dpo(Run(cfg, run.workdir).prepare())
 
 
 TRAINERS = {  # method -> the stages that make its generator (each skips what is already done)
   "sft": lambda run: None,
-  "rlhf": train.rlhf,
-  "rlhbc": train.rlhbc,
-  "rlhb": lambda run: (train.disc_warmup(run), train.rlhb(run)),
-  "rlhf_rlhb": train.rlhf_rlhb,
-  "dpo": train.dpo,
+  "rlhf": ppo_stages.rlhf,
+  "rlhbc": ppo_stages.rlhbc,
+  "rlhb": lambda run: (disc_lib.disc_warmup(run), ppo_stages.rlhb(run)),
+  "rlhf_rlhb": ppo_stages.rlhf_rlhb,
+  "dpo": dpo_lib.dpo,
   "dpo_annotators": _dpo_annotators,
-  "kto": train.kto,
+  "kto": kto_lib.kto,
 }
 REPORT_OF = {
   "rlhf": "reward_model",
@@ -81,8 +86,8 @@ REPORT_OF = {
 def run_seed(cfg: config_lib.Config, workdir: pathlib.Path, methods: list[str]) -> dict:
   """Trains and evaluates `methods` on one seed; each method's result is kept in
   compare_<method>.json, so a rerun (or one adding methods) redoes only what is missing."""
-  run = Run(cfg, workdir)
-  train.sft(run)
+  run = Run(cfg, workdir).prepare()
+  sft_lib.sft(run)
   results, reports, wall = {}, {}, {}
   for m in methods:
     path = workdir / f"compare_{m}.json"

@@ -38,8 +38,13 @@ import compare_methods  # noqa: E402
 from reward_headroom import probe  # noqa: E402
 
 from rlhb_jax import config as config_lib  # noqa: E402
-from rlhb_jax.jobs import evaluate, train  # noqa: E402
-from rlhb_jax.metrics import format_markdown_table  # noqa: E402
+from rlhb_jax.eval import evaluate  # noqa: E402
+from rlhb_jax.infra.metrics import format_markdown_table  # noqa: E402
+from rlhb_jax.methods import disc as disc_lib  # noqa: E402
+from rlhb_jax.methods import dpo as dpo_lib  # noqa: E402
+from rlhb_jax.methods import kto as kto_lib  # noqa: E402
+from rlhb_jax.methods import sft as sft_lib  # noqa: E402
+from rlhb_jax.methods.ppo import stages as ppo_stages  # noqa: E402
 from rlhb_jax.run import Run  # noqa: E402
 
 CONFIG = "configs/smollm2_sim.py"
@@ -70,14 +75,14 @@ def stage(workdir: pathlib.Path, name: str, fn) -> dict | None:
 
 
 def run_seed(cfg: config_lib.Config, workdir: pathlib.Path, methods: list[str]) -> dict:
-  run = Run(cfg, workdir)
+  run = Run(cfg, workdir).prepare()
   temp = cfg.sampling.temperature
 
   def pipeline():
     run.logs_path  # noqa: B018  (simulates the logs on first use)
-    train.sft(run)
-    train.disc_warmup(run)
-    train.rlhb(run)
+    sft_lib.sft(run)
+    disc_lib.disc_warmup(run)
+    ppo_stages.rlhb(run)
 
   def evaluation(name: str) -> dict:
     """`name` against SFT on the held-out queries (its own stage, so a result lands early)."""
@@ -97,10 +102,10 @@ def run_seed(cfg: config_lib.Config, workdir: pathlib.Path, methods: list[str]) 
       ),
     }
   trainers = {
-    "rlhf": lambda: train.rlhf(run),
-    "oracle": lambda: train.ppo(run, "oracle", "sim", ("sft_actor",)),
-    "dpo": lambda: train.dpo(run),
-    "kto": lambda: train.kto(run),
+    "rlhf": lambda: ppo_stages.rlhf(run),
+    "oracle": lambda: ppo_stages.ppo(run, "oracle", "sim", ("sft_actor",)),
+    "dpo": lambda: dpo_lib.dpo(run),
+    "kto": lambda: kto_lib.kto(run),
   }
   for name in methods:
     if name in trainers:

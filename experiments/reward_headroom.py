@@ -31,11 +31,12 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from rlhb_jax import config as config_lib  # noqa: E402
-from rlhb_jax import rewards, roles  # noqa: E402
-from rlhb_jax.batches import left_pad, right_pad  # noqa: E402
-from rlhb_jax.jobs import evaluate  # noqa: E402
+from rlhb_jax.data.batches import left_pad, right_pad  # noqa: E402
+from rlhb_jax.eval import evaluate  # noqa: E402
+from rlhb_jax.methods import disc as disc_lib  # noqa: E402
+from rlhb_jax.model import build as build_lib  # noqa: E402
+from rlhb_jax.model.sampling import generate_texts  # noqa: E402
 from rlhb_jax.run import Run  # noqa: E402
-from rlhb_jax.sampling import generate_texts  # noqa: E402
 
 
 def load_config(path: str, seed: int) -> config_lib.Config:
@@ -46,7 +47,7 @@ def load_config(path: str, seed: int) -> config_lib.Config:
 
 def disc_scorer(run: Run, model, name: str):
   """(best-behavior logits, contrast logits) of responses, from the run's `models/<name>`."""
-  disc = roles.build_disc(run.cfg, model, run.tokenizer.vocab_size)
+  disc = build_lib.build_disc(run.cfg, model, run.tokenizer.vocab_size)
   params = run.load_params(name, disc)
   if params is None:
     raise FileNotFoundError(f"{run.workdir}/models/{name}: no discriminator there")
@@ -55,8 +56,8 @@ def disc_scorer(run: Run, model, name: str):
 
   @jax.jit
   def score(params, best, best_mask, worst, worst_mask, resp, resp_mask):
-    d = rewards.score(graphdef, params, best, best_mask, resp, resp_mask)
-    return d, rewards.score(graphdef, params, worst, worst_mask, resp, resp_mask)
+    d = disc_lib.score(graphdef, params, best, best_mask, resp, resp_mask)
+    return d, disc_lib.score(graphdef, params, worst, worst_mask, resp, resp_mask)
 
   return lambda *arrays: score(params, *map(jnp.asarray, arrays))
 
@@ -139,7 +140,7 @@ def main() -> None:
   ap.add_argument("--temperature", type=float, default=1.0)
   ap.add_argument("--show", type=int, default=0, help="print ranked samples of this many queries")
   args = ap.parse_args()
-  run = Run(load_config(args.config, args.seed), pathlib.Path(args.workdir))
+  run = Run(load_config(args.config, args.seed), pathlib.Path(args.workdir)).prepare()
   out = probe(run, args.actor, args.disc, args.n, args.temperature, args.show)
   print(json.dumps(out))
 

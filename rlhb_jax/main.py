@@ -1,16 +1,18 @@
 """Command line: `python -m rlhb_jax.main --config configs/NAME.py --workdir DIR [--config.a=v]`.
 
 Parses flags, converts the locked config once into frozen dataclasses, initialises multi-host JAX
-when asked, and dispatches on `config.mode` to `rlhb_jax.jobs.<module>.run(config, workdir)`.
+when asked, and dispatches on `config.mode` through `MODES`, the one table of modes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
 import pathlib
 import sys
+from collections.abc import Callable
 
 import jax
 from absl import app, flags
@@ -24,27 +26,65 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Run directory (outputs, checkpoints).")
 
-# config.mode -> module under rlhb_jax.jobs
-JOBS = {
-  "pipeline": "pipeline",
-  "generate": "generate",
-  "simulate": "simulate",
-  "inspect_logs": "inspect_logs",
-  "sft": "train",
-  "disc_warmup": "train",
-  "rlhb": "train",
-  "eval": "evaluate",
-  "reward_model": "train",
-  "rlhf": "train",
-  "behavior_classifier": "train",
-  "rlhbc": "train",
-  "rlhf_rlhb": "train",
-  "dpo": "train",
-  "kto": "train",
-  "online": "online",
-  "serve": "serve",
-  "export": "export",
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+  """What `config.mode=NAME` runs: a job `module:function(cfg, workdir)`, or training stages
+  `module:function(run)` run in order on one run directory (each skips what is already done)."""
+
+  help: str
+  job: str = ""
+  stages: tuple[str, ...] = ()
+  single_process: bool = False  # it serves, or writes files a second process would race
+
+
+_SFT = "methods.sft:sft"
+_DISC = "methods.disc:disc_warmup"
+
+# The one table of modes.
+MODES = {
+  "pipeline": Mode(
+    "simulate -> tokenizer -> SFT -> D warm-up -> RLHB -> eval", "jobs.pipeline:run"
+  ),
+  "generate": Mode(
+    "greedy or sampled answers to prompts", "jobs.generate:run", single_process=True
+  ),
+  "simulate": Mode("write simulated logs", "jobs.simulate:run", single_process=True),
+  "inspect_logs": Mode("validate and summarise logs", "jobs.inspect_logs:run", single_process=True),
+  "sft": Mode("behavior-conditioned SFT", stages=(_SFT,)),
+  "disc_warmup": Mode("discriminator warm-up", stages=(_DISC,)),
+  "rlhb": Mode("SFT, D warm-up, RLHB", stages=(_SFT, _DISC, "methods.ppo.stages:rlhb")),
+  "eval": Mode("every trained generator of the run, scored", "eval.evaluate:run"),
+  "reward_model": Mode("RLHF's reward model", stages=(_SFT, "methods.reward_model:reward_model")),
+  "rlhf": Mode("SFT, reward model, PPO on it", stages=(_SFT, "methods.ppo.stages:rlhf")),
+  "behavior_classifier": Mode(
+    "RLHBC's behavior classifier", stages=(_SFT, "methods.classifier:behavior_classifier")
+  ),
+  "rlhbc": Mode("SFT, classifier, PPO on it", stages=(_SFT, "methods.ppo.stages:rlhbc")),
+  "rlhf_rlhb": Mode(
+    "RLHB from the RLHF policy (Q2)", stages=(_SFT, "methods.ppo.stages:rlhf_rlhb")
+  ),
+  "dpo": Mode("offline DPO from SFT", stages=(_SFT, "methods.dpo:dpo")),
+  "kto": Mode("offline KTO from SFT", stages=(_SFT, "methods.kto:kto")),
+  "online": Mode("rounds of deploy -> collect -> train", "jobs.online:run", single_process=True),
+  "serve": Mode("the newest generator over HTTP", "jobs.serve:run", single_process=True),
+  "export": Mode("a model as HF or GGUF", "jobs.export:run", single_process=True),
 }
+
+
+def resolve(target: str) -> Callable:
+  """`module:function` under rlhb_jax, imported on demand."""
+  module, _, name = target.partition(":")
+  return getattr(importlib.import_module(f"rlhb_jax.{module}"), name)
+
+
+def run_stages(cfg: config_lib.Config, workdir: pathlib.Path, stages: tuple[str, ...]) -> dict:
+  from rlhb_jax.run import Run
+
+  run_ = Run(cfg, workdir).prepare()
+  for stage in stages:
+    resolve(stage)(run_)
+  return {"workdir": str(workdir)}
 
 
 def initialize_distributed(cfg: config_lib.DistributedConfig) -> None:
@@ -65,13 +105,15 @@ def initialize_distributed(cfg: config_lib.DistributedConfig) -> None:
 
 def multi_process_problem(cfg: config_lib.Config) -> str | None:
   """Why `cfg` cannot run in several processes, or None."""
-  if cfg.mode in cfg.distributed.single_process_modes:
+  if MODES[cfg.mode].single_process:
     return (
       f"config.mode={cfg.mode} runs in one process only; start it without the launcher and "
       "without config.distributed"
     )
-  if cfg.reward.source == "sim":
-    return "config.reward.source=sim (a host callback into the simulator) runs in one process only"
+  from rlhb_jax.methods.ppo import rewards
+
+  if rewards.get(cfg.reward.source).single_process:
+    return f"config.reward.source={cfg.reward.source} (a host callback) runs in one process only"
   return None
 
 
@@ -84,8 +126,10 @@ def run(cfg: config_lib.Config, workdir: pathlib.Path) -> dict:
     path = workdir / f"config_{cfg.mode}.json"
   if jax.process_index() == 0:
     path.write_text(json.dumps(config_lib.to_configdict(cfg).to_dict(), indent=2, default=list))
-  module = importlib.import_module(f"rlhb_jax.jobs.{JOBS[cfg.mode]}")
-  return module.run(cfg, workdir)
+  mode = MODES[cfg.mode]
+  if mode.stages:
+    return run_stages(cfg, workdir, mode.stages)
+  return resolve(mode.job)(cfg, workdir)
 
 
 def main(argv: list[str]) -> None:
@@ -97,6 +141,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("--config is required, e.g. --config configs/default.py")
   try:
     cfg = config_lib.from_configdict(_CONFIG.value)
+    if cfg.mode not in MODES:
+      raise ValueError(f"config.mode={cfg.mode!r}: expected one of {tuple(MODES)}")
   except (KeyError, TypeError, ValueError) as e:
     print(f"config error: {e}", file=sys.stderr)
     sys.exit(2)

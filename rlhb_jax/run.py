@@ -1,4 +1,16 @@
-"""A run directory and what every job derives from it, built once and cached.
+"""A run directory and what every job derives from it.
+
+`Run(cfg, workdir)` reads and writes nothing. Its data comes from named preparation steps that a
+job calls in order with `run.prepare(...)` (each runs once; what it derives is written into the
+run directory the first time and read back after, so a resumed or later job sees the same):
+
+  logs        simulated logs and annotator preferences (unless config.data.path names logs)
+  tokenizer   the checkpoint's tokenizer (and its model), or a BPE trained on the simulator corpus
+  records     the logs read and validated (bad lines quarantined and counted)
+  bins        behavior bin edges fitted on the records
+
+Reading `run.tokenizer`, `run.records`, `run.binner`, ... before its step ran is an error that
+names the step; what is derived from them (examples, the batcher) is computed once, without I/O.
 
 Layout of `workdir`:
   config.json            the resolved config
@@ -26,36 +38,63 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from rlhb_jax import roles, sharding
-from rlhb_jax.batches import Batcher, Example
 from rlhb_jax.config import Config
+from rlhb_jax.data.batches import Batcher, Example
+from rlhb_jax.data.tokenization import Tokenizer
+from rlhb_jax.infra import sharding
+from rlhb_jax.model import build as build_lib
 from rlhb_jax.model.llama import Transformer
-from rlhb_jax.tokenization import Tokenizer
 
 log = logging.getLogger(__name__)
 
 
 class Run:
+  # Each step and the steps it needs first.
+  STEPS = {"logs": (), "tokenizer": (), "records": ("logs",), "bins": ("records",)}
+
   def __init__(self, cfg: Config, workdir: pathlib.Path):
     self.cfg = cfg
     self.workdir = pathlib.Path(workdir).absolute()
     self.workdir.mkdir(parents=True, exist_ok=True)
+    self._done: dict[str, Any] = {}
 
-  # -- Models and tokenizer ------------------------------------------------------------------------
+  def prepare(self, *steps: str) -> Run:
+    """Runs the named steps (default: all of them) and those they need, in order; returns self."""
+    for name in steps or tuple(self.STEPS):
+      if name not in self.STEPS:
+        raise ValueError(f"Run.prepare: no step {name!r}; known: {tuple(self.STEPS)}")
+      if name in self._done:
+        continue
+      self.prepare(*self.STEPS[name])
+      self._done[name] = getattr(self, f"_{name}")()
+    return self
 
-  @functools.cached_property
-  def _checkpoint_model(self) -> tuple[Transformer, Tokenizer] | None:
-    if self.cfg.model.source == "tiny":
-      return None
-    from rlhb_jax.model import loading
+  def _need(self, step: str) -> Any:
+    if step not in self._done:
+      raise RuntimeError(f"the run's {step!r} step has not run: call run.prepare({step!r}) first")
+    return self._done[step]
 
-    return loading.load_model(self.cfg.model)
+  # -- Steps ---------------------------------------------------------------------------------------
 
-  @functools.cached_property
-  def tokenizer(self) -> Tokenizer:
-    loaded = self._checkpoint_model
-    if loaded is not None:
-      return loaded[1]
+  def _logs(self) -> pathlib.Path:
+    """config.data.path, or simulated logs (and annotator preferences) written into the run."""
+    if self.cfg.data.path:
+      return pathlib.Path(self.cfg.data.path)
+    path = self.workdir / "logs.jsonl"
+    if not path.exists() and sharding.is_primary():
+      self.simulator.write_preferences(self.workdir / "preferences.jsonl")
+      n = self.simulator.write_logs(self.workdir / "logs.jsonl.tmp")
+      (self.workdir / "logs.jsonl.tmp").rename(path)
+      log.info("simulated %d log records: %s", n, path)
+    sharding.barrier("logs")
+    return path
+
+  def _tokenizer(self) -> tuple[Tokenizer, Transformer | None]:
+    if self.cfg.model.source != "tiny":
+      from rlhb_jax.model import loading
+
+      model, tok = loading.load_model(self.cfg.model)
+      return tok, model
     tok_dir = self.workdir / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists() and sharding.is_primary():
       from rlhb_jax.sim.bpe import tokenizer_corpus, train_bpe
@@ -66,14 +105,61 @@ class Run:
       tok.save(tok_dir)
       log.info("trained a %d-token BPE on the simulator corpus: %s", tok.vocab_size, tok_dir)
     sharding.barrier("tokenizer")
-    return Tokenizer.load(tok_dir)
+    return Tokenizer.load(tok_dir), None
+
+  def _records(self) -> list[dict]:
+    from rlhb_jax.data import read_records
+
+    path = self.logs_path
+    quarantine = self.workdir if sharding.is_primary() else None  # one author of quarantine.jsonl
+    reader = read_records(path, self.cfg.data, quarantine, self.cfg.behavior)
+    records = list(reader)
+    report = reader.report
+    log.info(
+      "logs %s: %d records ok, %d rejected%s",
+      path,
+      report.records_ok,
+      report.records_rejected,
+      f" (quarantined in {report.quarantine_path})" if report.records_rejected else "",
+    )
+    return records
+
+  def _bins(self):
+    """Bin edges fitted on the training logs, saved with the run and reused on resume."""
+    from rlhb_jax.data.behavior import Binner
+
+    path = self.workdir / "bin_edges.json"
+    if not path.exists() and sharding.is_primary():
+      Binner.fit(self.records, self.cfg.behavior).save(path)
+    sharding.barrier("bin_edges")
+    return Binner.load(path, self.cfg.behavior)
+
+  # -- What the steps made -------------------------------------------------------------------------
+
+  @property
+  def logs_path(self) -> pathlib.Path:
+    return self._need("logs")
+
+  @property
+  def tokenizer(self) -> Tokenizer:
+    return self._need("tokenizer")[0]
+
+  @property
+  def records(self) -> list[dict]:
+    return self._need("records")
+
+  @property
+  def binner(self):
+    return self._need("bins")
+
+  # -- Models --------------------------------------------------------------------------------------
 
   def base_actor(self) -> Transformer:
     """The generator before any training of ours (random tiny, or the loaded checkpoint)."""
-    loaded = self._checkpoint_model
+    loaded = self._need("tokenizer")[1]
     if loaded is not None:
-      return nnx.clone(loaded[0])  # a copy: stages attach adapters to the module they get
-    return roles.build_lm(self.cfg.model, self.tokenizer.vocab_size, self.cfg.seed)[0]
+      return nnx.clone(loaded)  # a copy: stages attach adapters to the module they get
+    return build_lib.build_lm(self.cfg.model, self.tokenizer.vocab_size, self.cfg.seed)[0]
 
   def actor_model(self, prefer: tuple[str, ...] = ("rlhb_actor", "sft_actor")) -> Transformer:
     """The newest trained generator found in the run (or the base one)."""
@@ -100,38 +186,15 @@ class Run:
     path = self.workdir / "models" / name
     if not path.exists():
       return None
-    target = roles.params_of(like) if isinstance(like, nnx.Module) else like
+    target = build_lib.params_of(like) if isinstance(like, nnx.Module) else like
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
     with ocp.StandardCheckpointer() as ckptr:
       return ckptr.restore(path, abstract)
 
-  # -- Data ----------------------------------------------------------------------------------------
-
-  @functools.cached_property
-  def simulator(self):
-    from rlhb_jax.sim.simulator import Simulator
-
-    return Simulator(self.cfg.sim, self.cfg.seed)
-
-  @functools.cached_property
-  def logs_path(self) -> pathlib.Path:
-    """config.data.path, or simulated logs (and annotator preferences) written into the run."""
-    if self.cfg.data.path:
-      return pathlib.Path(self.cfg.data.path)
-    path = self.workdir / "logs.jsonl"
-    if not path.exists() and sharding.is_primary():
-      self.simulator.write_preferences(self.workdir / "preferences.jsonl")
-      n = self.simulator.write_logs(self.workdir / "logs.jsonl.tmp")
-      (self.workdir / "logs.jsonl.tmp").rename(path)
-      log.info("simulated %d log records: %s", n, path)
-    sharding.barrier("logs")
-    return path
-
-  @functools.cached_property
-  def preferences(self) -> list:
+  def read_preferences(self) -> list:
     """Pairwise preferences for RLHF: config.reward.preferences_path, or the simulator's
     annotators' (written beside simulated logs; search results attached like the logs')."""
-    from rlhb_jax.baselines import read_preferences
+    from rlhb_jax.data.preferences import read_preferences
 
     if self.cfg.reward.preferences_path:
       return read_preferences(self.cfg.reward.preferences_path)
@@ -144,37 +207,17 @@ class Run:
     context_fn = self.simulator.context if self.uses_context else None
     return read_preferences(path, context_fn)
 
-  @functools.cached_property
-  def records(self) -> list[dict]:
-    from rlhb_jax.data import read_records
-
-    quarantine = self.workdir if sharding.is_primary() else None  # one author of quarantine.jsonl
-    reader = read_records(self.logs_path, self.cfg.data, quarantine, self.cfg.behavior)
-    records = list(reader)
-    report = reader.report
-    log.info(
-      "logs %s: %d records ok, %d rejected%s",
-      self.logs_path,
-      report.records_ok,
-      report.records_rejected,
-      f" (quarantined in {report.quarantine_path})" if report.records_rejected else "",
-    )
-    return records
+  # -- Derived, without I/O ------------------------------------------------------------------------
 
   @functools.cached_property
-  def binner(self):
-    """Bin edges fitted on the training logs, saved with the run and reused on resume."""
-    from rlhb_jax.behavior import Binner
+  def simulator(self):
+    from rlhb_jax.sim.simulator import Simulator
 
-    path = self.workdir / "bin_edges.json"
-    if not path.exists() and sharding.is_primary():
-      Binner.fit(self.records, self.cfg.behavior).save(path)
-    sharding.barrier("bin_edges")
-    return Binner.load(path, self.cfg.behavior)
+    return Simulator(self.cfg.sim, self.cfg.seed)
 
   @functools.cached_property
   def examples(self) -> list[Example]:
-    from rlhb_jax.behavior import verbalize_records
+    from rlhb_jax.data.behavior import verbalize_records
 
     texts = verbalize_records(self.records, self.binner)
     return [
@@ -189,13 +232,13 @@ class Run:
 
   @functools.cached_property
   def best_behavior(self) -> str:
-    from rlhb_jax.behavior import most_preferred_text
+    from rlhb_jax.data.behavior import most_preferred_text
 
     return most_preferred_text(self.cfg.behavior)
 
   @functools.cached_property
   def batcher(self) -> Batcher:
-    from rlhb_jax.behavior import least_preferred_text
+    from rlhb_jax.data.behavior import least_preferred_text
 
     worst = least_preferred_text(self.cfg.behavior)
     return Batcher(self.cfg, self.tokenizer, self.examples, self.best_behavior, worst)

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rlhb_jax import advantages, steps
 from rlhb_jax.config import PPOConfig, SamplingConfig
+from rlhb_jax.methods.ppo import advantages
 from rlhb_jax.model.llama import LlamaConfig, Transformer
-from rlhb_jax.sampling import sample
+from rlhb_jax.model.sampling import sample
+from rlhb_jax.training import forward
 
 
 def np_rloo(r: np.ndarray, n: int, scale: bool) -> np.ndarray:
@@ -41,7 +42,7 @@ def test_group_advantages_credit_every_token_with_the_kl_shaped_return():
   lp, ref = rng.normal(size=(2, B, T)).astype(np.float32)
   mask = (np.arange(T)[None] < rng.integers(1, T + 1, (B, 1))).astype(np.float32)
   ppo = PPOConfig(advantage="group", rollouts_per_prompt=n, kl_estimator="k1")
-  out = advantages.group_advantages(jnp.asarray(seq), lp, ref, jnp.asarray(mask), beta, ppo)
+  out = advantages.group_advantages(jnp.asarray(seq), lp, ref, None, jnp.asarray(mask), beta, ppo)
   ret = seq - beta * ((lp - ref) * mask).sum(axis=1)
   want = np_rloo(ret, n, False)[:, None] * mask
   np.testing.assert_allclose(np.asarray(out.advantages), want, rtol=1e-5, atol=1e-6)
@@ -66,10 +67,10 @@ def test_sampler_logprobs_equal_the_teacher_forced_ones(temperature):
   scfg = SamplingConfig(max_new_tokens=6, temperature=temperature)
   out = sample(model, jnp.asarray(prompt), jnp.asarray(pmask), jax.random.key(3), scfg, (2,))
   graphdef, params = nnx.split(model)
-  logits = steps.policy_logits(
+  logits = forward.policy_logits(
     graphdef, params, prompt, pmask, out.tokens, out.mask, temperature=temperature
   )
-  forced = np.asarray(steps.token_logprobs(logits, out.tokens))
+  forced = np.asarray(forward.token_logprobs(logits, out.tokens))
   m = np.asarray(out.mask)
   assert m.sum() > 4
   np.testing.assert_allclose(np.asarray(out.logprobs)[m], forced[m], atol=2e-5, rtol=1e-5)

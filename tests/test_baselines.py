@@ -7,10 +7,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rlhb_jax import baselines, rewards, roles, steps, supervised
 from rlhb_jax import config as C
-from rlhb_jax.behavior import BehaviorConfig, Binner
+from rlhb_jax.data import preferences
+from rlhb_jax.data.behavior import BehaviorConfig, Binner
 from rlhb_jax.data.validate import BadRecordError
+from rlhb_jax.infra import sharding
+from rlhb_jax.methods import classifier as classifier_lib
+from rlhb_jax.methods import reward_model as rm_lib
+from rlhb_jax.methods.ppo import rewards
+from rlhb_jax.methods.ppo import state as ppo_state
+from rlhb_jax.methods.ppo import step as ppo_step
+from rlhb_jax.model import build as build_lib
+from rlhb_jax.training import optim, trainable
 
 V = 64
 
@@ -50,27 +58,27 @@ def synthetic_pairs(n, seed):
     q = " ".join(rng.choice(words, 3))
     fill = lambda: " ".join(rng.choice(words, rng.integers(1, 3)))  # noqa: E731
     a, b = f"yes {fill()}", f"no {fill()}"
-    pairs.append(baselines.Pair(q, a, b))
+    pairs.append(preferences.Pair(q, a, b))
   return pairs
 
 
 def test_reward_model_learns_a_known_preference():
   """Held-out pairwise accuracy must reach 0.9 (a random RM scores about 0.5)."""
   cfg = tiny_config()
-  actor, _ = roles.build_lm(cfg.model, V, 0)
-  rm = roles.build_disc(cfg, actor, V, seed_offset=3)
-  graphdef, params = nnx.graphdef(rm), roles.params_of(rm)
+  actor, _ = build_lib.build_lm(cfg.model, V, 0)
+  rm = build_lib.build_disc(cfg, actor, V, seed_offset=3)
+  graphdef, params = nnx.graphdef(rm), build_lib.params_of(rm)
   pairs = synthetic_pairs(400, 0)
-  train, heldout = baselines.split_heldout(pairs, 0.2, 0)
+  train, heldout = preferences.split_heldout(pairs, 0.2, 0)
   assert len(heldout) == 80 and not set(map(id, train)) & set(map(id, heldout))
-  batcher = baselines.PairBatcher(cfg, ByteTokenizer(), train, prefix_len=48, size=16)
-  before = baselines.rm_accuracy(graphdef, params, batcher, heldout)
-  tx = steps.make_optimizer(cfg.reward.rm_optim, 80)
-  step = baselines.compile_rm(graphdef, tx)
-  state = supervised.init(params, tx)
+  batcher = rm_lib.PairBatcher(cfg, ByteTokenizer(), train, prefix_len=48, size=16)
+  before = rm_lib.rm_accuracy(graphdef, params, batcher, heldout)
+  tx = optim.make_optimizer(cfg.reward.rm_optim, 80)
+  step = rm_lib.compile_rm(graphdef, tx)
+  state = trainable.init(params, tx)
   for s in range(80):
     state, m = step(state, batcher(s))
-  after = baselines.rm_accuracy(graphdef, state.params, batcher, heldout)
+  after = rm_lib.rm_accuracy(graphdef, state.params, batcher, heldout)
   assert after >= 0.9, (before, after)
   assert float(m["loss"]) < 0.3
 
@@ -80,12 +88,12 @@ def test_bin_counts_map_bins_back_to_counts_per_impression():
   names = cfg.names  # impressions, clicks, likes, dislikes, requeries
   lo = dict.fromkeys(names, 0.0)
   hi = dict.fromkeys(names, float(np.log1p(100.0)))
-  counts = baselines.bin_counts(Binner(cfg, lo, hi))
+  counts = classifier_lib.bin_counts(Binner(cfg, lo, hi))
   mids = np.expm1(np.log1p(100.0) * np.array([0.25, 0.75]))
   np.testing.assert_allclose(counts[0], [1.0, 1.0])  # impressions: 1 per impression
   for k in range(1, len(names)):
     np.testing.assert_allclose(counts[k], mids / 100.0, rtol=1e-6)
-  raw = baselines.bin_counts(
+  raw = classifier_lib.bin_counts(
     Binner(BehaviorConfig(num_bins=2, normalize_by_impressions=False), lo, hi)
   )
   np.testing.assert_allclose(raw[0], mids, rtol=1e-6)
@@ -97,7 +105,7 @@ def test_classifier_reward_formula_on_known_inputs():
     [[1, 1, 1], [0.0, 0.1, 0.4], [0.0, 0.2, 0.5], [0.0, 0.1, 0.3], [0.0, 0.2, 0.6]], np.float32
   )
   cfg = tiny_config()
-  num, den = baselines.formula_weights(cfg)
+  num, den = classifier_lib.formula_weights(cfg)
   np.testing.assert_array_equal(num, [0, 0, 1, -1, 0])
   np.testing.assert_array_equal(den, [1, 1, 0, 0, 0])
   sure = lambda bins: np.stack([np.eye(3)[b] * 60.0 for b in bins])  # noqa: E731
@@ -111,7 +119,7 @@ def test_classifier_reward_formula_on_known_inputs():
   np.testing.assert_allclose(uniform, [(e[2] - e[3]) / (e[0] + e[1])], rtol=1e-5)
   # The formula is configuration.
   cfg2 = tiny_config(**{"reward.numerator": (("likes", 2.0),), "reward.denominator": ()})
-  num2, den2 = baselines.formula_weights(cfg2)
+  num2, den2 = classifier_lib.formula_weights(cfg2)
   np.testing.assert_array_equal(num2, [0, 0, 2, 0, 0])
   assert not den2.any()
 
@@ -126,14 +134,14 @@ def test_bad_preference_lines_name_file_line_and_field(tmp_path):
   good = {"query": "q", "chosen": "a", "rejected": "b"}
   path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "rejected": 3}) + "\n")
   with pytest.raises(BadRecordError) as e:
-    baselines.read_preferences(path)
+    preferences.read_preferences(path)
   assert (e.value.line, e.value.field) == (2, "rejected") and str(path) in str(e.value)
   path.write_text(json.dumps(good) + "\n{oops\n")
   with pytest.raises(BadRecordError, match=":2:"):
-    baselines.read_preferences(path)
+    preferences.read_preferences(path)
   path.write_text(json.dumps(good) + "\n")
-  (pair,) = baselines.read_preferences(path, context_fn=lambda q: f"ctx {q}")
-  assert pair == baselines.Pair("q", "a", "b", "ctx q")
+  (pair,) = preferences.read_preferences(path, context_fn=lambda q: f"ctx {q}")
+  assert pair == preferences.Pair("q", "a", "b", "ctx q")
 
 
 @pytest.mark.parametrize("source", ["rm", "classifier", "disc+rm"])
@@ -144,28 +152,29 @@ def test_ppo_step_with_each_reward_source(source):
   cfg = C.replace(small_config(), **{"reward.source": source})
   if not rewards.uses_disc(cfg):
     cfg = C.replace(cfg, **{"disc.updates_per_step": 0})
-  actor, _ = roles.build_lm(cfg.model, 64, 0)
-  critic = roles.scalar_from_lm(actor, 1, 1)
-  disc = roles.build_disc(cfg, actor, 64)
+  actor, _ = build_lib.build_lm(cfg.model, 64, 0)
+  critic = build_lib.scalar_from_lm(actor, 1, 1)
+  disc = build_lib.build_disc(cfg, actor, 64)
   k, n = len(cfg.behavior.names), cfg.behavior.num_bins
   outputs = k * n if source == "classifier" else 1
-  rm = roles.build_disc(cfg, actor, 64, outputs, seed_offset=3)
+  rm = build_lib.build_disc(cfg, actor, 64, outputs, seed_offset=3)
   rm.head_w[...] = 0.5 * jax.random.normal(jax.random.key(3), rm.head_w[...].shape)
   classifier = None
   if source == "classifier":
     counts = np.tile(np.linspace(0, 0.5, n, dtype=np.float32), (k, 1))
     counts[0] = 1.0
-    num, den = baselines.formula_weights(cfg)
+    num, den = classifier_lib.formula_weights(cfg)
     classifier = {"bin_counts": counts, "num": num, "den": den}
-  rl_roles, state = roles.init_state(
-    cfg, actor, critic, disc, (1,), 0, rm=rm, classifier=classifier
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  rl_roles, state, _ = ppo_state.init_state(
+    cfg, actor, critic, disc, (1,), 0, mesh, rm=rm, classifier=classifier
   )
   rm_before = jax.tree.map(np.asarray, state.rm)
   batch = make_batch(0)
   rng = np.random.default_rng(1)
   batch["rm_prefix"] = rng.integers(5, 64, (Bp, Pd)).astype(np.int32)
   batch["rm_prefix_mask"] = np.ones((Bp, Pd), bool)
-  step = jax.jit(lambda s, b, r: steps.train_step(rl_roles, cfg, s, b, r))
+  step = jax.jit(lambda s, b, r: ppo_step.train_step(rl_roles, cfg, s, b, r))
   new, metrics = step(state, batch, jax.random.key(0))
   new, metrics = step(new, batch, jax.random.key(0))  # step 0 has learning rate 0 (warm-up)
   assert np.isfinite(float(metrics["reward_mean"]))
@@ -195,13 +204,14 @@ def test_ppo_step_with_the_simulator_reward():
     seen.append((np.asarray(tokens), np.asarray(mask), np.asarray(index)))
     return (np.asarray(mask).sum(1) + 0.1 * np.asarray(index)).astype(np.float32)
 
-  actor, _ = roles.build_lm(cfg.model, 64, 0)
-  critic = roles.scalar_from_lm(actor, 1, 1)
-  disc = roles.build_disc(cfg, actor, 64)
-  rl_roles, state = roles.init_state(cfg, actor, critic, disc, (1,), 0, oracle=oracle)
+  actor, _ = build_lib.build_lm(cfg.model, 64, 0)
+  critic = build_lib.scalar_from_lm(actor, 1, 1)
+  disc = build_lib.build_disc(cfg, actor, 64)
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  rl_roles, state, _ = ppo_state.init_state(cfg, actor, critic, disc, (1,), 0, mesh, oracle=oracle)
   batch = make_batch(0)
   batch["query_index"] = np.arange(Bp, dtype=np.int32) * 3
-  new, metrics = jax.jit(lambda s, b, r: steps.train_step(rl_roles, cfg, s, b, r))(
+  new, metrics = jax.jit(lambda s, b, r: ppo_step.train_step(rl_roles, cfg, s, b, r))(
     state, batch, jax.random.key(0)
   )
   tokens, mask, index = seen[-1]
@@ -219,7 +229,7 @@ def test_sim_oracle_is_the_simulated_users_like_rate():
   expected like rate: a right answer beats a refusal."""
   from types import SimpleNamespace
 
-  from rlhb_jax.jobs.train import sim_oracle
+  from rlhb_jax.methods.ppo.stages import sim_oracle
   from rlhb_jax.sim.simulator import Simulator
 
   class CharTokenizer:

@@ -1,10 +1,10 @@
-"""`rlhb_jax.batches`: fixed-shape, step-addressed batches, checked row by row against the texts."""
+"""`rlhb_jax.data.batches`: fixed-shape, step-addressed batches, checked row by row."""
 
 import numpy as np
 import pytest
 
-from rlhb_jax.batches import Batcher, Example
 from rlhb_jax.config import Config, replace
+from rlhb_jax.data.batches import Batcher, Example
 
 EOS, PAD, BOS, EOT = 1, 0, 2, 3
 TN = 24

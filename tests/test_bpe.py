@@ -5,13 +5,13 @@ import sys
 
 import pytest
 
-from rlhb_jax.behavior import BehaviorConfig, most_preferred_text
+from rlhb_jax.data.behavior import BehaviorConfig, most_preferred_text
+from rlhb_jax.data.tokenization import Tokenizer
 from rlhb_jax.sim import Simulator
 from rlhb_jax.sim.bpe import SPECIAL_TOKENS, tokenizer_corpus, train_bpe
-from rlhb_jax.tokenization import Tokenizer
 
 _TRAIN = """
-from rlhb_jax.behavior import BehaviorConfig
+from rlhb_jax.data.behavior import BehaviorConfig
 from rlhb_jax.sim import Simulator
 from rlhb_jax.sim.bpe import tokenizer_corpus, train_bpe
 print(train_bpe(tokenizer_corpus(Simulator(seed=0), BehaviorConfig()), 512).to_str())

@@ -89,7 +89,8 @@ def test_bootstrap_ratio_of_one_half_is_refused_for_collapse():
 @pytest.mark.parametrize(
   ("key", "value"),
   [
-    ("mode", "train"),
+    ("ppo.advantage", "gea"),
+    ("reward.source", "discriminator"),
     ("ppo.kl_estimator", "k2"),
     ("ppo.reward_transform", "exp"),
     ("sampling.decode_layers", "loop"),
@@ -206,15 +207,13 @@ def test_bools_are_not_ints_and_sections_must_be_sections():
     from_configdict(d)
 
 
-def test_every_mode_has_a_job_with_a_run_function():
-  import importlib
+def test_every_mode_resolves_to_its_job_or_stages():
+  from rlhb_jax.main import MODES, resolve
 
-  from rlhb_jax.config import MODES
-  from rlhb_jax.main import JOBS
-
-  assert set(JOBS) == set(MODES)
-  for mode, module in JOBS.items():
-    assert callable(importlib.import_module(f"rlhb_jax.jobs.{module}").run), mode
+  for name, mode in MODES.items():
+    assert bool(mode.job) != bool(mode.stages), name
+    for target in (mode.job,) if mode.job else mode.stages:
+      assert callable(resolve(target)), (name, target)
 
 
 def test_an_unknown_mode_exits_with_a_clear_message(tmp_path):

@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from rlhb_jax import config as config_lib
-from rlhb_jax.behavior import BehaviorConfig
 from rlhb_jax.data import BadRecordError, DataConfig, read_records
+from rlhb_jax.data.behavior import BehaviorConfig
 from rlhb_jax.jobs import inspect_logs
 
 GOOD = {

@@ -22,15 +22,15 @@ from parity import Reference, assert_f32_parity, hf_reference
 from test_pipeline import why
 from tokenizers import models, pre_tokenizers, trainers
 
-from rlhb_jax import roles
-from rlhb_jax.batches import Encoder
 from rlhb_jax.config import Config, ModelSpec, SamplingConfig
+from rlhb_jax.data.batches import Encoder, pad_prompts
+from rlhb_jax.data.tokenization import Tokenizer
 from rlhb_jax.jobs import export as export_job
+from rlhb_jax.model import build as build_lib
 from rlhb_jax.model import export, loading
 from rlhb_jax.model.heads import ScalarModel
 from rlhb_jax.model.llama import LlamaConfig, Transformer, positions_from_mask
-from rlhb_jax.sampling import pad_prompts, sample
-from rlhb_jax.tokenization import Tokenizer
+from rlhb_jax.model.sampling import sample
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TEXTS = ["hello world", "how are you today?", "the cat sat on the mat", "Ünïcödé 2024 😀"]
@@ -81,7 +81,7 @@ def _config(case: str, vocab: int) -> tuple[str, LlamaConfig]:
 
 
 def _random_lm(cfg: LlamaConfig, seed: int) -> tuple[Transformer, dict]:
-  params = _randomize(roles.params_of(Transformer(cfg, rngs=nnx.Rngs(0))), seed)
+  params = _randomize(build_lib.params_of(Transformer(cfg, rngs=nnx.Rngs(0))), seed)
   return loading.build_transformer(cfg, params), params
 
 
@@ -215,7 +215,7 @@ def test_discriminator_exports_as_sequence_classifier(case, tok, tmp_path):
   and response tokens of a triplet, unpadded and right-padded in a batch."""
   family, cfg = _config(case, tok.vocab_size)
   disc = ScalarModel(cfg, 1, rngs=nnx.Rngs(0))
-  params = _randomize(roles.params_of(disc), seed=2)
+  params = _randomize(build_lib.params_of(disc), seed=2)
   nnx.update(disc, params)
   export.save_hf(tmp_path, cfg, params, tok, family, max_positions=64)
   hf = json.loads((tmp_path / "config.json").read_text())
@@ -281,7 +281,7 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "hi
 def test_smollm2_exports_to_transformers_and_gguf(tmp_path):
   spec = ModelSpec(source="smollm2-135m-instruct")
   model, tok = loading.load_model(spec)
-  cfg, params = model.cfg, jax.device_get(roles.params_of(model))
+  cfg, params = model.cfg, jax.device_get(build_lib.params_of(model))
   family, max_positions = export_job.source_of(spec, cfg)
   assert (family, max_positions) == ("llama", 8192)
   export.save_hf(tmp_path / "hf", cfg, params, tok, family, max_positions=max_positions)
@@ -310,11 +310,16 @@ def test_smollm2_exports_to_transformers_and_gguf(tmp_path):
   np.testing.assert_array_equal(_ours(back, tokens, mask), ours)
 
   # The discriminator: SmolLM2 pads with its EOS, so the export pads with <|endoftext|> (0).
-  disc = roles.scalar_from_lm(model, 1, seed=0)
+  disc = build_lib.scalar_from_lm(model, 1, seed=0)
   head = _randomize({"head_w": disc.head_w[...], "head_b": disc.head_b[...]}, seed=4)
   nnx.update(disc, head)
   export.save_hf(
-    tmp_path / "disc", cfg, jax.device_get(roles.params_of(disc)), tok, family, max_positions=8192
+    tmp_path / "disc",
+    cfg,
+    jax.device_get(build_lib.params_of(disc)),
+    tok,
+    family,
+    max_positions=8192,
   )
   hf = json.loads((tmp_path / "disc" / "config.json").read_text())
   assert hf["pad_token_id"] == 0 and tok.pad_id in tok.eos_ids
@@ -448,8 +453,8 @@ def test_cli_exported_discriminator_scores_like_ours(tiny_run):
     section, field = key.split(".")
     cd[section][field] = json.loads(value.lower())
   cfg = config_lib.from_configdict(cd)
-  run = Run(cfg, tiny_run)
-  disc = roles.build_disc(cfg, run.base_actor(), run.tokenizer.vocab_size)
+  run = Run(cfg, tiny_run).prepare("tokenizer")
+  disc = build_lib.build_disc(cfg, run.base_actor(), run.tokenizer.vocab_size)
   nnx.update(disc, run.load_params("disc_warmup", disc))
   spec = json.loads((tiny_run / "export/disc_warmup/rlhb_behavior.json").read_text())
   enc = Encoder(cfg, run.tokenizer)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rlhb_jax import judges
-from rlhb_jax.judges import (
+from rlhb_jax.eval import judges
+from rlhb_jax.eval.judges import (
   DEFAULT_TEMPLATE,
   HTTPJudge,
   LLMJudge,
@@ -201,8 +201,8 @@ def test_win_tie_loss_prefers_compare_many_and_keeps_compare():
 
 @pytest.fixture(scope="module")
 def tiny():
+  from rlhb_jax.data.tokenization import Tokenizer
   from rlhb_jax.sim.bpe import train_bpe
-  from rlhb_jax.tokenization import Tokenizer
 
   texts = [
     pairwise_prompt(DEFAULT_TEMPLATE, "what is the capital of France?", "Paris", "Rome", ("A", "B"))

@@ -14,9 +14,9 @@ from test_pipeline import why
 from tokenizers import models, pre_tokenizers, trainers
 
 from rlhb_jax.config import ModelSpec
+from rlhb_jax.data.tokenization import Tokenizer
 from rlhb_jax.model import loading
 from rlhb_jax.model.llama import LlamaConfig, apply_rope, rope_frequencies
-from rlhb_jax.tokenization import Tokenizer
 
 
 def _interleaved_rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:

@@ -12,12 +12,15 @@ import pytest
 from flax import nnx
 from test_model import CFG  # biases, untied head, Llama-3 RoPE scaling
 
-from rlhb_jax import roles, sharding, supervised
-from rlhb_jax.checkpoint import Checkpointer
 from rlhb_jax.config import CheckpointConfig
+from rlhb_jax.infra import sharding
+from rlhb_jax.infra.checkpoint import Checkpointer
+from rlhb_jax.methods import sft as sft_lib
+from rlhb_jax.model import build as build_lib
 from rlhb_jax.model import lora
 from rlhb_jax.model.heads import ScalarModel
 from rlhb_jax.model.llama import Transformer, positions_from_mask
+from rlhb_jax.training import trainable
 
 SPEC = lora.LoraConfig(rank=4, alpha=8.0)
 
@@ -62,7 +65,7 @@ def test_merged_adapters_give_the_unmerged_logits(pair):
   _randomise_b(adapted)
   unmerged = _logits(adapted)
   assert np.abs(unmerged - _logits(base)).max() > 0.1  # the adapters matter
-  params = roles.params_of(adapted)
+  params = build_lib.params_of(adapted)
   lora.merge(adapted)
   assert adapted.cfg.lora_rank == 0 and not hasattr(adapted.layers, "lora_q_a")
   np.testing.assert_allclose(_logits(adapted), unmerged, atol=1e-5, rtol=1e-5)
@@ -91,7 +94,7 @@ def test_adapters_on_some_projections_only():
 def test_split_and_join_are_inverse_and_keep_the_head_trainable():
   model = ScalarModel(CFG, 1, rngs=nnx.Rngs(0))
   lora.attach(model.lm, SPEC, seed=0)
-  params = roles.params_of(model)
+  params = build_lib.params_of(model)
   trainable, frozen = lora.split(params, True)
   flat = lambda t: {"/".join(map(str, p)) for p, _ in jax.tree_util.tree_flatten_with_path(t)[0]}
   assert flat(trainable) == {p for p in flat(params) if "lora_" in p or "head_" in p}
@@ -122,9 +125,9 @@ def _sft_with_lora(steps=5):
   """(model, tx, frozen base, SFT state after `steps` LoRA steps, their losses)."""
   model = Transformer(CFG, rngs=nnx.Rngs(0))
   lora.attach(model, SPEC, seed=0)
-  params, frozen = roles.split_params(model)
+  params, frozen = build_lib.split_params(model)
   tx = optax.adam(1e-2)
-  step = supervised.compile_sft(nnx.graphdef(model), tx)
+  step = sft_lib.compile_sft(nnx.graphdef(model), tx)
   rng = np.random.default_rng(0)
   batch = {
     "prompt": rng.integers(1, 61, (4, 6)).astype(np.int32),
@@ -132,7 +135,7 @@ def _sft_with_lora(steps=5):
     "response": rng.integers(1, 61, (4, 5)).astype(np.int32),
     "response_mask": np.ones((4, 5), bool),
   }
-  state = supervised.init(jax.tree.map(jnp.copy, params), tx, jax.tree.map(jnp.copy, frozen))
+  state = trainable.init(jax.tree.map(jnp.copy, params), tx, jax.tree.map(jnp.copy, frozen))
   losses = []
   for _ in range(steps):
     state, m = step(state, batch)
@@ -147,7 +150,7 @@ def test_sft_step_with_lora_moves_adapters_only():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert float(jnp.abs(state.params["layers"]["lora_up_b"]).max()) > 0
   # The stage saves the merged plain model: it reproduces the adapted one's logits.
-  merged = roles.merged_params(state.params, state.frozen, SPEC)
+  merged = build_lib.merged_params(state.params, state.frozen, SPEC)
   plain = Transformer(CFG, rngs=nnx.Rngs(5))
   nnx.update(plain, merged)
   nnx.update(model, lora.join(state.params, state.frozen))
@@ -164,8 +167,8 @@ def test_lora_checkpoint_holds_no_base_weights_and_resumes_exactly(tmp_path):
   assert saved["frozen"] == {} and jax.tree.leaves(frozen)
   assert {k for k in saved["params"]["layers"]} == {k for k in state.params["layers"]}
   # A fresh run of the stage builds the same base and fresh adapters; restoring fills in the rest.
-  params, base = roles.split_params(model)
-  fresh = supervised.init(jax.tree.map(jnp.zeros_like, params), tx, base)
+  params, base = build_lib.split_params(model)
+  fresh = trainable.init(jax.tree.map(jnp.zeros_like, params), tx, base)
   restored, meta = Checkpointer(tmp_path, CheckpointConfig()).restore(fresh)
   assert meta == {"note": "lora"} and int(restored.step) == 3
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):

@@ -1,4 +1,4 @@
-"""rlhb_jax.losses against plain NumPy references, plus the properties that PPO relies on."""
+"""rlhb_jax.training.losses against plain NumPy references, and the properties PPO relies on."""
 
 import functools
 
@@ -7,7 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhb_jax import losses
+from rlhb_jax.methods import classifier as classifier_lib
+from rlhb_jax.methods import dpo as dpo_lib
+from rlhb_jax.methods import kto as kto_lib
+from rlhb_jax.methods import reward_model as rm_lib
+from rlhb_jax.training import losses
 
 RTOL, ATOL = 1e-5, 1e-6
 B, T, V = 5, 7, 11
@@ -413,13 +417,13 @@ def test_disc_loss_absent_class_and_extreme_logits():
 def test_bradley_terry_loss():
   chosen = np.array([1.0, 0.0, 3.0, -2.0], np.float32)
   rejected = np.array([0.0, 0.0, -1.0, 2.0], np.float32)
-  loss, metrics = losses.bradley_terry_loss(chosen, rejected)
+  loss, metrics = rm_lib.bradley_terry_loss(chosen, rejected)
   diff = chosen - rejected
   _close(loss, -np.log(np_sigmoid(diff)).mean())
   _close(metrics["accuracy"], 0.5)  # ties do not count as correct
   _close(metrics["margin"], diff.mean())
-  _close(losses.bradley_terry_loss(np.zeros(3), np.zeros(3))[0], np.log(2.0))
-  assert np.isfinite(float(losses.bradley_terry_loss(np.array([-200.0]), np.array([200.0]))[0]))
+  _close(rm_lib.bradley_terry_loss(np.zeros(3), np.zeros(3))[0], np.log(2.0))
+  assert np.isfinite(float(rm_lib.bradley_terry_loss(np.array([-200.0]), np.array([200.0]))[0]))
 
 
 def np_log_sigmoid(x):
@@ -438,15 +442,15 @@ def np_dpo(pc, pr, rc, rr, beta):
 
 def test_dpo_loss_matches_numpy(rng):
   pc, pr, rc, rr = (rng.normal(size=6) * 5 for _ in range(4))
-  loss, m = losses.dpo_loss(pc, pr, rc, rr, 0.3)
+  loss, m = dpo_lib.dpo_loss(pc, pr, rc, rr, 0.3)
   ref_loss, ref_acc = np_dpo(pc, pr, rc, rr, 0.3)
   _close(loss, ref_loss)
   _close(m["accuracy"], ref_acc)
   _close(m["chosen_reward"], np.mean(0.3 * (pc - rc)))
   # The policy equal to its reference: every implicit reward is 0, the loss log 2.
-  _close(losses.dpo_loss(pc, pr, pc, pr, 0.3)[0], np.log(2.0))
+  _close(dpo_lib.dpo_loss(pc, pr, pc, pr, 0.3)[0], np.log(2.0))
   # Gradient: d loss / d policy_chosen = -beta sigmoid(-h) / B.
-  g = jax.grad(lambda x: losses.dpo_loss(x, pr, rc, rr, 0.3)[0])(jnp.asarray(pc))
+  g = jax.grad(lambda x: dpo_lib.dpo_loss(x, pr, rc, rr, 0.3)[0])(jnp.asarray(pc))
   h = 0.3 * ((pc - rc) - (pr - rr))
   _close(g, -0.3 * np_sigmoid(-h) / 6)
 
@@ -470,7 +474,7 @@ def test_kto_loss_matches_numpy_with_its_kl_reference_point(rng, kl_shift):
   rk = rng.normal(size=8)
   pk = rk + rng.normal(size=8) * 0.1 + kl_shift - 0.5
   desirable = np.array([1, 0, 1, 1, 0, 0, 1, 0], np.float32)
-  loss, m = losses.kto_loss(p, r, pk, rk, desirable, 0.2, 1.0, 1.5)
+  loss, m = kto_lib.kto_loss(p, r, pk, rk, desirable, 0.2, 1.0, 1.5)
   ref_loss, z0 = np_kto(p, r, pk, rk, desirable, 0.2, 1.0, 1.5)
   assert (z0 > 0) == (kl_shift > 0)
   _close(loss, ref_loss)
@@ -478,7 +482,9 @@ def test_kto_loss_matches_numpy_with_its_kl_reference_point(rng, kl_shift):
   _close(m["desirable_reward"], np.mean((p - r)[desirable > 0]))
   _close(m["undesirable_reward"], np.mean((p - r)[desirable == 0]))
   # The reference point takes no gradient: the KL rows' log-probs get none.
-  g = jax.grad(lambda x: losses.kto_loss(p, r, x, rk, desirable, 0.2, 1.0, 1.5)[0])(jnp.asarray(pk))
+  g = jax.grad(lambda x: kto_lib.kto_loss(p, r, x, rk, desirable, 0.2, 1.0, 1.5)[0])(
+    jnp.asarray(pk)
+  )
   _close(g, np.zeros(8))
 
 
@@ -486,7 +492,7 @@ def test_classifier_loss(rng):
   m, n = 4, 5
   logits = rng.normal(size=(B, m, n)).astype(np.float32)
   targets = rng.integers(0, n, size=(B, m))
-  loss, metrics = losses.classifier_loss(logits, targets)
+  loss, metrics = classifier_lib.classifier_loss(logits, targets)
   logp = np_log_softmax(logits)
   ce = np.array([[-logp[b, h, targets[b, h]] for h in range(m)] for b in range(B)])
   _close(loss, ce.mean())
@@ -539,8 +545,8 @@ def test_everything_jits_and_matches_eager(rng):
     (losses.explained_variance, (a, b_, mask), {}),
     (losses.disc_loss, (z, y, y + 0.5), {}),
     (functools.partial(losses.disc_loss, label_smoothing=0.1), (z, y), {}),
-    (losses.bradley_terry_loss, (z, y), {}),
-    (losses.classifier_loss, (logits, targets), {}),  # M = T heads, N = V bins
+    (rm_lib.bradley_terry_loss, (z, y), {}),
+    (classifier_lib.classifier_loss, (logits, targets), {}),  # M = T heads, N = V bins
     (losses.sft_loss, (logits, targets, mask), {}),
     (functools.partial(losses.reward_from_disc, transform="log"), (z,), {}),
     (functools.partial(losses.normalize_rewards, mode="whiten"), (z,), {}),

@@ -1,4 +1,4 @@
-"""Tests for rlhb_jax.metrics: JSONL logging, resume truncation, plots and tables (no JAX)."""
+"""Tests for rlhb_jax.infra.metrics: JSONL logging, resume truncation, plots and tables (no JAX)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from rlhb_jax import metrics
-from rlhb_jax.metrics import (
+from rlhb_jax.infra import metrics
+from rlhb_jax.infra.metrics import (
   MetricsWriter,
   Progress,
   format_markdown_table,

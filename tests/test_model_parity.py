@@ -258,12 +258,13 @@ def test_smollm2_parity_check_fails_on_wrong_weights(smollm2):
 
 @pytest.mark.slow
 def test_smollm2_greedy_generation_matches_transformers(smollm2):
-  from rlhb_jax import sampling
+  from rlhb_jax.data import batches
+  from rlhb_jax.model import sampling
 
   ours, tok, ref, _ = smollm2
   prompts = [tok.chat_prompt(p) for p in PROMPTS]
   cfg = SamplingConfig(max_new_tokens=32, greedy=True)
-  tokens, mask = sampling.pad_prompts(prompts, cfg.prompt_buckets, tok.pad_id)
+  tokens, mask = batches.pad_prompts(prompts, cfg.prompt_buckets, tok.pad_id)
   out = sampling.sample(
     ours, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(0), cfg, tok.eos_ids, tok.pad_id
   )

@@ -1,6 +1,6 @@
 """Several JAX processes on one machine (2 x 4 fake CPU devices, gloo) against one process with 8.
 
-The same pipeline through `python -m rlhb_jax.launch` must give the per-step metrics and final
+The same pipeline through `python -m rlhb_jax.infra.launch` must give the per-step metrics and final
 parameters of one process with 8 devices on the same (2, 2, 2) mesh, write each file once, and
 resume after one of its processes is killed to the parameters of the uninterrupted run.
 
@@ -43,7 +43,7 @@ TIMING = ("time", "step_time", "tokens_per_s")
 
 def launch(workdir, processes: int = 2) -> list[str]:
   devices = str(8 // processes)
-  cmd = [sys.executable, "-m", "rlhb_jax.launch", "--num_processes", str(processes)]
+  cmd = [sys.executable, "-m", "rlhb_jax.infra.launch", "--num_processes", str(processes)]
   return [*cmd, "--devices_per_process", devices, "--", *ARGS, "--workdir", str(workdir)]
 
 
@@ -144,7 +144,7 @@ def test_single_process_modes_refuse_to_launch(tmp_path):
   cmd = [
     sys.executable,
     "-m",
-    "rlhb_jax.launch",
+    "rlhb_jax.infra.launch",
     "--",
     "--config",
     str(ROOT / "configs/default.py"),

@@ -7,10 +7,14 @@ from flax import nnx
 from test_baselines import ByteTokenizer, synthetic_pairs
 from test_baselines import tiny_config as baseline_config
 
-from rlhb_jax import baselines, offline, roles, steps, supervised
 from rlhb_jax import config as C
-from rlhb_jax.behavior import BehaviorConfig, Binner
+from rlhb_jax.data import preferences
+from rlhb_jax.data.behavior import BehaviorConfig, Binner
+from rlhb_jax.methods import dpo as dpo_lib
+from rlhb_jax.methods import kto as kto_lib
+from rlhb_jax.model import build as build_lib
 from rlhb_jax.model import lora
+from rlhb_jax.training import forward, optim, trainable
 
 V = 64
 BEST = "Users: most liked it."
@@ -40,10 +44,10 @@ def test_behavior_pairs_pick_clear_gaps_and_pool_repeated_answers():
     record("q3", "x", 10, 9, context="c1"),  # different contexts are different questions
     record("q3", "y", 10, 0, context="c2"),
   ]
-  pairs, report = offline.behavior_pairs(records, cfg)
+  pairs, report = dpo_lib.behavior_pairs(records, cfg)
   assert pairs == [
-    baselines.Pair("q1", "good", "bad"),
-    baselines.Pair("q1", "close", "bad"),
+    preferences.Pair("q1", "good", "bad"),
+    preferences.Pair("q1", "close", "bad"),
   ]
   assert report == {
     "records": 8,
@@ -54,7 +58,7 @@ def test_behavior_pairs_pick_clear_gaps_and_pool_repeated_answers():
     "pairs": 2,
   }
   capped = C.replace(cfg, **{"dpo.max_pairs_per_query": 1})
-  assert offline.behavior_pairs(records, capped)[0] == [baselines.Pair("q1", "good", "bad")]
+  assert dpo_lib.behavior_pairs(records, capped)[0] == [preferences.Pair("q1", "good", "bad")]
 
 
 def test_kto_examples_label_by_distance_to_the_preferred_bins():
@@ -73,7 +77,7 @@ def test_kto_examples_label_by_distance_to_the_preferred_bins():
     {"query": f"q{i}", "response": f"r{i}", "behavior": dict(zip(bcfg.names, r, strict=True))}
     for i, r in enumerate(rows)
   ]
-  items, report = offline.kto_examples(records, binner, cfg)
+  items, report = kto_lib.kto_examples(records, binner, cfg)
   assert [(x.response, x.desirable) for x in items] == [("r0", True), ("r1", True), ("r2", False)]
   assert report == {
     "records": 5,
@@ -89,12 +93,12 @@ def test_kto_examples_label_by_distance_to_the_preferred_bins():
 
 def _policy(cfg, rank):
   """A tiny generator with (rank > 0) fresh LoRA adapters: (graphdef, trainable, frozen, ref)."""
-  model, _ = roles.build_lm(cfg.model, V, 0)
+  model, _ = build_lib.build_lm(cfg.model, V, 0)
   plain = nnx.graphdef(model)
-  start = jax.tree.map(np.array, roles.params_of(model))  # a copy: the step donates its state
+  start = jax.tree.map(np.array, build_lib.params_of(model))  # a copy: the step donates its state
   spec = lora.LoraConfig(rank=rank, alpha=2.0 * rank) if rank else lora.LoraConfig()
-  roles.with_lora(model, spec, 0)
-  params, frozen = roles.split_params(model)
+  build_lib.with_lora(model, spec, 0)
+  params, frozen = build_lib.split_params(model)
   ref = jax.tree.map(np.array, params) if not rank else None
   return plain, nnx.graphdef(model), spec, start, params, frozen, ref
 
@@ -105,19 +109,19 @@ def test_dpo_learns_a_known_preference(rank):
   the policy is its own reference, so the loss is log 2 exactly."""
   cfg = tiny_config()
   plain, graphdef, spec, start, params, frozen, ref = _policy(cfg, rank)
-  train, heldout = baselines.split_heldout(synthetic_pairs(400, 0), 0.2, 0)
-  batcher = offline.PairBatcher(cfg, ByteTokenizer(), BEST, train, 16)
-  optim = C.OptimConfig(learning_rate=3e-3 if rank else 1e-3, warmup_steps=5)
-  tx = steps.make_optimizer(optim, 80)
-  step = offline.compile_dpo(graphdef, tx, 0.5)
-  state = supervised.init(params, tx, frozen, ref)
+  train, heldout = preferences.split_heldout(synthetic_pairs(400, 0), 0.2, 0)
+  batcher = dpo_lib.PairBatcher(cfg, ByteTokenizer(), BEST, train, 16)
+  opt_cfg = C.OptimConfig(learning_rate=3e-3 if rank else 1e-3, warmup_steps=5)
+  tx = optim.make_optimizer(opt_cfg, 80)
+  step = dpo_lib.compile_dpo(graphdef, tx, 0.5)
+  state = trainable.init(params, tx, frozen, ref)
   state, first = step(state, batcher(0))
   np.testing.assert_allclose(float(first["loss"]), np.log(2.0), rtol=1e-5)
   assert abs(float(first["margin"])) < 1e-6
   for s in range(1, 80):
     state, m = step(state, batcher(s))
-  merged = roles.merged_params(state.params, state.frozen, spec)
-  acc = offline.pair_accuracy(plain, merged, start, batcher, heldout)
+  merged = build_lib.merged_params(state.params, state.frozen, spec)
+  acc = dpo_lib.pair_accuracy(plain, merged, start, batcher, heldout)
   assert acc >= 0.9, acc
   assert float(m["accuracy"]) >= 0.9 and float(m["loss"]) < np.log(2.0)
 
@@ -128,25 +132,25 @@ def test_kto_learns_desirable_from_undesirable(rank):
   cfg = tiny_config(**{"kto.beta": 0.5})
   plain, graphdef, spec, start, params, frozen, ref = _policy(cfg, rank)
   items = [
-    offline.Labeled(p.query, answer, good)
+    kto_lib.Labeled(p.query, answer, good)
     for p in synthetic_pairs(300, 1)
     for answer, good in ((p.chosen, True), (p.rejected, False))
   ]
   items = [items[i] for i in np.random.default_rng(0).permutation(len(items))]
-  train, heldout = baselines.split_heldout(items, 0.2, 0)
-  batcher = offline.LabeledBatcher(cfg, ByteTokenizer(), BEST, train, 16)
-  optim = C.OptimConfig(learning_rate=3e-3 if rank else 1e-3, warmup_steps=5)
-  tx = steps.make_optimizer(optim, 80)
-  step = offline.compile_kto(graphdef, tx, cfg)
-  state = supervised.init(params, tx, frozen, ref)
+  train, heldout = preferences.split_heldout(items, 0.2, 0)
+  batcher = kto_lib.LabeledBatcher(cfg, ByteTokenizer(), BEST, train, 16)
+  opt_cfg = C.OptimConfig(learning_rate=3e-3 if rank else 1e-3, warmup_steps=5)
+  tx = optim.make_optimizer(opt_cfg, 80)
+  step = kto_lib.compile_kto(graphdef, tx, cfg)
+  state = trainable.init(params, tx, frozen, ref)
   state, first = step(state, batcher(0))
   # The policy is its reference: r = z0 = 0 and every row's loss is w (1 - sigmoid(0)) = 0.5.
   np.testing.assert_allclose(float(first["loss"]), 0.5, rtol=1e-5)
   assert abs(float(first["kl"])) < 1e-6
   for s in range(1, 80):
     state, m = step(state, batcher(s))
-  merged = roles.merged_params(state.params, state.frozen, spec)
-  auc = offline.labeled_auc(plain, merged, start, batcher, heldout)
+  merged = build_lib.merged_params(state.params, state.frozen, spec)
+  auc = kto_lib.labeled_auc(plain, merged, start, batcher, heldout)
   assert auc >= 0.9, auc
   assert float(m["desirable_reward"]) > float(m["undesirable_reward"])
 
@@ -159,20 +163,20 @@ def test_lora_reference_is_the_base_with_adapters_off():
   params = jax.tree_util.tree_map_with_path(
     lambda path, x: x + 0.05 if "lora" in jax.tree_util.keystr(path) else x, params
   )
-  state = supervised.init(params, steps.make_optimizer(C.OptimConfig(), 1), frozen)
-  batcher = offline.PairBatcher(cfg, ByteTokenizer(), BEST, synthetic_pairs(16, 2), 16)
+  state = trainable.init(params, optim.make_optimizer(C.OptimConfig(), 1), frozen)
+  batcher = dpo_lib.PairBatcher(cfg, ByteTokenizer(), BEST, synthetic_pairs(16, 2), 16)
   b = batcher(0)
   rows = (b["prompt"], b["prompt_mask"], b["chosen"], b["chosen_mask"])
-  ref = offline.reference_logprobs(graphdef, state, *rows)
-  base = offline.sequence_logprobs(plain, start, *rows)
-  policy = offline.sequence_logprobs(graphdef, state.full(state.params), *rows)
+  ref = forward.reference_logprobs(graphdef, state, *rows)
+  base = forward.sequence_logprobs(plain, start, *rows)
+  policy = forward.sequence_logprobs(graphdef, state.full(state.params), *rows)
   np.testing.assert_allclose(np.asarray(ref), np.asarray(base), rtol=1e-5, atol=1e-5)
   assert np.max(np.abs(np.asarray(policy) - np.asarray(base))) > 1e-3
 
 
 def test_balanced_kto_weights():
-  items = [offline.Labeled("q", "a", True)] * 2 + [offline.Labeled("q", "b", False)] * 6
-  assert offline.balanced_weights(items) == (3.0, 1.0)
-  assert offline.balanced_weights(items[1:3]) == (1.0, 1.0)
+  items = [kto_lib.Labeled("q", "a", True)] * 2 + [kto_lib.Labeled("q", "b", False)] * 6
+  assert kto_lib.balanced_weights(items) == (3.0, 1.0)
+  assert kto_lib.balanced_weights(items[1:3]) == (1.0, 1.0)
   with pytest.raises(ValueError, match="desirable and undesirable"):
-    offline.balanced_weights(items[:2])
+    kto_lib.balanced_weights(items[:2])

@@ -10,8 +10,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from rlhb_jax import config as config_lib
-from rlhb_jax import roles
 from rlhb_jax.jobs import online
+from rlhb_jax.model import build as build_lib
 from rlhb_jax.run import Run
 from rlhb_jax.serving import ServeConfig, make_server, open_store
 from rlhb_jax.serving.policy import from_run, publish
@@ -126,7 +126,7 @@ def test_online_with_lora_publishes_merged_weights_and_resumes(tmp_path):
   lora = {"lora.rank": 2, "disc.lora.rank": 2, "online.rounds": 2}
   first = online.run(tiny_online_config(**lora), tmp_path)["rounds"]
   assert first[0]["like_rate_online"] == first[0]["like_rate_frozen"]  # B = 0: the SFT start
-  run = Run(tiny_online_config(**lora), tmp_path)
+  run = Run(tiny_online_config(**lora), tmp_path).prepare()
   published = run.load_params("online_actor", run.base_actor())
   start = run.load_params("sft_actor", run.base_actor())
   assert not [k for k in published["layers"] if k.startswith("lora_")]
@@ -164,12 +164,12 @@ def test_model_policy_serves_the_run_and_hot_reloads_published_weights(tmp_path)
     assert row.behavior == policy.default_behavior and row.model_step == 0
     assert not policy.maybe_reload()  # nothing published yet
 
-    run = Run(cfg, tmp_path)
+    run = Run(cfg, tmp_path).prepare()
     model = run.base_actor()
-    params = jax.tree.map(lambda x: np.asarray(x) + 0.01, roles.params_of(model))
+    params = jax.tree.map(lambda x: np.asarray(x) + 0.01, build_lib.params_of(model))
     publish(run, params, step=7, round=1)
     assert policy.maybe_reload() and policy.model_step == 7
-    served = roles.params_of(policy.model)
+    served = build_lib.params_of(policy.model)
     for a, b in zip(jax.tree.leaves(served), jax.tree.leaves(params), strict=True):
       np.testing.assert_array_equal(np.asarray(a), b)
     assert not policy.maybe_reload()  # same step again: no reload

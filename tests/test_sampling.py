@@ -1,4 +1,4 @@
-"""`rlhb_jax.sampling` against an independent reference: the uncached forward on the growing
+"""`rlhb_jax.model.sampling` against an independent reference: the uncached forward on the growing
 sequence. The reference rows are unpadded on the left (right-padded to one width, which a causal
 model cannot see), so it shares neither the KV cache nor the left-padding path with `sample`.
 """
@@ -12,8 +12,9 @@ import pytest
 from flax import nnx
 
 from rlhb_jax.config import SamplingConfig
+from rlhb_jax.data.batches import pad_prompts
 from rlhb_jax.model.llama import LlamaConfig, Transformer
-from rlhb_jax.sampling import pad_prompts, sample, sample_jit
+from rlhb_jax.model.sampling import sample, sample_jit
 
 CFG = LlamaConfig(
   vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64

@@ -7,8 +7,12 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from rlhb_jax import config as C
-from rlhb_jax import roles as R
-from rlhb_jax import sharding
+from rlhb_jax.infra import sharding
+from rlhb_jax.methods.ppo import advantages
+from rlhb_jax.methods.ppo import state as ppo_state
+from rlhb_jax.methods.ppo import step as ppo_step
+from rlhb_jax.model import build as build_lib
+from rlhb_jax.training import trainable
 
 V, Bp, P, Pd, Tn = 64, 8, 12, 10, 6
 
@@ -68,23 +72,23 @@ def lora_config(mesh_shape=(1, 1, 1)) -> C.Config:
 
 
 def build(cfg: C.Config, devices):
-  actor, _ = R.build_lm(cfg.model, V, 0)
-  critic = R.scalar_from_lm(actor, 1, 1) if cfg.ppo.advantage == "gae" else None
-  disc = R.build_disc(cfg, actor, V)
+  actor, _ = build_lib.build_lm(cfg.model, V, 0)
+  critic = (
+    build_lib.scalar_from_lm(actor, 1, 1) if advantages.get(cfg.ppo.advantage).critic else None
+  )
+  disc = build_lib.build_disc(cfg, actor, V)
   # A random head (it starts at zero) so that rewards differ between samples from the first step.
   disc.head_w[...] = 0.5 * jax.random.normal(jax.random.key(7), disc.head_w[...].shape)
-  R.with_lora(actor, cfg.lora, 0)
+  build_lib.with_lora(actor, cfg.lora, 0)
   if critic is not None:
-    R.with_lora(critic, cfg.lora, 1)
-  R.with_lora(disc, cfg.disc.lora, 2)
-  roles, state = R.init_state(cfg, actor, critic, disc, (1,), 0)
+    build_lib.with_lora(critic, cfg.lora, 1)
+  build_lib.with_lora(disc, cfg.disc.lora, 2)
   mesh = sharding.make_mesh(cfg.mesh, devices)
-  models = {"actor": actor, "critic": critic, "disc": disc}
-  ssh = R.state_shardings(roles, state, models, mesh, cfg.mesh.rules)
-  bsh = R.batch_shardings(make_batch(0), mesh)
+  roles, state, ssh = ppo_state.init_state(cfg, actor, critic, disc, (1,), 0, mesh)
+  bsh = trainable.batch_shardings(make_batch(0), mesh)
   with jax.set_mesh(mesh):
     state = jax.device_put(state, ssh)
-    step = R.compile_train_step(roles, cfg, ssh, bsh, mesh)
+    step = ppo_step.compile_train_step(roles, cfg, ssh, bsh, mesh)
   return mesh, state, step, ssh
 
 
@@ -166,7 +170,7 @@ def test_parameters_carry_rule_shardings():
   assert lay["w_down"].sharding.spec == PartitionSpec(None, "tensor", "fsdp")
   assert state.actor["embed"].sharding.spec == PartitionSpec("tensor", "fsdp")
   # Adam moments follow their parameters.
-  mu = state.actor_opt[1][0].mu["layers"]["wq"]
+  mu = state.actor_opt.inner_state[1][0].mu["layers"]["wq"]
   assert mu.sharding.spec == lay["wq"].sharding.spec
   # FSDP-only is a rules change: the same code shards nothing over 'tensor'.
   rules = tuple((k, None if v == "tensor" else v) for k, v in cfg.mesh.rules)

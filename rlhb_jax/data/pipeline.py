@@ -21,7 +21,7 @@ from typing import Any
 import grain
 import jax
 
-from rlhb_jax.behavior import BehaviorConfig
+from rlhb_jax.data.behavior import BehaviorConfig
 from rlhb_jax.data.config import DataConfig
 from rlhb_jax.data.readers import detect_format, read_records
 

@@ -15,7 +15,7 @@ import pathlib
 from collections.abc import Iterator
 from typing import Any
 
-from rlhb_jax.behavior import BehaviorConfig
+from rlhb_jax.data.behavior import BehaviorConfig
 from rlhb_jax.data.config import DataConfig
 from rlhb_jax.data.validate import BadRecordError, FieldError, parse_line, validate_record
 

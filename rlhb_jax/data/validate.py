@@ -21,7 +21,7 @@ import json
 import math
 from typing import Any
 
-from rlhb_jax.behavior import BehaviorConfig
+from rlhb_jax.data.behavior import BehaviorConfig
 
 _DECODER = json.JSONDecoder()
 

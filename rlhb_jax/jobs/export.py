@@ -10,7 +10,7 @@ writes DIR/export/NAME/ (NAME: the model under DIR/models/, by default the newes
   gguf: NAME-f32.gguf or NAME-f16.gguf (weights, tokenizer, chat template)
   both: rlhb_behavior.json (the prompt templates, the most and least preferred behavior texts, the
         behavior templates and bin edges) and a copy of the run's bin_edges.json
-The saved models already have their LoRA adapters merged (`roles.merged_params`), so the trees
+The saved models already have their LoRA adapters merged (`build_lib.merged_params`), so the trees
 exported here are plain models.
 """
 
@@ -23,9 +23,10 @@ import shutil
 
 from flax import nnx
 
-from rlhb_jax import behavior, roles
-from rlhb_jax.batches import generator_message
 from rlhb_jax.config import Config, ModelSpec, to_configdict
+from rlhb_jax.data import behavior
+from rlhb_jax.data.batches import generator_message
+from rlhb_jax.model import build as build_lib
 from rlhb_jax.model import export
 from rlhb_jax.model.llama import LlamaConfig
 from rlhb_jax.run import Run
@@ -123,12 +124,12 @@ def behavior_texts(cfg: Config, workdir: pathlib.Path) -> dict:
 def run(cfg: Config, workdir: pathlib.Path) -> dict:
   ex = cfg.export
   name = find_params(workdir, ex.what, ex.params)
-  run_ = Run(cfg, workdir)
+  run_ = Run(cfg, workdir).prepare("tokenizer")
   tok = run_.tokenizer
   model = run_.base_actor()
   spec = cfg.model
   if ex.what != "generator":
-    model = roles.build_disc(cfg, model, tok.vocab_size)
+    model = build_lib.build_disc(cfg, model, tok.vocab_size)
     spec = cfg.model if cfg.disc.init_from_generator else cfg.disc.model
   try:
     params = run_.load_params(name, model)
@@ -136,9 +137,9 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise ExportError(f"models/{name} is not a {ex.what} of this run's shape: {first}") from None
   nnx.update(model, params)
-  lm_cfg = roles.trunk_of(model).cfg
+  lm_cfg = build_lib.trunk_of(model).cfg
   family, max_positions = source_of(spec, lm_cfg)
-  tree = roles.params_of(model)
+  tree = build_lib.params_of(model)
 
   out = workdir / "export" / name
   out.mkdir(parents=True, exist_ok=True)

@@ -8,10 +8,10 @@ import time
 
 import jax
 
-from rlhb_jax.batches import generator_message
 from rlhb_jax.config import Config
+from rlhb_jax.data.batches import generator_message
+from rlhb_jax.model.sampling import generate_texts
 from rlhb_jax.run import Run
-from rlhb_jax.sampling import generate_texts
 
 BUILTIN_QUERIES = (
   "What is the capital of France?",
@@ -42,7 +42,7 @@ def read_prompts(path: str) -> list[dict]:
 
 
 def run(cfg: Config, workdir: pathlib.Path) -> dict:
-  run_ = Run(cfg, workdir)
+  run_ = Run(cfg, workdir).prepare("tokenizer")
   tok = run_.tokenizer
   model = run_.actor_model()
   prompts = read_prompts(cfg.generate.prompts_file)

@@ -18,8 +18,8 @@ import time
 
 import numpy as np
 
-from rlhb_jax.behavior import RangeAccumulator, verbalize
 from rlhb_jax.config import Config
+from rlhb_jax.data.behavior import RangeAccumulator, verbalize
 from rlhb_jax.data.readers import read_records
 
 _RESERVOIR = 10_000

@@ -44,16 +44,21 @@ import numpy as np
 from flax import nnx
 
 from rlhb_jax import config as config_lib
-from rlhb_jax import roles, sharding, steps, supervised
-from rlhb_jax.batches import Batcher, Example
-from rlhb_jax.behavior import least_preferred_text, verbalize_records
-from rlhb_jax.checkpoint import Checkpointer
 from rlhb_jax.config import Config
-from rlhb_jax.jobs import evaluate, train
-from rlhb_jax.metrics import MetricsWriter, Progress, format_table, plot_series
+from rlhb_jax.data.batches import Batcher, Example
+from rlhb_jax.data.behavior import least_preferred_text, verbalize_records
+from rlhb_jax.eval import evaluate
+from rlhb_jax.infra import sharding
+from rlhb_jax.infra.checkpoint import Checkpointer
+from rlhb_jax.infra.metrics import MetricsWriter, Progress, format_table, plot_series
+from rlhb_jax.methods import disc as disc_lib
+from rlhb_jax.methods import sft as sft_lib
+from rlhb_jax.methods.ppo import stages as ppo_stages
+from rlhb_jax.model import build as build_lib
 from rlhb_jax.run import Run
 from rlhb_jax.serving import aggregate_records, make_server, open_store, start_cursor
 from rlhb_jax.serving.policy import ModelPolicy, publish, search_result_fn
+from rlhb_jax.training import optim, trainable
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +98,7 @@ class Online:
 
   def __init__(self, cfg: Config, workdir: pathlib.Path):
     self.cfg = cfg
-    self.run = Run(cfg, workdir)
+    self.run = Run(cfg, workdir).prepare()
     self.dir = self.run.workdir / "online"
     self.dir.mkdir(parents=True, exist_ok=True)
     self.sim = None if cfg.data.path and cfg.online.source == "live" else self.run.simulator
@@ -157,25 +162,25 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
   t0 = time.perf_counter()
   on = Online(cfg, workdir)
   run_, ocfg = on.run, cfg.online
-  train.sft(run_)
-  train.disc_warmup(run_)
+  sft_lib.sft(run_)
+  disc_lib.disc_warmup(run_)
 
   base = run_.batcher  # the offline logs fix the padded lengths, so the step compiles once
-  state, step_fn, mesh = train.setup_rlhb(run_, base.rlhb(0))
-  # The round's SFT steps train what PPO trains (all weights, or the adapters on the shared base).
-  sft_graph = nnx.graphdef(roles.with_lora(run_.base_actor(), cfg.lora, cfg.seed))
-  sft_tx = steps.make_optimizer(ocfg.sft_optim, max(ocfg.rounds * ocfg.sft_steps, 1))
-  # On the RLHB step's layout, so the two steps hand the generator to each other as it is.
-  sft_state = supervised.init(jax.tree.map(jnp.copy, state.actor), sft_tx, state.frozen["actor"])
-  actor_sh, base_sh = (
-    jax.tree.map(lambda x: x.sharding, t) for t in (state.actor, sft_state.frozen)
+  state, step_fn, mesh = ppo_stages.setup_rlhb(run_, base.rlhb(0))
+  # The round's SFT steps train what PPO trains (all weights, or the adapters on the shared base),
+  # on the RLHB step's layout, so the two steps hand the generator to each other as it is.
+  sft_tx = optim.make_optimizer(ocfg.sft_optim, max(ocfg.rounds * ocfg.sft_steps, 1))
+  sft = trainable.prepare(run_.base_actor(), cfg.lora, cfg.seed, mesh, cfg.mesh.rules, sft_tx)
+  sft_state, sft_sh = trainable.supervised(sft)
+  sft_state = sft_state.replace(
+    params=jax.tree.map(jnp.copy, state.actor), frozen=state.frozen["actor"]
   )
-  sft_sh = roles.supervised_shardings(sft_state, sft_tx, actor_sh, base_sh, mesh)
+  sft_graph = sft.graphdef
   rep = sharding.replicated(mesh)
   with jax.set_mesh(mesh):
     sft_state = sharding.place(sft_state, sft_sh)
-  sft_fn = supervised.compile_sft(
-    sft_graph, sft_tx, (sft_sh, roles.batch_shardings(base.sft(0), mesh), rep)
+  sft_fn = sft_lib.compile_sft(
+    sft_graph, sft_tx, (sft_sh, trainable.batch_shardings(base.sft(0), mesh), rep)
   )
   ckpt = Checkpointer(
     run_.workdir / "checkpoints" / "online",
@@ -190,7 +195,7 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
 
   def generator(state):
     """The plain generator's params on the host (LoRA adapters merged into the base)."""
-    return roles.merged_params(state.actor, state.frozen["actor"], cfg.lora)
+    return build_lib.merged_params(state.actor, state.frozen["actor"], cfg.lora)
 
   # Evaluation (with a simulator): the starting policy's answers are fixed; only its users change.
   eval_model = run_.actor_model(prefer=("sft_actor",))

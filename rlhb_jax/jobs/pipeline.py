@@ -10,21 +10,24 @@ import json
 import pathlib
 import time
 
-from rlhb_jax import sharding
 from rlhb_jax.config import Config
-from rlhb_jax.jobs import evaluate, train
-from rlhb_jax.metrics import plot_training, read_jsonl
+from rlhb_jax.eval import evaluate
+from rlhb_jax.infra import sharding
+from rlhb_jax.infra.metrics import plot_training, read_jsonl
+from rlhb_jax.methods import disc as disc_lib
+from rlhb_jax.methods import sft as sft_lib
+from rlhb_jax.methods.ppo import stages as ppo_stages
 from rlhb_jax.run import Run
 
 
 def run(cfg: Config, workdir: pathlib.Path) -> dict:
   t0 = time.perf_counter()
-  run_ = Run(cfg, workdir)
+  run_ = Run(cfg, workdir).prepare()
   print(f"logs: {run_.logs_path} ({len(run_.examples)} records)")
   print(f"most preferred behavior: {run_.best_behavior!r}")
-  train.sft(run_)
-  train.disc_warmup(run_)
-  train.rlhb(run_)
+  sft_lib.sft(run_)
+  disc_lib.disc_warmup(run_)
+  ppo_stages.rlhb(run_)
   results = evaluate.evaluate(run_, {"sft": "sft_actor", "rlhb": "rlhb_actor"})
   sharding.barrier("metrics")  # the first process wrote rlhb.jsonl
   rl = read_jsonl(run_.workdir / "rlhb.jsonl")

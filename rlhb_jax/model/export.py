@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from rlhb_jax import tokenization
+from rlhb_jax.data import tokenization
+from rlhb_jax.data.tokenization import Tokenizer
 from rlhb_jax.model.llama import LlamaConfig
-from rlhb_jax.tokenization import Tokenizer
 
 FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}  # model_type -> class prefix
 MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size before version 5 (5 GiB)

@@ -21,8 +21,8 @@ import numpy as np
 from flax import nnx
 
 from rlhb_jax.config import ModelSpec
+from rlhb_jax.data.tokenization import Tokenizer
 from rlhb_jax.model.llama import LlamaConfig, Transformer
-from rlhb_jax.tokenization import Tokenizer
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HF_MODEL_TYPES = ("llama", "mistral", "qwen2")

@@ -20,9 +20,9 @@ from typing import Any
 import jax
 from flax import nnx
 
-from rlhb_jax.batches import Encoder
 from rlhb_jax.config import Config
-from rlhb_jax.sampling import generate_texts
+from rlhb_jax.data.batches import Encoder
+from rlhb_jax.model.sampling import generate_texts
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +129,10 @@ def from_run(cfg: Config, workdir: pathlib.Path) -> ModelPolicy:
   (published online weights, else RLHB, else SFT), reloading when the online loop publishes more."""
   from rlhb_jax.run import Run
 
-  run = Run(cfg, workdir)
+  run = Run(cfg, workdir).prepare("tokenizer")
   model = run.actor_model(prefer=(PUBLISHED, "rlhb_actor", "sft_actor"))
   context_fn = None
-  if not cfg.data.path and run.uses_context:  # the simulated platform shows its search result
+  if not cfg.data.path and run.prepare().uses_context:  # the simulated platform shows its result
     context_fn = search_result_fn(run.simulator)
 
   def reload_fn(current: int) -> tuple[Any, int] | None:

@@ -16,7 +16,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from rlhb_jax.behavior import BehaviorConfig, verbalize
+from rlhb_jax.data.behavior import BehaviorConfig, verbalize
 from rlhb_jax.sim.simulator import Simulator
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<|user|>", "<|assistant|>")  # ids 0 .. 4
@@ -28,7 +28,7 @@ def train_bpe(
   """A byte-level BPE over `texts` with `vocab_size` tokens in all (special tokens first).
 
   Save it with `tok.save(path / "tokenizer.json")`; wrap it for the models with
-  `rlhb_jax.tokenization.Tokenizer.from_tokenizers(tok)`.
+  `rlhb_jax.data.tokenization.Tokenizer.from_tokenizers(tok)`.
   """
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

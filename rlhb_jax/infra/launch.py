@@ -1,6 +1,6 @@
 """Rehearse a multi-host run on one machine: N local JAX processes of D fake CPU devices each.
 
-  python -m rlhb_jax.launch --num_processes 2 --devices_per_process 4 -- \\
+  python -m rlhb_jax.infra.launch --num_processes 2 --devices_per_process 4 -- \\
       --config configs/default.py --workdir DIR --config.mesh.shape=2,2,2
 
 Every process runs `python -m rlhb_jax.main` with the arguments after `--`, joined into one job
@@ -112,7 +112,9 @@ def launch(args: list[str], num_processes: int, devices_per_process: int) -> int
 def main(argv: list[str] | None = None) -> None:
   argv = sys.argv[1:] if argv is None else argv
   if "--" not in argv:
-    raise SystemExit("usage: python -m rlhb_jax.launch [options] -- <rlhb_jax.main arguments>")
+    raise SystemExit(
+      "usage: python -m rlhb_jax.infra.launch [options] -- <rlhb_jax.main arguments>"
+    )
   split = argv.index("--")
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--num_processes", type=int, default=2)

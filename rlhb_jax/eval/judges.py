@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rlhb_jax.data.batches import pad_prompts
 from rlhb_jax.model.llama import positions_from_mask
-from rlhb_jax.sampling import pad_prompts
 
 
 class Judge(Protocol):

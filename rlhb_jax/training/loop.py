@@ -11,10 +11,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from rlhb_jax import sharding
-from rlhb_jax.checkpoint import Checkpointer
 from rlhb_jax.config import Config
-from rlhb_jax.metrics import MetricsWriter, Progress
+from rlhb_jax.infra import sharding
+from rlhb_jax.infra.checkpoint import Checkpointer
+from rlhb_jax.infra.metrics import MetricsWriter, Progress
 
 log = logging.getLogger(__name__)
 

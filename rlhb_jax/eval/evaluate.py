@@ -14,12 +14,13 @@ import jax
 import numpy as np
 from flax import nnx
 
-from rlhb_jax import roles, sharding
 from rlhb_jax.config import Config
-from rlhb_jax.judges import LLMJudge, SimulatedUsersJudge, win_tie_loss
-from rlhb_jax.metrics import format_table
+from rlhb_jax.eval.judges import LLMJudge, SimulatedUsersJudge, win_tie_loss
+from rlhb_jax.infra import sharding
+from rlhb_jax.infra.metrics import format_table
+from rlhb_jax.model import build as build_lib
+from rlhb_jax.model.sampling import generate_texts
 from rlhb_jax.run import Run
-from rlhb_jax.sampling import generate_texts
 
 RATE_KEYS = ("like_rate", "dislike_rate", "requery_rate", "click_rate", "accuracy")
 
@@ -66,7 +67,7 @@ def curve_hook(run: Run):
   judge = SimulatedUsersJudge(run.simulator)
 
   def hook(step: int, state) -> dict[str, float]:
-    nnx.update(model, roles.merged_params(state.actor, state.frozen["actor"], run.cfg.lora))
+    nnx.update(model, build_lib.merged_params(state.actor, state.frozen["actor"], run.cfg.lora))
     answers = respond(run, model, queries)
     wtl = win_tie_loss(judge, queries, answers, baseline)
     truth = ground_truth(run, queries, answers)
@@ -119,7 +120,7 @@ def print_results(results: dict) -> None:
 
 
 def run(cfg: Config, workdir: pathlib.Path) -> dict:
-  run_ = Run(cfg, workdir)
+  run_ = Run(cfg, workdir).prepare()
   methods = {"sft": "sft_actor"}
   for name in ("rlhf", "rlhbc", "rlhb", "rlhf_rlhb", "dpo", "dpo_annotators", "kto", "online"):
     if run_.has_params(f"{name}_actor"):

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from rlhb_jax.config import Config
-from rlhb_jax.sampling import bucket_length
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,12 +116,16 @@ class Batcher:
     best_behavior: str,
     worst_behavior: str = "",
     lengths: tuple[int, int] | None = None,
+    extras: tuple[str, ...] = (),
   ):
     """`lengths` = (prompt, prefix) pins the padded lengths (e.g. to another batcher's, so a new
-    data pool reuses a compiled step); an example that does not fit is an error."""
+    data pool reuses a compiled step); an example that does not fit is an error. `extras` names
+    what RLHB batches carry beyond the prompts for the reward (`RewardSource.batch_fields`):
+    "query_index" (a host oracle), "rm_prefix" (a reward model's or classifier's prefix)."""
     if not examples:
       raise ValueError("no training examples")
     self.cfg = cfg
+    self.extras = tuple(extras)
     self.enc = Encoder(cfg, tokenizer)
     self.examples = list(examples)
     self.best = best_behavior
@@ -265,9 +268,9 @@ class Batcher:
     out["prompt"], out["prompt_mask"] = left_pad(prompts, self.P, self.pad)
     contrast = [self.enc.prefix(e.query, self.worst, e.context) for e in exs]
     out["contrast_prefix"], out["contrast_prefix_mask"] = left_pad(contrast, self.Pd, self.pad)
-    if self.cfg.reward.source == "sim":  # the oracle looks the query up on the host
+    if "query_index" in self.extras:  # a host oracle looks the query up
       out["query_index"] = np.asarray([self.query_ids[e.query] for e in exs], np.int32)
-    elif self.cfg.reward.source != "disc":  # RM / classifier read (query, response) only
+    if "rm_prefix" in self.extras:  # a reward model or classifier reads (query, response) only
       rm = [self.enc.prefix(e.query, "", e.context) for e in exs]
       out["rm_prefix"], out["rm_prefix_mask"] = left_pad(rm, self.Pd, self.pad)
     return out
@@ -291,3 +294,59 @@ class Batcher:
   ) -> list[tuple[int, ...]]:
     contexts = contexts or [""] * len(queries)
     return [self.enc.prompt(q, behavior, c) for q, c in zip(queries, contexts, strict=True)]
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+  for b in sorted(buckets):
+    if length <= b:
+      return b
+  raise ValueError(
+    f"prompt of {length} tokens exceeds the largest bucket {max(buckets)}; "
+    "raise config.sampling.prompt_buckets"
+  )
+
+
+def pad_prompts(
+  prompts: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads token lists to one bucketed length. Returns tokens (B, P) int32, mask (B, P) bool."""
+  P = bucket_length(max(len(p) for p in prompts), buckets)
+  tokens = np.full((len(prompts), P), pad_id, np.int32)
+  mask = np.zeros((len(prompts), P), bool)
+  for i, p in enumerate(prompts):
+    if len(p):
+      tokens[i, P - len(p) :] = p
+      mask[i, P - len(p) :] = True
+  return tokens, mask
+
+
+class _Prompted:
+  """Generator prompts under the most preferred behavior, padded to one bucket for the stage."""
+
+  def __init__(self, cfg: Config, tokenizer, behavior: str, items: Sequence, size: int):
+    if not items:
+      raise ValueError("no training examples for the offline stage (see its data report)")
+    self.cfg, self.enc, self.behavior = cfg, Encoder(cfg, tokenizer), behavior
+    self.items, self.size, self.pad = list(items), size, tokenizer.pad_id
+    self.Tn = cfg.sampling.max_new_tokens
+    longest = max(len(self._prompt(x)) for x in self.items)
+    self.P = bucket_length(longest, cfg.sampling.prompt_buckets)
+
+  def _prompt(self, x) -> tuple[int, ...]:
+    return self.enc.prompt(x.query, self.behavior, x.context)
+
+  def _answers(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    return right_pad([self.enc.response(t) for t in texts], self.Tn, self.pad)
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    idx = epoch_indices(self.cfg.seed, step, self.size, len(self.items), 47)
+    return self.rows([self.items[i] for i in idx])
+
+  def chunks(self, items: Sequence) -> Iterable[tuple[int, dict[str, np.ndarray]]]:
+    """Fixed-size batches over `items` (the last one padded by repeating its first row), each with
+    its number of real rows."""
+    items = list(items)
+    for start in range(0, len(items), self.size):
+      chunk = items[start : start + self.size]
+      n = len(chunk)
+      yield n, self.rows(chunk + [chunk[0]] * (self.size - n))

@@ -1,9 +1,4 @@
-"""Generator sampling: prefill + `lax.scan` decode over a fixed number of new tokens.
-
-Prompts are left-padded to a bucketed length, so all rows share one cache write index and a new
-batch of prompts reuses the compiled program. EOS ends a row: later tokens are padding and are
-masked out of the completion mask.
-"""
+"""model.sampling"""
 
 from __future__ import annotations
 
@@ -17,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from rlhb_jax.config import SamplingConfig
+from rlhb_jax.data.batches import pad_prompts
 from rlhb_jax.model.llama import Cache, LayerCache, Transformer, positions_from_mask
 
 
@@ -24,30 +20,6 @@ class SampleOutput(NamedTuple):
   tokens: jax.Array  # (B, Tn) int32; padding after EOS
   logprobs: jax.Array  # (B, Tn) f32: log-softmax(logits / temperature) at the chosen token
   mask: jax.Array  # (B, Tn) bool completion mask: generated tokens up to and including EOS
-
-
-def bucket_length(length: int, buckets: Sequence[int]) -> int:
-  for b in sorted(buckets):
-    if length <= b:
-      return b
-  raise ValueError(
-    f"prompt of {length} tokens exceeds the largest bucket {max(buckets)}; "
-    "raise config.sampling.prompt_buckets"
-  )
-
-
-def pad_prompts(
-  prompts: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: int
-) -> tuple[np.ndarray, np.ndarray]:
-  """Left-pads token lists to one bucketed length. Returns tokens (B, P) int32, mask (B, P) bool."""
-  P = bucket_length(max(len(p) for p in prompts), buckets)
-  tokens = np.full((len(prompts), P), pad_id, np.int32)
-  mask = np.zeros((len(prompts), P), bool)
-  for i, p in enumerate(prompts):
-    if len(p):
-      tokens[i, P - len(p) :] = p
-      mask[i, P - len(p) :] = True
-  return tokens, mask
 
 
 def _filter_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:

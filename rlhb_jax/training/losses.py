@@ -1,12 +1,4 @@
-"""Losses, advantages and reward shaping for RLHB: pure, jit-safe JAX functions.
-
-Shapes: B batch, T response length, V vocabulary, M behavior heads, N bins per head. Every
-per-token quantity is masked by the completion mask `mask` (B, T), bool or float; a masked mean
-divides by `mask.sum() + EPS`, so a fully masked row or batch gives 0, never NaN. Values at masked
-positions are never read (they may be garbage or NaN). Arguments documented as static
-(`estimator`, `transform`, `mode`, `shift_mean`) are plain Python values and select code at trace
-time; everything else may be traced. Arithmetic is in float32 (or wider, if the inputs are wider).
-"""
+"""training.losses"""
 
 from __future__ import annotations
 
@@ -14,13 +6,19 @@ import jax
 import jax.numpy as jnp
 import optax
 
-EPS = 1e-8
-
 Array = jax.Array
+
 Metrics = dict[str, Array]
 
+EPS = 1e-8
+
+
 KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
 REWARD_TRANSFORMS = ("prob", "log", "logit")
+
+
 REWARD_NORMALIZATIONS = ("none", "center", "whiten", "group")
 
 
@@ -28,9 +26,6 @@ def _f32(x: Array) -> Array:
   """Promotes to at least float32 (bf16 -> f32, f64 stays f64)."""
   x = jnp.asarray(x)
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
-# ----------------------------------------------------------------------------- masked statistics
 
 
 def masked_mean(
@@ -68,9 +63,6 @@ def masked_whiten(x: Array, mask: Array, shift_mean: bool = True) -> Array:
   if not shift_mean:
     out = out + mean
   return jnp.where(_f32(mask) != 0, out, 0.0)
-
-
-# ----------------------------------------------------------------------------- advantages, rewards
 
 
 def gae(
@@ -221,9 +213,6 @@ def normalize_rewards(rewards: Array, mode: str = "none", group_size: int = 1) -
   )
 
 
-# ----------------------------------------------------------------------------- PPO
-
-
 def ppo_policy_loss(
   logprobs: Array,
   old_logprobs: Array,
@@ -313,9 +302,6 @@ def explained_variance(values: Array, returns: Array, mask: Array) -> Array:
   return 1.0 - masked_var(r - v, mask) / (masked_var(r, mask) + EPS)
 
 
-# ----------------------------------------------------------------------- discriminator, RM, CM, SFT
-
-
 def disc_loss(
   logits: Array,
   labels: Array,
@@ -354,30 +340,6 @@ def disc_loss(
   return loss, metrics
 
 
-def bradley_terry_loss(chosen_scores: Array, rejected_scores: Array) -> tuple[Array, Metrics]:
-  """Pairwise reward-model loss, mean over (B,) pairs: -log sigmoid(s_chosen - s_rejected).
-
-  Metrics: accuracy (fraction with s_chosen > s_rejected), margin (mean s_chosen - s_rejected).
-  """
-  margin = _f32(chosen_scores) - _f32(rejected_scores)
-  loss = jnp.mean(-jax.nn.log_sigmoid(margin))
-  margin = jax.lax.stop_gradient(margin)
-  return loss, {"accuracy": jnp.mean(margin > 0), "margin": jnp.mean(margin)}
-
-
-def classifier_loss(logits: Array, targets: Array) -> tuple[Array, Metrics]:
-  """Behavior classifier loss: mean cross-entropy over B examples and M heads of N bins each.
-
-    loss = -1/(B M) sum_{b,m} log softmax(logits_bm)[targets_bm],   logits (B, M, N), targets (B, M)
-
-  Metrics: accuracy (argmax == target, the mean of the per-head accuracies).
-  """
-  logits = _f32(logits)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  correct = jnp.argmax(jax.lax.stop_gradient(logits), axis=-1) == targets
-  return jnp.mean(ce), {"accuracy": jnp.mean(correct)}
-
-
 def sft_loss(logits: Array, targets: Array, mask: Array) -> tuple[Array, Metrics]:
   """Masked next-token cross-entropy in f32 (logits already aligned with their targets).
 
@@ -390,78 +352,3 @@ def sft_loss(logits: Array, targets: Array, mask: Array) -> tuple[Array, Metrics
   loss = masked_mean(ce, mask)
   correct = jnp.argmax(jax.lax.stop_gradient(logits), axis=-1) == targets
   return loss, {"accuracy": masked_mean(correct, mask), "num_tokens": jnp.sum(_f32(mask))}
-
-
-# ----------------------------------------------------------------------------- offline preferences
-
-
-def dpo_loss(
-  policy_chosen: Array,
-  policy_rejected: Array,
-  ref_chosen: Array,
-  ref_rejected: Array,
-  beta: float,
-) -> tuple[Array, Metrics]:
-  """Direct preference optimisation (Rafailov et al., 2023), mean over (B,) pairs.
-
-    r(y) = beta (log pi(y | x) - log pi_ref(y | x))        (sequence log-probs, summed over tokens)
-    loss = -1/B sum_b log sigmoid(r(y_chosen) - r(y_rejected))
-
-  Metrics: accuracy (share of pairs with r(chosen) > r(rejected)), margin (mean r difference),
-  chosen_reward, rejected_reward (mean implicit rewards).
-  """
-  chosen = beta * (_f32(policy_chosen) - _f32(ref_chosen))
-  rejected = beta * (_f32(policy_rejected) - _f32(ref_rejected))
-  margin = chosen - rejected
-  loss = jnp.mean(-jax.nn.log_sigmoid(margin))
-  margin, chosen, rejected = jax.lax.stop_gradient((margin, chosen, rejected))
-  return loss, {
-    "accuracy": jnp.mean(margin > 0),
-    "margin": jnp.mean(margin),
-    "chosen_reward": jnp.mean(chosen),
-    "rejected_reward": jnp.mean(rejected),
-  }
-
-
-def kto_loss(
-  policy: Array,
-  ref: Array,
-  policy_kl: Array,
-  ref_kl: Array,
-  desirable: Array,
-  beta: float,
-  desirable_weight: float = 1.0,
-  undesirable_weight: float = 1.0,
-) -> tuple[Array, Metrics]:
-  """Kahneman-Tversky optimisation (Ethayarajh et al., 2024), mean over (B,) single answers.
-
-    r(x, y) = log pi(y | x) - log pi_ref(y | x)
-    z0      = max(0, mean_b [log pi(y'_b | x_b) - log pi_ref(y'_b | x_b)])   (no gradient)
-    v(x, y) = w_D sigmoid(beta (r - z0))   if y is desirable
-              w_U sigmoid(beta (z0 - r))   if y is undesirable
-    loss    = 1/B sum_b (w_b - v(x_b, y_b))
-
-  z0 is the reference point: the policy's KL from the reference, estimated on mismatched pairs
-  (x_b, y'_b), each prompt with another row's answer (`policy_kl`, `ref_kl`, (B,)).
-
-  Metrics: kl (z0), desirable_reward and undesirable_reward (mean r of each kind; 0 if the batch
-  has none), the counts of each kind.
-  """
-  r = _f32(policy) - _f32(ref)
-  z0 = jax.lax.stop_gradient(jnp.maximum(jnp.mean(_f32(policy_kl) - _f32(ref_kl)), 0.0))
-  d = _f32(desirable) > 0.5
-  value = jnp.where(
-    d,
-    desirable_weight * jax.nn.sigmoid(beta * (r - z0)),
-    undesirable_weight * jax.nn.sigmoid(beta * (z0 - r)),
-  )
-  weight = jnp.where(d, desirable_weight, undesirable_weight)
-  loss = jnp.mean(weight - value)
-  r = jax.lax.stop_gradient(r)
-  return loss, {
-    "kl": z0,
-    "desirable_reward": masked_mean(r, d),
-    "undesirable_reward": masked_mean(r, ~d),
-    "n_desirable": jnp.sum(d, dtype=jnp.float32),
-    "n_undesirable": jnp.sum(~d, dtype=jnp.float32),
-  }

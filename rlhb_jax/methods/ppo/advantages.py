@@ -1,18 +1,24 @@
 """Advantages for PPO: GAE over a learned critic, or critic-free group baselines (RLOO / GRPO).
 
 Both take the sequence rewards (B,), the sampled tokens' log-probs under the actor and the
-reference (B, Tn) and the completion mask, with the B rows ordered as Bp prompts x n rollouts.
+reference (B, Tn), the critic's values (None without one) and the completion mask, with the B rows
+ordered as Bp prompts x n rollouts. Each estimator is registered under its `config.ppo.advantage`
+name with whether it learns a critic; a new estimator is one decorated function here.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from rlhb_jax import losses
-from rlhb_jax.config import PPOConfig
+from rlhb_jax.training import losses
+
+if TYPE_CHECKING:
+  from rlhb_jax.config import PPOConfig
 
 
 class Advantages(NamedTuple):
@@ -20,6 +26,30 @@ class Advantages(NamedTuple):
   returns: jax.Array  # (B, Tn) value targets (0 without a critic)
   kl: jax.Array  # (B, Tn) per-token KL(actor || reference) estimate
   return_per_seq: jax.Array  # (B,) the shaped return each rollout was credited with
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimator:
+  fn: Callable  # (seq_reward, logprobs, ref_logprobs, values, mask, kl_coef, ppo) -> Advantages
+  critic: bool  # learns a critic (built from the generator, trained with the value loss)
+
+
+ESTIMATORS: dict[str, Estimator] = {}
+
+
+def register(name: str, critic: bool) -> Callable:
+  def add(fn: Callable) -> Callable:
+    ESTIMATORS[name] = Estimator(fn, critic)
+    return fn
+
+  return add
+
+
+def get(name: str) -> Estimator:
+  """The registered advantage estimator `name` (config.ppo.advantage)."""
+  if name not in ESTIMATORS:
+    raise ValueError(f"config.ppo.advantage={name!r}: expected one of {tuple(ESTIMATORS)}")
+  return ESTIMATORS[name]
 
 
 def group_baseline(rewards: jax.Array, n: int, scale: bool) -> jax.Array:
@@ -38,6 +68,7 @@ def group_baseline(rewards: jax.Array, n: int, scale: bool) -> jax.Array:
   return jax.lax.stop_gradient(adv.reshape(rewards.shape))
 
 
+@register("gae", critic=True)
 def gae_advantages(seq_reward, logprobs, ref_logprobs, values, mask, kl_coef, ppo: PPOConfig):
   """Token rewards (the sequence reward at the last token minus beta KL per token), GAE(gamma,
   lambda) over the critic's values, advantages whitened over the batch."""
@@ -48,9 +79,12 @@ def gae_advantages(seq_reward, logprobs, ref_logprobs, values, mask, kl_coef, pp
   return Advantages(losses.masked_whiten(adv, mask), returns, kl, jnp.sum(rewards * mask, axis=1))
 
 
-def group_advantages(seq_reward, logprobs, ref_logprobs, mask, kl_coef, ppo: PPOConfig):
+@register("group", critic=False)
+def group_advantages(seq_reward, logprobs, ref_logprobs, values, mask, kl_coef, ppo: PPOConfig):
   """Critic-free: the rollout's return r - beta * sum_t KL_t against the mean return of the other
-  rollouts of its prompt (`group_baseline`), the same advantage on every token of the response."""
+  rollouts of its prompt (`group_baseline`), the same advantage on every token of the response.
+  `values` is unused (there is no critic)."""
+  del values
   kl = losses.kl_penalty(
     jax.lax.stop_gradient(logprobs), jax.lax.stop_gradient(ref_logprobs), ppo.kl_estimator
   )
