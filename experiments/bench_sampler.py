@@ -25,8 +25,8 @@ import numpy as np
 from bench_train_step import matmul_peak  # the same peak in both benchmarks
 from flax import nnx
 
-from rlhb_jax.config import ModelSpec, SamplingConfig
 from rlhb_jax.data.batches import pad_prompts
+from rlhb_jax.model.config import ModelSpec, SamplingConfig
 from rlhb_jax.model.llama import Transformer
 from rlhb_jax.model.sampling import sample_jit
 from rlhb_jax.model.shapes import SHAPES

@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from rlhb_jax import config as config_lib  # noqa: E402
 from rlhb_jax.eval import evaluate  # noqa: E402
-from rlhb_jax.infra.metrics import format_markdown_table, plot_series, read_jsonl  # noqa: E402
+from rlhb_jax.infra.metrics import read_jsonl  # noqa: E402
+from rlhb_jax.infra.report import format_markdown_table, plot_series  # noqa: E402
 from rlhb_jax.methods import disc as disc_lib  # noqa: E402
 from rlhb_jax.methods import dpo as dpo_lib  # noqa: E402
 from rlhb_jax.methods import kto as kto_lib  # noqa: E402

@@ -39,7 +39,7 @@ from reward_headroom import probe  # noqa: E402
 
 from rlhb_jax import config as config_lib  # noqa: E402
 from rlhb_jax.eval import evaluate  # noqa: E402
-from rlhb_jax.infra.metrics import format_markdown_table  # noqa: E402
+from rlhb_jax.infra.report import format_markdown_table  # noqa: E402
 from rlhb_jax.methods import disc as disc_lib  # noqa: E402
 from rlhb_jax.methods import dpo as dpo_lib  # noqa: E402
 from rlhb_jax.methods import kto as kto_lib  # noqa: E402

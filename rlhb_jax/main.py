@@ -36,6 +36,7 @@ class Mode:
   job: str = ""
   stages: tuple[str, ...] = ()
   single_process: bool = False  # it serves, or writes files a second process would race
+  live: bool = False  # it learns from live behaviour: no reward source that reads the simulator
 
 
 _SFT = "methods.sft:sft"
@@ -66,7 +67,9 @@ MODES = {
   ),
   "dpo": Mode("offline DPO from SFT", stages=(_SFT, "methods.dpo:dpo")),
   "kto": Mode("offline KTO from SFT", stages=(_SFT, "methods.kto:kto")),
-  "online": Mode("rounds of deploy -> collect -> train", "jobs.online:run", single_process=True),
+  "online": Mode(
+    "rounds of deploy -> collect -> train", "jobs.online:run", single_process=True, live=True
+  ),
   "serve": Mode("the newest generator over HTTP", "jobs.serve:run", single_process=True),
   "export": Mode("a model as HF or GGUF", "jobs.export:run", single_process=True),
 }
@@ -101,6 +104,20 @@ def initialize_distributed(cfg: config_lib.DistributedConfig) -> None:
     )
   else:
     jax.distributed.initialize()
+
+
+def config_problem(cfg: config_lib.Config) -> str | None:
+  """Why `cfg.mode` cannot run with the rest of `cfg` (no config section can check it), or None."""
+  if cfg.mode not in MODES:
+    return f"config.mode={cfg.mode!r}: expected one of {tuple(MODES)}"
+  from rlhb_jax.methods.ppo import rewards
+
+  if MODES[cfg.mode].live and rewards.get(cfg.reward.source).simulator_only:
+    return (
+      f"config.reward.source={cfg.reward.source} is an offline ceiling (mode=rlhb, pipeline); "
+      f"mode={cfg.mode} learns from what the users do, so use disc"
+    )
+  return None
 
 
 def multi_process_problem(cfg: config_lib.Config) -> str | None:
@@ -141,8 +158,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("--config is required, e.g. --config configs/default.py")
   try:
     cfg = config_lib.from_configdict(_CONFIG.value)
-    if cfg.mode not in MODES:
-      raise ValueError(f"config.mode={cfg.mode!r}: expected one of {tuple(MODES)}")
+    if problem := config_problem(cfg):
+      raise ValueError(problem)
   except (KeyError, TypeError, ValueError) as e:
     print(f"config error: {e}", file=sys.stderr)
     sys.exit(2)

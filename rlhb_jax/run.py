@@ -61,13 +61,17 @@ class Run:
   def prepare(self, *steps: str) -> Run:
     """Runs the named steps (default: all of them) and those they need, in order; returns self."""
     for name in steps or tuple(self.STEPS):
-      if name not in self.STEPS:
-        raise ValueError(f"Run.prepare: no step {name!r}; known: {tuple(self.STEPS)}")
-      if name in self._done:
-        continue
-      self.prepare(*self.STEPS[name])
-      self._done[name] = getattr(self, f"_{name}")()
+      self._step(name)
     return self
+
+  def _step(self, name: str) -> None:
+    if name not in self.STEPS:
+      raise ValueError(f"Run.prepare: no step {name!r}; known: {tuple(self.STEPS)}")
+    if name in self._done:
+      return
+    for need in self.STEPS[name]:
+      self._step(need)
+    self._done[name] = getattr(self, f"_{name}")()
 
   def _need(self, step: str) -> Any:
     if step not in self._done:

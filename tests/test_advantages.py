@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rlhb_jax.config import PPOConfig, SamplingConfig
 from rlhb_jax.methods.ppo import advantages
+from rlhb_jax.methods.ppo.config import PPOConfig
+from rlhb_jax.model.config import SamplingConfig
 from rlhb_jax.model.llama import LlamaConfig, Transformer
 from rlhb_jax.model.sampling import sample
 from rlhb_jax.training import forward

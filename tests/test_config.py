@@ -105,8 +105,12 @@ def test_the_simulator_reward_needs_simulator_logs_offline():
   assert replace(Config(), **{"reward.source": "sim"}).reward.source == "sim"
   with pytest.raises(ValueError, match="simulator's own logs"):
     replace(Config(), **{"reward.source": "sim", "data.path": "mine.jsonl"})
-  with pytest.raises(ValueError, match="offline ceiling"):
+  from rlhb_jax import main
+
+  assert "offline ceiling" in main.config_problem(
     replace(Config(), **{"reward.source": "sim", "mode": "online"})
+  )
+  assert main.config_problem(replace(Config(), **{"reward.source": "sim", "mode": "rlhb"})) is None
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
@@ -119,8 +123,21 @@ def test_config_files_load(path):
   assert (cfg == Config()) == (path.name == "base.py")
 
 
-def test_config_files_are_all_found():
-  assert {"base.py", "default.py"} <= {p.name for p in CONFIG_FILES}
+def test_configs_named_in_the_docs_exist_and_every_config_is_documented():
+  """Every `configs/NAME.py` that README.md, docs/, the Makefile or experiments/ names exists, and
+  every file in configs/ is named in README.md or docs/ (so a user can find what it is for)."""
+  import re
+
+  def named(paths):
+    text = "\n".join(p.read_text(encoding="utf-8") for p in paths)
+    return set(re.findall(r"configs/([A-Za-z0-9_]+\.py)", text))
+
+  docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+  code = [ROOT / "Makefile", *sorted((ROOT / "experiments").glob("*.py"))]
+  files = {p.name for p in CONFIG_FILES}
+  assert {"base.py", "default.py"} <= files
+  assert named(docs + code) - files == set(), "named but missing"
+  assert files - named(docs) == set(), "in configs/ but in no doc"
 
 
 def test_replace_takes_dotted_paths():

@@ -27,7 +27,7 @@ from rlhb_jax.data.batches import Encoder, pad_prompts
 from rlhb_jax.data.tokenization import Tokenizer
 from rlhb_jax.jobs import export as export_job
 from rlhb_jax.model import build as build_lib
-from rlhb_jax.model import export, loading
+from rlhb_jax.model import export, gguf_file, loading
 from rlhb_jax.model.heads import ScalarModel
 from rlhb_jax.model.llama import LlamaConfig, Transformer, positions_from_mask
 from rlhb_jax.model.sampling import sample
@@ -180,7 +180,7 @@ def test_hf_export_loads_in_transformers_and_back(case, tok, tmp_path):
   family, cfg = _config(case, tok.vocab_size)
   model, params = _random_lm(cfg, seed=1)
   files = export.save_hf(
-    tmp_path, cfg, params, tok, family, max_positions=64, max_shard_bytes=100_000
+    tmp_path, export.Exportable(cfg, params, tok, family, 64), max_shard_bytes=100_000
   )
   assert "model.safetensors.index.json" in files  # sharded at this threshold
   hf = json.loads((tmp_path / "config.json").read_text())
@@ -217,7 +217,7 @@ def test_discriminator_exports_as_sequence_classifier(case, tok, tmp_path):
   disc = ScalarModel(cfg, 1, rngs=nnx.Rngs(0))
   params = _randomize(build_lib.params_of(disc), seed=2)
   nnx.update(disc, params)
-  export.save_hf(tmp_path, cfg, params, tok, family, max_positions=64)
+  export.save_hf(tmp_path, export.Exportable(cfg, params, tok, family, 64))
   hf = json.loads((tmp_path / "config.json").read_text())
   assert hf["architectures"] == [f"{export.FAMILIES[family]}ForSequenceClassification"]
   assert hf["pad_token_id"] == tok.pad_id == 0 and hf["score_bias"] == float(params["head_b"][0])
@@ -239,9 +239,9 @@ def test_gguf_export_loads_back(case, tok, tmp_path):
   path = tmp_path / "model.gguf"
   if cfg.rope_scaling is not None:
     with pytest.raises(NotImplementedError, match="rope_freqs"):
-      export.save_gguf(path, cfg, params, tok, family, max_positions=64)
+      gguf_file.save_gguf(path, export.Exportable(cfg, params, tok, family, 64))
     return
-  export.save_gguf(path, cfg, params, tok, family, max_positions=64)
+  gguf_file.save_gguf(path, export.Exportable(cfg, params, tok, family, 64))
   back_cfg, back_params = loading.load_gguf(path)
   assert back_cfg == dataclasses.replace(cfg, norm_eps=float(np.float32(cfg.norm_eps)))  # f32 key
   tokens, mask = _left_padded(np.random.default_rng(1), cfg.vocab_size, [16, 9, 2])
@@ -260,7 +260,7 @@ def test_gguf_export_loads_back(case, tok, tmp_path):
   )
 
   # f16: the matrices rounded to half precision, norms and biases kept in f32 (llama.cpp's F16).
-  export.save_gguf(path, cfg, params, tok, family, max_positions=64, dtype="float16")
+  gguf_file.save_gguf(path, export.Exportable(cfg, params, tok, family, 64), dtype="float16")
   matrices = {"embed", "lm_head", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"}
   half = jax.tree.map_with_path(
     lambda path, x: x.astype(np.float16).astype(np.float32) if path[-1].key in matrices else x,
@@ -284,7 +284,7 @@ def test_smollm2_exports_to_transformers_and_gguf(tmp_path):
   cfg, params = model.cfg, jax.device_get(build_lib.params_of(model))
   family, max_positions = export_job.source_of(spec, cfg)
   assert (family, max_positions) == ("llama", 8192)
-  export.save_hf(tmp_path / "hf", cfg, params, tok, family, max_positions=max_positions)
+  export.save_hf(tmp_path / "hf", export.Exportable(cfg, params, tok, family, max_positions))
 
   ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
   ref_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -313,14 +313,8 @@ def test_smollm2_exports_to_transformers_and_gguf(tmp_path):
   disc = build_lib.scalar_from_lm(model, 1, seed=0)
   head = _randomize({"head_w": disc.head_w[...], "head_b": disc.head_b[...]}, seed=4)
   nnx.update(disc, head)
-  export.save_hf(
-    tmp_path / "disc",
-    cfg,
-    jax.device_get(build_lib.params_of(disc)),
-    tok,
-    family,
-    max_positions=8192,
-  )
+  disc_params = jax.device_get(build_lib.params_of(disc))
+  export.save_hf(tmp_path / "disc", export.Exportable(cfg, disc_params, tok, family, 8192))
   hf = json.loads((tmp_path / "disc" / "config.json").read_text())
   assert hf["pad_token_id"] == 0 and tok.pad_id in tok.eos_ids
   enc = Encoder(Config(), tok)
@@ -331,7 +325,9 @@ def test_smollm2_exports_to_transformers_and_gguf(tmp_path):
   ref_disc = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "disc")
   assert_f32_parity(np.concatenate([logits, logits]), _scores(ref_disc, rows, 0, hf["score_bias"]))
 
-  export.save_gguf(tmp_path / "m.gguf", cfg, params, tok, family, max_positions=max_positions)
+  gguf_file.save_gguf(
+    tmp_path / "m.gguf", export.Exportable(cfg, params, tok, family, max_positions)
+  )
   again = _ours(loading.build_transformer(*loading.load_gguf(tmp_path / "m.gguf")), tokens, mask)
   np.testing.assert_array_equal(again[mask], ours[mask])  # the same float32 weights
   gguf_tok = Tokenizer.from_gguf(tmp_path / "m.gguf")

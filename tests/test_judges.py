@@ -367,7 +367,7 @@ def test_http_judge_errors_name_the_url(api):
 
 @pytest.mark.slow
 def test_smollm2_judge_reads_its_answer_tokens():
-  from rlhb_jax.config import ModelSpec
+  from rlhb_jax.model.config import ModelSpec
   from rlhb_jax.model.loading import load_model
 
   model, tok = load_model(ModelSpec(source="smollm2-135m-instruct"))

@@ -13,9 +13,9 @@ import tokenizers
 from test_pipeline import why
 from tokenizers import models, pre_tokenizers, trainers
 
-from rlhb_jax.config import ModelSpec
 from rlhb_jax.data.tokenization import Tokenizer
 from rlhb_jax.model import loading
+from rlhb_jax.model.config import ModelSpec
 from rlhb_jax.model.llama import LlamaConfig, apply_rope, rope_frequencies
 
 
@@ -187,7 +187,7 @@ _NO_TORCH = textwrap.dedent(
   sys.meta_path[:] = [Hidden(f) for f in sys.meta_path]
   import transformers.utils
   assert not transformers.utils.is_torch_available()
-  from rlhb_jax.config import ModelSpec
+  from rlhb_jax.model.config import ModelSpec
   from rlhb_jax.model.loading import load_model
   model, tok = load_model(ModelSpec(source="smollm2-135m-instruct"))
   assert tok.decode(tok.chat_prompt("hi")).endswith("assistant\\n")

@@ -1,23 +1,18 @@
-"""Tests for rlhb_jax.infra.metrics: JSONL logging, resume truncation, plots and tables (no JAX)."""
+"""Tests for rlhb_jax.infra.metrics and report: JSONL logs, resume truncation, plots, tables."""
 
 from __future__ import annotations
 
 import io
 import json
 import math
+import struct
 
 import numpy as np
 import pytest
 
-from rlhb_jax.infra import metrics
-from rlhb_jax.infra.metrics import (
-  MetricsWriter,
-  Progress,
-  format_markdown_table,
-  format_table,
-  plot_training,
-  read_jsonl,
-)
+from rlhb_jax.infra import metrics, report
+from rlhb_jax.infra.metrics import MetricsWriter, Progress, read_jsonl
+from rlhb_jax.infra.report import format_markdown_table, format_table, plot_training
 
 
 def test_jsonl_round_trip_nan_is_null(tmp_path):
@@ -85,7 +80,25 @@ def test_tensorboard_events_written(tmp_path):
     w.write(0, {"disc_loss": 0.7, "bad": float("nan")})
     w.flush()
   events = list((tmp_path / "tb" / "disc_warmup").glob("events.out.tfevents.*"))
-  assert len(events) == 1 and events[0].stat().st_size > 0
+  assert len(events) == 1
+  scalars = _read_scalars(events[0])
+  # The finite value is there at its step; the NaN is not written at all.
+  assert scalars == {("disc_loss", 0): pytest.approx(0.7)}
+
+
+def _read_scalars(path) -> dict[tuple[str, int], float]:
+  """The scalar summaries of a TensorBoard event file: records of (u64 length, u32 crc, Event, u32
+  crc), read with tensorboardX's own Event proto."""
+  from tensorboardX.proto import event_pb2
+
+  data, out, at = path.read_bytes(), {}, 0
+  while at < len(data):
+    (n,) = struct.unpack("<Q", data[at : at + 8])
+    event = event_pb2.Event.FromString(data[at + 12 : at + 12 + n])
+    at += 12 + n + 4
+    for value in event.summary.value:
+      out[(value.tag, event.step)] = value.simple_value
+  return out
 
 
 def test_tensorboard_missing_warns_once(tmp_path, monkeypatch, caplog):
@@ -150,8 +163,8 @@ def test_plot_training_skips_missing_eval_and_respects_out_dir(tmp_path):
 
 def test_moving_average():
   y = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
-  np.testing.assert_allclose(metrics._moving_average(y, 2), [1.0, 1.5, 2.5, 3.5, 4.5])
-  np.testing.assert_allclose(metrics._moving_average(y, 10), [1.0, 1.5, 2.0, 2.5, 3.0])
+  np.testing.assert_allclose(report._moving_average(y, 2), [1.0, 1.5, 2.5, 3.5, 4.5])
+  np.testing.assert_allclose(report._moving_average(y, 10), [1.0, 1.5, 2.0, 2.5, 3.0])
 
 
 def test_progress_postfix_and_disabled():

@@ -11,8 +11,8 @@ import transformers
 from flax import nnx
 from parity import assert_f32_parity, hf_reference
 
-from rlhb_jax.config import ModelSpec, SamplingConfig
-from rlhb_jax.model import loading
+from rlhb_jax.model import gguf_file, loading
+from rlhb_jax.model.config import ModelSpec, SamplingConfig
 from rlhb_jax.model.llama import positions_from_mask
 
 TINY = dict(
@@ -137,7 +137,7 @@ def _write_gguf(path, hf_model, cfg: transformers.LlamaConfig) -> None:
   w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
   w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
   w.add_vocab_size(cfg.vocab_size)
-  names = {v: k for k, v in loading._GGUF_NAMES.items()}
+  names = {v: k for k, v in gguf_file.LAYER_NAMES.items()}
   for name, p in hf_model.state_dict().items():
     arr = p.float().numpy()
     if name.startswith("model.layers."):
@@ -148,7 +148,7 @@ def _write_gguf(path, hf_model, cfg: transformers.LlamaConfig) -> None:
       elif rest == "self_attn.k_proj.weight":
         arr = _llama_cpp_permute(arr, cfg.num_key_value_heads)
     else:
-      gguf_name = {v: k for k, v in loading._GGUF_GLOBAL.items()}[name.removeprefix("model.")]
+      gguf_name = {v: k for k, v in gguf_file.GLOBAL_NAMES.items()}[name.removeprefix("model.")]
     w.add_tensor(gguf_name, np.ascontiguousarray(arr))
   w.write_header_to_file()
   w.write_kv_data_to_file()

@@ -15,6 +15,7 @@ from rlhb_jax.methods import kto as kto_lib
 from rlhb_jax.model import build as build_lib
 from rlhb_jax.model import lora
 from rlhb_jax.training import forward, optim, trainable
+from rlhb_jax.training.config import OptimConfig
 
 V = 64
 BEST = "Users: most liked it."
@@ -111,7 +112,7 @@ def test_dpo_learns_a_known_preference(rank):
   plain, graphdef, spec, start, params, frozen, ref = _policy(cfg, rank)
   train, heldout = preferences.split_heldout(synthetic_pairs(400, 0), 0.2, 0)
   batcher = dpo_lib.PairBatcher(cfg, ByteTokenizer(), BEST, train, 16)
-  opt_cfg = C.OptimConfig(learning_rate=3e-3 if rank else 1e-3, warmup_steps=5)
+  opt_cfg = OptimConfig(learning_rate=3e-3 if rank else 1e-3, warmup_steps=5)
   tx = optim.make_optimizer(opt_cfg, 80)
   step = dpo_lib.compile_dpo(graphdef, tx, 0.5)
   state = trainable.init(params, tx, frozen, ref)
@@ -139,7 +140,7 @@ def test_kto_learns_desirable_from_undesirable(rank):
   items = [items[i] for i in np.random.default_rng(0).permutation(len(items))]
   train, heldout = preferences.split_heldout(items, 0.2, 0)
   batcher = kto_lib.LabeledBatcher(cfg, ByteTokenizer(), BEST, train, 16)
-  opt_cfg = C.OptimConfig(learning_rate=3e-3 if rank else 1e-3, warmup_steps=5)
+  opt_cfg = OptimConfig(learning_rate=3e-3 if rank else 1e-3, warmup_steps=5)
   tx = optim.make_optimizer(opt_cfg, 80)
   step = kto_lib.compile_kto(graphdef, tx, cfg)
   state = trainable.init(params, tx, frozen, ref)
@@ -163,7 +164,7 @@ def test_lora_reference_is_the_base_with_adapters_off():
   params = jax.tree_util.tree_map_with_path(
     lambda path, x: x + 0.05 if "lora" in jax.tree_util.keystr(path) else x, params
   )
-  state = trainable.init(params, optim.make_optimizer(C.OptimConfig(), 1), frozen)
+  state = trainable.init(params, optim.make_optimizer(OptimConfig(), 1), frozen)
   batcher = dpo_lib.PairBatcher(cfg, ByteTokenizer(), BEST, synthetic_pairs(16, 2), 16)
   b = batcher(0)
   rows = (b["prompt"], b["prompt_mask"], b["chosen"], b["chosen_mask"])

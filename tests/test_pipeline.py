@@ -79,6 +79,14 @@ def test_default_pipeline_smoke(tmp_path):
   assert [r["step"] for r in rows] == [1, 2]
   assert (tmp_path / "plots" / "disc_scores.png").exists()
   assert "like_rate" in out.stdout
+  assert _moved(tmp_path, "sft_actor", "rlhb_actor") > 0  # the two RLHB steps changed the weights
+
+
+def _moved(workdir: pathlib.Path, before: str, after: str) -> float:
+  """The largest absolute change of any weight between two saved models of a run."""
+  a, b = _params(workdir / "models" / before), _params(workdir / "models" / after)
+  leaves = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  return max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in leaves)
 
 
 def _params(path: pathlib.Path):
@@ -169,11 +177,11 @@ def test_dpo_and_kto_modes_then_eval(tmp_path):
   """mode=dpo and mode=kto on the embedded default write their generators and data reports;
   mode=eval then scores them beside SFT and RLHB."""
   small = ["--config.dpo.steps=3", "--config.kto.steps=3", "--config.sim.num_records=600"]
-  runs = (
+  runs = (  # RLHB first: its SFT stage writes sft_actor, where DPO and KTO start
+    ("rlhb", "--config.rlhb.steps=2"),
     ("dpo",),
     ("dpo", "--config.dpo.pairs=annotators"),
     ("kto",),
-    ("rlhb", "--config.rlhb.steps=2"),
     ("eval",),
   )
   for mode, *extra in runs:
@@ -190,6 +198,9 @@ def test_dpo_and_kto_modes_then_eval(tmp_path):
   assert dpo["pairs"] > 0 and dpo["pairs"] <= dpo["candidate_pairs"]
   assert 0.0 <= dpo["heldout_accuracy"] <= 1.0
   assert kto["desirable"] > 0 and kto["undesirable"] > 0
+  assert kto["heldout_answers"] > 0 and 0.0 <= kto["heldout_auc"] <= 1.0
+  for name in ("dpo_actor", "dpo_annotators_actor", "kto_actor"):
+    assert _moved(tmp_path, "sft_actor", name) > 0, name  # three steps moved it off SFT
   assert (
     kto["desirable"] + kto["undesirable"] + kto["neither"] + kto["below_min_impressions"]
     == kto["records"]

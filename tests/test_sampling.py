@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rlhb_jax.config import SamplingConfig
 from rlhb_jax.data.batches import pad_prompts
+from rlhb_jax.model.config import SamplingConfig
 from rlhb_jax.model.llama import LlamaConfig, Transformer
 from rlhb_jax.model.sampling import sample, sample_jit
 

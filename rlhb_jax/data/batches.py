@@ -320,7 +320,7 @@ def pad_prompts(
   return tokens, mask
 
 
-class _Prompted:
+class PromptedBatcher:
   """Generator prompts under the most preferred behavior, padded to one bucket for the stage."""
 
   def __init__(self, cfg: Config, tokenizer, behavior: str, items: Sequence, size: int):

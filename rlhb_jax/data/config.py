@@ -1,4 +1,5 @@
-"""Data section of the config: where the behavior log is and how bad records are handled."""
+"""Data sections of the config: where the behavior log is, how bad records are handled, and how
+(query, behavior, response) become text."""
 
 from __future__ import annotations
 
@@ -27,3 +28,19 @@ class DataConfig:
       raise ValueError(
         f"config.data.missing_behavior={self.missing_behavior!r}: expected error or zero"
       )
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConfig:
+  """How (query, behavior, response) become text for the generator and the discriminator."""
+
+  # The generator's user message; with no behavior and no context the message is exactly the query.
+  generator: str = "{behavior} Question: {query}{context}"
+  chat_template: bool = True  # wrap the generator message in the tokenizer's chat template
+  # The discriminator reads this prefix, then the response tokens; it scores the last token.
+  disc: str = "{behavior} Question: {query}{context} Answer:"
+  # How a record's optional "context" (the search result shown with the answer) enters {context}.
+  context: str = " Search result: {context}"
+  # The chat template's system message: "" keeps the template's own default (SmolLM2's costs ~20
+  # tokens on every row); any other text replaces it.
+  system: str = ""

@@ -17,7 +17,7 @@ from flax import nnx
 from rlhb_jax.config import Config
 from rlhb_jax.eval.judges import LLMJudge, SimulatedUsersJudge, win_tie_loss
 from rlhb_jax.infra import sharding
-from rlhb_jax.infra.metrics import format_table
+from rlhb_jax.infra.report import format_table
 from rlhb_jax.model import build as build_lib
 from rlhb_jax.model.sampling import generate_texts
 from rlhb_jax.run import Run

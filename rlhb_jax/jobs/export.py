@@ -27,7 +27,7 @@ from rlhb_jax.config import Config, ModelSpec, to_configdict
 from rlhb_jax.data import behavior
 from rlhb_jax.data.batches import generator_message
 from rlhb_jax.model import build as build_lib
-from rlhb_jax.model import export
+from rlhb_jax.model import export, gguf_file
 from rlhb_jax.model.llama import LlamaConfig
 from rlhb_jax.run import Run
 
@@ -139,34 +139,21 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
   nnx.update(model, params)
   lm_cfg = build_lib.trunk_of(model).cfg
   family, max_positions = source_of(spec, lm_cfg)
-  tree = build_lib.params_of(model)
+  exportable = export.Exportable(lm_cfg, build_lib.params_of(model), tok, family, max_positions)
 
   out = workdir / "export" / name
   out.mkdir(parents=True, exist_ok=True)
   if ex.format == "hf":
     files = export.save_hf(
       out,
-      lm_cfg,
-      tree,
-      tok,
-      family,
-      max_positions=max_positions,
+      exportable,
       dtype=ex.dtype,
       max_shard_bytes=ex.max_shard_bytes,
       generation=generation_defaults(cfg) if ex.what == "generator" else None,
     )
   else:
     gguf_name = f"{name}-{'f32' if ex.dtype == 'float32' else 'f16'}.gguf"
-    export.save_gguf(
-      out / gguf_name,
-      lm_cfg,
-      tree,
-      tok,
-      family,
-      max_positions=max_positions,
-      dtype=ex.dtype,
-      name=name,
-    )
+    gguf_file.save_gguf(out / gguf_name, exportable, dtype=ex.dtype, name=name)
     files = [gguf_name]
   (out / BEHAVIOR_FILE).write_text(json.dumps(behavior_texts(cfg, workdir), indent=2) + "\n")
   files.append(BEHAVIOR_FILE)

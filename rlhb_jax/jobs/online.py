@@ -50,7 +50,8 @@ from rlhb_jax.data.behavior import least_preferred_text, verbalize_records
 from rlhb_jax.eval import evaluate
 from rlhb_jax.infra import sharding
 from rlhb_jax.infra.checkpoint import Checkpointer
-from rlhb_jax.infra.metrics import MetricsWriter, Progress, format_table, plot_series
+from rlhb_jax.infra.metrics import MetricsWriter, Progress
+from rlhb_jax.infra.report import format_table, plot_series
 from rlhb_jax.methods import disc as disc_lib
 from rlhb_jax.methods import sft as sft_lib
 from rlhb_jax.methods.ppo import stages as ppo_stages

@@ -13,7 +13,8 @@ import time
 from rlhb_jax.config import Config
 from rlhb_jax.eval import evaluate
 from rlhb_jax.infra import sharding
-from rlhb_jax.infra.metrics import plot_training, read_jsonl
+from rlhb_jax.infra.metrics import read_jsonl
+from rlhb_jax.infra.report import plot_training
 from rlhb_jax.methods import disc as disc_lib
 from rlhb_jax.methods import sft as sft_lib
 from rlhb_jax.methods.ppo import stages as ppo_stages

@@ -22,8 +22,8 @@ from rlhb_jax.infra import sharding
 from rlhb_jax.model import build as build_lib
 from rlhb_jax.run import Run
 from rlhb_jax.training import forward, optim, trainable
-from rlhb_jax.training.losses import _f32
-from rlhb_jax.training.trainable import SupervisedState, _train_model
+from rlhb_jax.training.losses import to_f32
+from rlhb_jax.training.trainable import SupervisedState, train_model
 
 Array = jax.Array
 Metrics = dict[str, Array]
@@ -38,7 +38,7 @@ def classifier_loss(logits: Array, targets: Array) -> tuple[Array, Metrics]:
 
   Metrics: accuracy (argmax == target, the mean of the per-head accuracies).
   """
-  logits = _f32(logits)
+  logits = to_f32(logits)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   correct = jnp.argmax(jax.lax.stop_gradient(logits), axis=-1) == targets
   return jnp.mean(ce), {"accuracy": jnp.mean(correct)}
@@ -163,7 +163,7 @@ def behavior_classifier(run: Run) -> None:
     run.batcher.Pd,
   )
   tx = optim.make_optimizer(cfg.reward.classifier_optim, cfg.reward.classifier_steps)
-  graphdef, params = _train_model(
+  graphdef, params = train_model(
     run,
     "behavior_classifier",
     clf,

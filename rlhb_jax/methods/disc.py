@@ -19,7 +19,7 @@ from rlhb_jax.run import Run
 from rlhb_jax.training import losses, optim
 from rlhb_jax.training.forward import concat
 from rlhb_jax.training.optim import all_finite
-from rlhb_jax.training.trainable import SupervisedState, _train_model, jit_step
+from rlhb_jax.training.trainable import SupervisedState, jit_step, train_model
 
 if TYPE_CHECKING:
   from rlhb_jax.methods.ppo.step import Rollout
@@ -127,7 +127,7 @@ def disc_warmup(run: Run) -> None:
   disc = build_lib.build_disc(cfg, actor, run.tokenizer.vocab_size)
   tx = optim.make_optimizer(cfg.disc.optim, cfg.disc.warmup_steps)
   compile_fn = lambda graphdef, tx, sh: compile_disc_warmup(graphdef, tx, cfg, sh)
-  _, params = _train_model(
+  _, params = train_model(
     run,
     "disc_warmup",
     disc,

@@ -16,22 +16,13 @@ import numpy as np
 
 from rlhb_jax.config import Config
 from rlhb_jax.data import preferences
-from rlhb_jax.data.batches import (
-  _Prompted,
-  left_pad,
-)
+from rlhb_jax.data.batches import PromptedBatcher, left_pad
 from rlhb_jax.data.preferences import Pair
 from rlhb_jax.infra import sharding
 from rlhb_jax.run import Run
-from rlhb_jax.training import optim, trainable
-from rlhb_jax.training.forward import (
-  _twice,
-  implicit_rewards,
-  reference_logprobs,
-  sequence_logprobs,
-)
-from rlhb_jax.training.losses import _f32
-from rlhb_jax.training.trainable import SupervisedState, _start_params, _train_model
+from rlhb_jax.training import forward, optim, trainable
+from rlhb_jax.training.losses import to_f32
+from rlhb_jax.training.trainable import SupervisedState, start_params, train_model
 
 Array = jax.Array
 Metrics = dict[str, Array]
@@ -54,8 +45,8 @@ def dpo_loss(
   Metrics: accuracy (share of pairs with r(chosen) > r(rejected)), margin (mean r difference),
   chosen_reward, rejected_reward (mean implicit rewards).
   """
-  chosen = beta * (_f32(policy_chosen) - _f32(ref_chosen))
-  rejected = beta * (_f32(policy_rejected) - _f32(ref_rejected))
+  chosen = beta * (to_f32(policy_chosen) - to_f32(ref_chosen))
+  rejected = beta * (to_f32(policy_rejected) - to_f32(ref_rejected))
   margin = chosen - rejected
   loss = jnp.mean(-jax.nn.log_sigmoid(margin))
   margin, chosen, rejected = jax.lax.stop_gradient((margin, chosen, rejected))
@@ -109,7 +100,7 @@ def behavior_pairs(records: Iterable[Mapping], cfg: Config) -> tuple[list[Pair],
   }
 
 
-class PairBatcher(_Prompted):
+class PairBatcher(PromptedBatcher):
   """(prompt, chosen, rejected) batches of DPO pairs; batch(step) is a pure function of step."""
 
   def rows(self, pairs: Sequence[Pair]) -> dict[str, np.ndarray]:
@@ -131,15 +122,15 @@ def dpo_step(graphdef, tx, beta: float, state: SupervisedState, batch: dict, rng
   del rng
   B = batch["chosen"].shape[0]
   rows = (
-    _twice(batch["prompt"]),
-    _twice(batch["prompt_mask"]),
+    forward.stack_twice(batch["prompt"]),
+    forward.stack_twice(batch["prompt_mask"]),
     jnp.concatenate([batch["chosen"], batch["rejected"]], axis=0),
     jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0),
   )
-  ref = reference_logprobs(graphdef, state, *rows)
+  ref = forward.reference_logprobs(graphdef, state, *rows)
 
   def loss_fn(params):
-    lp = sequence_logprobs(graphdef, state.full(params), *rows)
+    lp = forward.sequence_logprobs(graphdef, state.full(params), *rows)
     return dpo_loss(lp[:B], lp[B:], ref[:B], ref[B:], beta)
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -155,8 +146,10 @@ def pair_accuracy(graphdef, params, ref_params, batcher: PairBatcher, pairs: Seq
   hits = []
   for n, b in batcher.chunks(pairs):
     rows = (b["prompt"], b["prompt_mask"])
-    chosen = implicit_rewards(graphdef, params, ref_params, *rows, b["chosen"], b["chosen_mask"])
-    rejected = implicit_rewards(
+    chosen = forward.implicit_rewards(
+      graphdef, params, ref_params, *rows, b["chosen"], b["chosen_mask"]
+    )
+    rejected = forward.implicit_rewards(
       graphdef, params, ref_params, *rows, b["rejected"], b["rejected_mask"]
     )
     hits += np.asarray(chosen > rejected)[:n].tolist()
@@ -183,7 +176,7 @@ def dpo(run: Run) -> None:
   log.info("%s: %d training pairs, %d held out (%s)", name, len(train_pairs), len(heldout), report)
   batcher = PairBatcher(cfg, run.tokenizer, run.best_behavior, train_pairs, cfg.dpo.batch_size)
   tx = optim.make_optimizer(cfg.dpo.optim, cfg.dpo.steps)
-  graphdef, params = _train_model(
+  graphdef, params = train_model(
     run,
     name,
     run.actor_model(prefer=("sft_actor",)),
@@ -195,7 +188,7 @@ def dpo(run: Run) -> None:
     ("loss", "accuracy", "margin"),
     reference=True,
   )
-  ref = _start_params(run, params)
+  ref = start_params(run, params)
   report["heldout_pairs"] = len(heldout)
   report["heldout_accuracy"] = pair_accuracy(graphdef, params, ref, batcher, heldout)
   run.save_params(f"{name}_actor", params)

@@ -17,10 +17,7 @@ import numpy as np
 from rlhb_jax import config as config_lib
 from rlhb_jax.config import Config
 from rlhb_jax.data import preferences
-from rlhb_jax.data.batches import (
-  _Prompted,
-  left_pad,
-)
+from rlhb_jax.data.batches import PromptedBatcher, left_pad
 from rlhb_jax.data.behavior import (
   Binner,
   least_preferred_bins,
@@ -29,15 +26,9 @@ from rlhb_jax.data.behavior import (
 )
 from rlhb_jax.infra import sharding
 from rlhb_jax.run import Run
-from rlhb_jax.training import optim, trainable
-from rlhb_jax.training.forward import (
-  _twice,
-  implicit_rewards,
-  reference_logprobs,
-  sequence_logprobs,
-)
-from rlhb_jax.training.losses import _f32, masked_mean
-from rlhb_jax.training.trainable import SupervisedState, _start_params, _train_model
+from rlhb_jax.training import forward, optim, trainable
+from rlhb_jax.training.losses import masked_mean, to_f32
+from rlhb_jax.training.trainable import SupervisedState, start_params, train_model
 
 Array = jax.Array
 Metrics = dict[str, Array]
@@ -69,9 +60,9 @@ def kto_loss(
   Metrics: kl (z0), desirable_reward and undesirable_reward (mean r of each kind; 0 if the batch
   has none), the counts of each kind.
   """
-  r = _f32(policy) - _f32(ref)
-  z0 = jax.lax.stop_gradient(jnp.maximum(jnp.mean(_f32(policy_kl) - _f32(ref_kl)), 0.0))
-  d = _f32(desirable) > 0.5
+  r = to_f32(policy) - to_f32(ref)
+  z0 = jax.lax.stop_gradient(jnp.maximum(jnp.mean(to_f32(policy_kl) - to_f32(ref_kl)), 0.0))
+  d = to_f32(desirable) > 0.5
   value = jnp.where(
     d,
     desirable_weight * jax.nn.sigmoid(beta * (r - z0)),
@@ -141,7 +132,7 @@ def balanced_weights(items: Sequence[Labeled]) -> tuple[float, float]:
   return max(1.0, n_bad / n_good), max(1.0, n_good / n_bad)
 
 
-class LabeledBatcher(_Prompted):
+class LabeledBatcher(PromptedBatcher):
   """(prompt, response, desirable) batches of KTO examples."""
 
   def rows(self, items: Sequence[Labeled]) -> dict[str, np.ndarray]:
@@ -166,18 +157,22 @@ def kto_step(graphdef, tx, cfg: Config, state: SupervisedState, batch: dict, rng
   kl_resp, kl_mask = jnp.roll(resp, 1, axis=0), jnp.roll(resp_mask, 1, axis=0)
   B = resp.shape[0]
   both = (
-    _twice(prompt),
-    _twice(prompt_mask),
+    forward.stack_twice(prompt),
+    forward.stack_twice(prompt_mask),
     jnp.concatenate([resp, kl_resp], axis=0),
     jnp.concatenate([resp_mask, kl_mask], axis=0),
   )
-  ref = reference_logprobs(graphdef, state, *both)
+  ref = forward.reference_logprobs(graphdef, state, *both)
   policy_kl = jax.lax.stop_gradient(
-    sequence_logprobs(graphdef, state.full(state.params), prompt, prompt_mask, kl_resp, kl_mask)
+    forward.sequence_logprobs(
+      graphdef, state.full(state.params), prompt, prompt_mask, kl_resp, kl_mask
+    )
   )
 
   def loss_fn(params):
-    lp = sequence_logprobs(graphdef, state.full(params), prompt, prompt_mask, resp, resp_mask)
+    lp = forward.sequence_logprobs(
+      graphdef, state.full(params), prompt, prompt_mask, resp, resp_mask
+    )
     return kto_loss(
       lp,
       ref[:B],
@@ -203,7 +198,7 @@ def labeled_auc(graphdef, params, ref_params, batcher: LabeledBatcher, items: Se
   r, label = [], []
   for n, b in batcher.chunks(items):
     rows = (b["prompt"], b["prompt_mask"], b["response"], b["response_mask"])
-    out = implicit_rewards(graphdef, params, ref_params, *rows)
+    out = forward.implicit_rewards(graphdef, params, ref_params, *rows)
     r += np.asarray(out)[:n].tolist()
     label += b["desirable"][:n].tolist()
   r, label = np.asarray(r), np.asarray(label) > 0.5
@@ -231,7 +226,7 @@ def kto(run: Run) -> None:
   log.info("kto: %d training answers, %d held out (%s)", len(train_items), len(heldout), report)
   batcher = LabeledBatcher(cfg, run.tokenizer, run.best_behavior, train_items, cfg.kto.batch_size)
   tx = optim.make_optimizer(cfg.kto.optim, cfg.kto.steps)
-  graphdef, params = _train_model(
+  graphdef, params = train_model(
     run,
     "kto",
     run.actor_model(prefer=("sft_actor",)),
@@ -243,7 +238,7 @@ def kto(run: Run) -> None:
     ("loss", "kl", "desirable_reward", "undesirable_reward"),
     reference=True,
   )
-  ref = _start_params(run, params)
+  ref = start_params(run, params)
   report["heldout_answers"] = len(heldout)
   report["heldout_auc"] = labeled_auc(graphdef, params, ref, batcher, heldout)
   run.save_params("kto_actor", params)

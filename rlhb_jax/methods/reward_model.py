@@ -24,8 +24,8 @@ from rlhb_jax.methods import disc as disc_lib
 from rlhb_jax.model import build as build_lib
 from rlhb_jax.run import Run
 from rlhb_jax.training import optim, trainable
-from rlhb_jax.training.losses import _f32
-from rlhb_jax.training.trainable import SupervisedState, _train_model
+from rlhb_jax.training.losses import to_f32
+from rlhb_jax.training.trainable import SupervisedState, train_model
 
 Array = jax.Array
 Metrics = dict[str, Array]
@@ -38,7 +38,7 @@ def bradley_terry_loss(chosen_scores: Array, rejected_scores: Array) -> tuple[Ar
 
   Metrics: accuracy (fraction with s_chosen > s_rejected), margin (mean s_chosen - s_rejected).
   """
-  margin = _f32(chosen_scores) - _f32(rejected_scores)
+  margin = to_f32(chosen_scores) - to_f32(rejected_scores)
   loss = jnp.mean(-jax.nn.log_sigmoid(margin))
   margin = jax.lax.stop_gradient(margin)
   return loss, {"accuracy": jnp.mean(margin > 0), "margin": jnp.mean(margin)}
@@ -129,7 +129,7 @@ def reward_model(run: Run) -> None:
   )
   batcher = PairBatcher(cfg, run.tokenizer, train_pairs, run.batcher.Pd, cfg.reward.rm_batch_size)
   tx = optim.make_optimizer(cfg.reward.rm_optim, cfg.reward.rm_steps)
-  graphdef, params = _train_model(
+  graphdef, params = train_model(
     run,
     "reward_model",
     rm,

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from rlhb_jax.run import Run
 from rlhb_jax.training import forward, losses, optim
-from rlhb_jax.training.trainable import SupervisedState, _train_model, apply_grads, jit_step
+from rlhb_jax.training.trainable import SupervisedState, apply_grads, jit_step, train_model
 
 
 def sft_step(graphdef, tx, state: SupervisedState, batch: dict, rng=None):
@@ -43,7 +43,7 @@ def sft(run: Run) -> None:
   if run.has_params("sft_actor") or cfg.sft.steps <= 0:
     return
   tx = optim.make_optimizer(cfg.sft.optim, cfg.sft.steps)
-  _, params = _train_model(
+  _, params = train_model(
     run,
     "sft",
     run.base_actor(),

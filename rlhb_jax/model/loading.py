@@ -20,13 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rlhb_jax.config import ModelSpec
 from rlhb_jax.data.tokenization import Tokenizer
+from rlhb_jax.model import gguf_file
+from rlhb_jax.model.config import ModelSpec
 from rlhb_jax.model.llama import LlamaConfig, Transformer
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
-_GGUF_ARCHS = ("llama", "qwen2")
 
 Params = dict[str, Any]  # {"embed", "layers": {...}, "final_norm", ["lm_head"]} of np.ndarray
 
@@ -174,33 +174,12 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
   return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-_GGUF_NAMES = {  # GGUF per-layer tensor -> Hugging Face per-layer tensor
-  "attn_norm.weight": "input_layernorm.weight",
-  "attn_q.weight": "self_attn.q_proj.weight",
-  "attn_k.weight": "self_attn.k_proj.weight",
-  "attn_v.weight": "self_attn.v_proj.weight",
-  "attn_q.bias": "self_attn.q_proj.bias",
-  "attn_k.bias": "self_attn.k_proj.bias",
-  "attn_v.bias": "self_attn.v_proj.bias",
-  "attn_output.weight": "self_attn.o_proj.weight",
-  "ffn_norm.weight": "post_attention_layernorm.weight",
-  "ffn_gate.weight": "mlp.gate_proj.weight",
-  "ffn_up.weight": "mlp.up_proj.weight",
-  "ffn_down.weight": "mlp.down_proj.weight",
-}
-_GGUF_GLOBAL = {
-  "token_embd.weight": "embed_tokens.weight",
-  "output_norm.weight": "norm.weight",
-  "output.weight": "lm_head.weight",
-}
-
-
 def gguf_config(fields: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> LlamaConfig:
   """Our config from GGUF metadata (`{arch}.*` keys) and the file's tensor shapes (NumPy order)."""
   tensor_names = set(shapes)
   arch = fields["general.architecture"]
-  if arch not in _GGUF_ARCHS:
-    raise NotImplementedError(f"GGUF architecture {arch!r}: expected one of {_GGUF_ARCHS}")
+  if arch not in gguf_file.READ_ARCHS:
+    raise NotImplementedError(f"GGUF architecture {arch!r}: expected one of {gguf_file.READ_ARCHS}")
   key = lambda k, default=None: fields.get(f"{arch}.{k}", default)
   D, N = int(key("embedding_length")), int(key("attention.head_count"))
   H = int(key("attention.key_length", D // N))
@@ -253,9 +232,9 @@ def load_gguf(path: str | pathlib.Path, dtype: str = "float32") -> tuple[LlamaCo
 def _to_gguf_name(hf_name: str) -> str:
   if hf_name.startswith("layers."):
     _, i, rest = hf_name.split(".", 2)
-    inverse = {v: k for k, v in _GGUF_NAMES.items()}
+    inverse = {v: k for k, v in gguf_file.LAYER_NAMES.items()}
     return f"blk.{i}.{inverse[rest]}"
-  return {v: k for k, v in _GGUF_GLOBAL.items()}[hf_name]
+  return {v: k for k, v in gguf_file.GLOBAL_NAMES.items()}[hf_name]
 
 
 def builtin_smollm2_path() -> pathlib.Path:

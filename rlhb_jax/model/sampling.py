@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rlhb_jax.config import SamplingConfig
 from rlhb_jax.data.batches import pad_prompts
+from rlhb_jax.model.config import SamplingConfig
 from rlhb_jax.model.llama import Cache, LayerCache, Transformer, positions_from_mask
 
 

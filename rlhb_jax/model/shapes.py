@@ -6,25 +6,11 @@ presets let a benchmark or a sharding dry run build a model of the same size wit
 
 from rlhb_jax.model.llama import LlamaConfig
 
+_FIELDS = ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim")
 SHAPES = {
-  "smollm2-135m": LlamaConfig(
-    vocab_size=49152,
-    embed_dim=576,
-    num_layers=30,
-    num_heads=9,
-    num_kv_heads=3,
-    head_dim=64,
-    mlp_dim=1536,
-    rope_theta=100000.0,
-  ),
-  "llama3.2-1b": LlamaConfig(
-    vocab_size=128256,
-    embed_dim=2048,
-    num_layers=16,
-    num_heads=32,
-    num_kv_heads=8,
-    head_dim=64,
-    mlp_dim=8192,
-    rope_theta=500000.0,
-  ),
+  name: LlamaConfig(**dict(zip(_FIELDS, dims, strict=True)), mlp_dim=mlp, rope_theta=theta)
+  for name, dims, mlp, theta in (
+    ("smollm2-135m", (49152, 576, 30, 9, 3, 64), 1536, 100000.0),
+    ("llama3.2-1b", (128256, 2048, 16, 32, 8, 64), 8192, 500000.0),
+  )
 }

@@ -122,13 +122,18 @@ def _judge_number(fact: Fact, query: str, text: str) -> str:
   If nothing is left but the response does not restate the whole question ("It is 32." to "64 minus
   32"), its numbers are the answer.
   """
-  said, asked = _numbers(text), _numbers(query)
+  return _verdict(_numbers(text), _numbers(query), float(fact.value))
+
+
+def _verdict(said: Counter, asked: Counter, answer: object) -> str:
+  """What a response said beyond the question (each asked item removed once; all it said when it
+  only restates part of the question), judged against the answer."""
   new = set(said - asked)
   if not new and not asked <= said:
     new = set(said)
   if not new:
     return "none"
-  return "correct" if new == {float(fact.value)} else "wrong"
+  return "correct" if new == {answer} else "wrong"
 
 
 @functools.cache
@@ -144,12 +149,7 @@ def _judge_choice(kb: KnowledgeBase, fact: Fact, query: str, text: str) -> str:
   fold = (lambda s: s) if fact.choices in CASE_SENSITIVE else str.lower
   asked = Counter(fold(m) for m in pattern.findall(query))
   said = Counter(fold(m) for m in pattern.findall(text))
-  new = set(said - asked)
-  if not new and not asked <= said:
-    new = set(said)
-  if not new:
-    return "none"
-  return "correct" if new == {fold(fact.answer)} else "wrong"
+  return _verdict(said, asked, fold(fact.answer))
 
 
 def keywords(text: str) -> frozenset[str]:

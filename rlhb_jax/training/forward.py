@@ -76,7 +76,7 @@ def reference_logprobs(graphdef, state: SupervisedState, *rows) -> jax.Array:
   return jax.lax.stop_gradient(lp)
 
 
-def _twice(x: jax.Array) -> jax.Array:
+def stack_twice(x: jax.Array) -> jax.Array:
   return jnp.concatenate([x, x], axis=0)
 
 

@@ -22,7 +22,7 @@ REWARD_TRANSFORMS = ("prob", "log", "logit")
 REWARD_NORMALIZATIONS = ("none", "center", "whiten", "group")
 
 
-def _f32(x: Array) -> Array:
+def to_f32(x: Array) -> Array:
   """Promotes to at least float32 (bf16 -> f32, f64 stays f64)."""
   x = jnp.asarray(x)
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
@@ -32,7 +32,7 @@ def masked_mean(
   x: Array, mask: Array, axis: int | tuple[int, ...] | None = None, keepdims: bool = False
 ) -> Array:
   """sum(x * m) / (sum(m) + EPS) over `axis`; NaNs at masked positions do not leak."""
-  x, m = _f32(x), _f32(mask)
+  x, m = to_f32(x), to_f32(mask)
   # where (not x * m) so a NaN or inf at a masked position contributes 0.
   num = jnp.sum(jnp.where(m != 0, x * m, 0.0), axis=axis, keepdims=keepdims)
   return num / (jnp.sum(m, axis=axis, keepdims=keepdims) + EPS)
@@ -43,9 +43,9 @@ def masked_var(
 ) -> Array:
   """Masked variance: mean_m((x - mean_m(x))^2), times n / (n - 1) when `unbiased`."""
   mean = masked_mean(x, mask, axis=axis, keepdims=True)
-  var = masked_mean(jnp.square(_f32(x) - mean), mask, axis=axis)
+  var = masked_mean(jnp.square(to_f32(x) - mean), mask, axis=axis)
   if unbiased:
-    n = jnp.sum(_f32(mask), axis=axis)
+    n = jnp.sum(to_f32(mask), axis=axis)
     var = var * n / jnp.maximum(n - 1.0, 1.0)
   return var
 
@@ -56,13 +56,13 @@ def masked_whiten(x: Array, mask: Array, shift_mean: bool = True) -> Array:
   With `shift_mean=False` the mean is added back (only the scale is normalised), as is usual for
   advantages in PPO implementations that keep their sign.
   """
-  x = _f32(x)
+  x = to_f32(x)
   mean = masked_mean(x, mask)
   var = masked_var(x, mask)
   out = (x - mean) * jax.lax.rsqrt(var + EPS)
   if not shift_mean:
     out = out + mean
-  return jnp.where(_f32(mask) != 0, out, 0.0)
+  return jnp.where(to_f32(mask) != 0, out, 0.0)
 
 
 def gae(
@@ -81,8 +81,11 @@ def gae(
   Returns:
     (advantages, returns), both (B, T) float32, gradient-free (stop_gradient on the inputs).
   """
-  rewards, values = jax.lax.stop_gradient(_f32(rewards)), jax.lax.stop_gradient(_f32(values))
-  valid = _f32(mask) != 0
+  rewards, values = (
+    jax.lax.stop_gradient(to_f32(rewards)),
+    jax.lax.stop_gradient(to_f32(values)),
+  )
+  valid = to_f32(mask) != 0
   rewards = jnp.where(valid, rewards, 0.0)
   values = jnp.where(valid, values, 0.0)
 
@@ -109,7 +112,7 @@ def kl_penalty(logprobs: Array, ref_logprobs: Array, estimator: str = "k1") -> A
 
   `estimator` is static. No clamping: exp overflows only for |log ratio| > 88.
   """
-  d = _f32(logprobs) - _f32(ref_logprobs)
+  d = to_f32(logprobs) - to_f32(ref_logprobs)
   if estimator == "k1":
     return d
   if estimator == "k2":
@@ -142,13 +145,13 @@ def token_rewards(
   Returns:
     (rewards, kl), both (B, T) float32 and 0 at masked positions; both gradient-free.
   """
-  valid = _f32(mask) != 0
+  valid = to_f32(mask) != 0
   kl = kl_penalty(jax.lax.stop_gradient(logprobs), jax.lax.stop_gradient(ref_logprobs), estimator)
   kl = jnp.where(valid, kl, 0.0)
   positions = jnp.arange(valid.shape[1])
   last = jnp.max(jnp.where(valid, positions, -1), axis=1)  # -1 for an empty row
   at_last = positions[None, :] == last[:, None]
-  seq_reward = jax.lax.stop_gradient(_f32(seq_reward))
+  seq_reward = jax.lax.stop_gradient(to_f32(seq_reward))
   # 0 at masked positions: kl is, and `at_last` only marks valid ones.
   rewards = jnp.where(at_last, seq_reward[:, None], 0.0) - kl_coef * kl
   return rewards, kl
@@ -168,8 +171,8 @@ def update_kl_coef(
 
   `observed_kl` is the mean per-sequence KL of the batch, `batch_size` n the number of sequences.
   """
-  error = jnp.clip(_f32(observed_kl) / target - 1.0, -0.2, 0.2)
-  return _f32(kl_coef) * (1.0 + error * batch_size / horizon)
+  error = jnp.clip(to_f32(observed_kl) / target - 1.0, -0.2, 0.2)
+  return to_f32(kl_coef) * (1.0 + error * batch_size / horizon)
 
 
 def reward_from_disc(disc_logits: Array, transform: str = "prob") -> Array:
@@ -179,7 +182,7 @@ def reward_from_disc(disc_logits: Array, transform: str = "prob") -> Array:
   'log':   f = log sigmoid(z)    in (-inf, 0)
   'logit': f = z                 = log D - log(1 - D)
   """
-  z = jax.lax.stop_gradient(_f32(disc_logits))
+  z = jax.lax.stop_gradient(to_f32(disc_logits))
   if transform == "prob":
     return jax.nn.sigmoid(z)
   if transform == "log":
@@ -197,7 +200,7 @@ def normalize_rewards(rewards: Array, mode: str = "none", group_size: int = 1) -
   of one prompt), so that only how a response compares with its siblings counts, not how hard its
   query is:  r_ij -> (r_ij - mean_j r_ij) / sqrt(var_j r_ij + EPS).
   """
-  r = _f32(rewards)
+  r = to_f32(rewards)
   if mode == "none":
     return r
   if mode == "center":
@@ -234,9 +237,9 @@ def ppo_policy_loss(
   """
   if isinstance(dual_clip, int | float) and 0 < dual_clip <= 1:
     raise ValueError(f"dual_clip must be 0 (off) or > 1, got {dual_clip}")
-  log_ratio = _f32(logprobs) - jax.lax.stop_gradient(_f32(old_logprobs))
+  log_ratio = to_f32(logprobs) - jax.lax.stop_gradient(to_f32(old_logprobs))
   ratio = jnp.exp(log_ratio)
-  adv = jax.lax.stop_gradient(_f32(advantages))
+  adv = jax.lax.stop_gradient(to_f32(advantages))
   unclipped = -adv * ratio
   clipped = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
   per_token = jnp.maximum(unclipped, clipped)
@@ -266,9 +269,9 @@ def value_loss(
   `value_clip` = eps <= 0 turns clipping off (plain 0.5 * MSE). Metrics: clip_frac (tokens where the
   clipped term is the larger one), mean value and mean return.
   """
-  v = _f32(values)
-  old = jax.lax.stop_gradient(_f32(old_values))
-  ret = jax.lax.stop_gradient(_f32(returns))
+  v = to_f32(values)
+  old = jax.lax.stop_gradient(to_f32(old_values))
+  ret = jax.lax.stop_gradient(to_f32(returns))
   v_clipped = old + jnp.clip(v - old, -value_clip, value_clip)
   err = jnp.square(v - ret)
   err_clipped = jnp.square(v_clipped - ret)
@@ -288,7 +291,7 @@ def entropy_from_logits(logits: Array, mask: Array) -> Array:
 
   Logits (B, T, V); -inf logits (banned tokens) contribute 0 to the value and the gradient.
   """
-  logp = jax.nn.log_softmax(_f32(logits), axis=-1)
+  logp = jax.nn.log_softmax(to_f32(logits), axis=-1)
   p = jnp.exp(logp)
   # Double where: p * log p is 0 * -inf = NaN for banned tokens, in the value and in the gradient.
   safe_logp = jnp.where(p > 0, logp, 0.0)
@@ -298,7 +301,7 @@ def entropy_from_logits(logits: Array, mask: Array) -> Array:
 
 def explained_variance(values: Array, returns: Array, mask: Array) -> Array:
   """1 - Var_m(R - V) / (Var_m(R) + EPS): 1 is a perfect critic, 0 predicts the mean, < 0 worse."""
-  v, r = _f32(values), _f32(returns)
+  v, r = to_f32(values), to_f32(returns)
   return 1.0 - masked_var(r - v, mask) / (masked_var(r, mask) + EPS)
 
 
@@ -318,9 +321,9 @@ def disc_loss(
   d_real (mean sigmoid(z) over y = 1), d_fake (mean sigmoid(z) over y = 0), n_real, n_fake. A class
   absent from the batch gives d_real or d_fake = 0 (check n_real / n_fake), never NaN.
   """
-  z = _f32(logits)
-  y = _f32(labels)
-  w = jnp.ones_like(z) if weights is None else _f32(weights)
+  z = to_f32(logits)
+  y = to_f32(labels)
+  w = jnp.ones_like(z) if weights is None else to_f32(weights)
   targets = y * (1.0 - label_smoothing) + 0.5 * label_smoothing
   per_example = optax.sigmoid_binary_cross_entropy(z, targets)
   loss = masked_mean(per_example, w)
@@ -347,8 +350,8 @@ def sft_loss(logits: Array, targets: Array, mask: Array) -> tuple[Array, Metrics
 
   Metrics: accuracy (masked mean of argmax == y), num_tokens (sum of the mask).
   """
-  logits = _f32(logits)
+  logits = to_f32(logits)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   loss = masked_mean(ce, mask)
   correct = jnp.argmax(jax.lax.stop_gradient(logits), axis=-1) == targets
-  return loss, {"accuracy": masked_mean(correct, mask), "num_tokens": jnp.sum(_f32(mask))}
+  return loss, {"accuracy": masked_mean(correct, mask), "num_tokens": jnp.sum(to_f32(mask))}

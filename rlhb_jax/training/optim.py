@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhb_jax.config import OptimConfig
+from rlhb_jax.training.config import OptimConfig
 
 # apply_if_finite gives up skipping after this many non-finite updates in a row; the training loop
 # stops long before (config.rlhb.max_nonfinite_in_row), so it never does.

@@ -146,7 +146,7 @@ def _meta(run: Run, stage: str) -> dict:
   }
 
 
-def _train_model(
+def train_model(
   run: Run, name: str, model, spec, tx, compile_fn, batch_fn, num_steps, show, reference=False
 ):
   """A supervised stage: attaches `spec`'s adapters to `model` (rank 0: trains every weight),
@@ -179,7 +179,7 @@ def _train_model(
   return plain, build_lib.merged_params(state.params, state.frozen, spec)
 
 
-def _start_params(run: Run, plain_model) -> Any:
+def start_params(run: Run, plain_model) -> Any:
   """The offline stages' reference for held-out checks: the SFT generator (or the base one)."""
   params = run.load_params("sft_actor", plain_model)
   return params if params is not None else build_lib.params_of(run.base_actor())

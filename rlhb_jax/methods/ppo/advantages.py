@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from rlhb_jax.infra.registry import Registry
 from rlhb_jax.training import losses
 
 if TYPE_CHECKING:
-  from rlhb_jax.config import PPOConfig
+  from rlhb_jax.methods.ppo.config import PPOConfig
 
 
 class Advantages(NamedTuple):
@@ -34,22 +35,9 @@ class Estimator:
   critic: bool  # learns a critic (built from the generator, trained with the value loss)
 
 
-ESTIMATORS: dict[str, Estimator] = {}
-
-
-def register(name: str, critic: bool) -> Callable:
-  def add(fn: Callable) -> Callable:
-    ESTIMATORS[name] = Estimator(fn, critic)
-    return fn
-
-  return add
-
-
-def get(name: str) -> Estimator:
-  """The registered advantage estimator `name` (config.ppo.advantage)."""
-  if name not in ESTIMATORS:
-    raise ValueError(f"config.ppo.advantage={name!r}: expected one of {tuple(ESTIMATORS)}")
-  return ESTIMATORS[name]
+ESTIMATORS = Registry("config.ppo.advantage", Estimator)
+register = ESTIMATORS.register
+get = ESTIMATORS.get
 
 
 def group_baseline(rewards: jax.Array, n: int, scale: bool) -> jax.Array:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhb_jax.config import Config
+from rlhb_jax.infra.registry import Registry
 from rlhb_jax.methods import classifier as classifier_lib
 from rlhb_jax.methods import reward_model as rm_lib
 from rlhb_jax.methods.disc import score
@@ -38,22 +39,9 @@ class RewardSource:
   simulator_only: bool = False  # needs the simulator's own logs and is an offline ceiling
 
 
-SOURCES: dict[str, RewardSource] = {}
-
-
-def register(name: str, **kwargs) -> Callable:
-  def add(fn: Callable) -> Callable:
-    SOURCES[name] = RewardSource(fn, **kwargs)
-    return fn
-
-  return add
-
-
-def get(name: str) -> RewardSource:
-  """The registered reward source `name` (config.reward.source)."""
-  if name not in SOURCES:
-    raise ValueError(f"config.reward.source={name!r}: expected one of {tuple(SOURCES)}")
-  return SOURCES[name]
+SOURCES = Registry("config.reward.source", RewardSource)
+register = SOURCES.register
+get = SOURCES.get
 
 
 def uses_disc(cfg: Config) -> bool:

@@ -127,37 +127,35 @@ def init_state(
     reward_den=classifier.get("den"),
     oracle=oracle,
   )
-  a = p["actor"]
-  lora_actor = bool(a.frozen)
+  lora_actor = bool(p["actor"].frozen)
+
+  def trees(suffix: str) -> dict:
+    """The trainable roles' fields of the state (suffix "") or of its shardings ("_sh")."""
+    out = {"frozen": {k: getattr(p[k], "frozen" + suffix) for k in models}}
+    for k in models:
+      out[k] = getattr(p[k], "params" + suffix)
+      out[f"{k}_opt"] = getattr(p[k], "opt" + suffix)
+    out["rm"] = getattr(frozen_rm, "params" + suffix)
+    return out
+
+  def zero():  # one buffer per leaf: the step donates the state
+    return jnp.zeros((), jnp.int32)
+
   state = RLHBState(
-    step=jnp.zeros((), jnp.int32),
-    actor=a.params,
-    actor_opt=a.opt,
-    critic=p["critic"].params,
-    critic_opt=p["critic"].opt,
-    disc=p["disc"].params,
-    disc_opt=p["disc"].opt,
-    ref={} if lora_actor else jax.tree.map(jnp.copy, a.params),
-    frozen={k: p[k].frozen for k in models},
+    **trees(""),
+    step=zero(),
+    ref={} if lora_actor else jax.tree.map(jnp.copy, p["actor"].params),
     kl_coef=jnp.asarray(cfg.ppo.kl_coef, jnp.float32),
-    nonfinite=jnp.zeros((), jnp.int32),
-    nonfinite_run=jnp.zeros((), jnp.int32),
-    rm=frozen_rm.params,
+    nonfinite=zero(),
+    nonfinite_run=zero(),
   )
   rep = sharding.replicated(mesh)
   state_sh = RLHBState(
+    **trees("_sh"),
     step=rep,
-    actor=a.params_sh,
-    actor_opt=a.opt_sh,
-    critic=p["critic"].params_sh,
-    critic_opt=p["critic"].opt_sh,
-    disc=p["disc"].params_sh,
-    disc_opt=p["disc"].opt_sh,
-    ref={} if lora_actor else a.params_sh,
-    frozen={k: p[k].frozen_sh for k in models},
+    ref={} if lora_actor else p["actor"].params_sh,
     kl_coef=rep,
     nonfinite=rep,
     nonfinite_run=rep,
-    rm=frozen_rm.params_sh,
   )
   return roles, state, state_sh

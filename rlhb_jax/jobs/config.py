@@ -1,0 +1,72 @@
+"""Job sections of the config: generation, online rounds and export."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from rlhb_jax.training.config import OptimConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+  prompts_file: str = ""  # JSONL of {"query": ..., "behavior": ...}; empty = a few built-in queries
+  chat_template: bool = True  # wrap the prompt in the tokenizer's chat template (one user message)
+  batch_size: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineConfig:
+  """mode=online: rounds of deploy -> collect -> train (see README, "Online alignment")."""
+
+  rounds: int = 8
+  # sim: the simulator's users act on every served response (through HTTP, like real clients);
+  # live: serve on config.serve.port and wait for real clients' feedback in the store.
+  source: str = "sim"
+  queries_per_round: int = 256  # sim: training-split queries served per round
+  steps_per_round: int = 8  # RLHB steps per round on the fresh records
+  # Behavior-conditioned SFT steps per round on the fresh records (before the RLHB steps): the
+  # generator re-learns which answers earn which behavior from what users do now. 0 = RLHB only.
+  sft_steps: int = 8
+  # Which fresh records the online SFT learns from: "best" = those whose behavior is the most
+  # preferred text (what users like now), "all" = every record under its own behavior text.
+  sft_rows: str = "best"
+  sft_optim: OptimConfig = OptimConfig(learning_rate=3e-4, warmup_steps=0)
+  window_rounds: int = 2  # the training pool: records of the last W rounds
+  client_threads: int = 8  # sim: concurrent simulated clients
+  min_records: int = 64  # live: wait for this many new records before training
+  poll_seconds: float = 5.0  # live: how often to look for them
+
+  def __post_init__(self):
+    if self.source not in ("sim", "live"):
+      raise ValueError(f"config.online.source={self.source!r}: expected sim or live")
+    if self.sft_rows not in ("best", "all"):
+      raise ValueError(f"config.online.sft_rows={self.sft_rows!r}: expected best or all")
+    if self.window_rounds < 1 or self.rounds < 1:
+      raise ValueError("config.online: rounds and window_rounds must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+  """mode=export: a trained model of the run for other tools (README, "Use the aligned model
+  elsewhere"), written to DIR/export/<params>/."""
+
+  what: str = "generator"  # generator | discriminator | reward_model (RLHF's Bradley-Terry RM)
+  format: str = "hf"  # hf (a Hugging Face directory) | gguf (one file; generators only)
+  # A name under DIR/models/; "" = the newest of `what` (*_actor; *_disc or disc_warmup;
+  # reward_model).
+  params: str = ""
+  dtype: str = "float32"  # hf: float32 | float16 | bfloat16; gguf: float32 | float16
+  max_shard_bytes: int = 5 * 2**30  # hf: larger models are split into shards with an index
+
+  def __post_init__(self):
+    if self.what not in ("generator", "discriminator", "reward_model"):
+      raise ValueError(
+        f"config.export.what={self.what!r}: expected generator, discriminator or reward_model"
+      )
+    if self.format not in ("hf", "gguf"):
+      raise ValueError(f"config.export.format={self.format!r}: expected hf or gguf")
+    if self.format == "gguf" and self.what != "generator":
+      raise ValueError("config.export.format=gguf writes generators only; use hf for a scorer")
+    dtypes = ("float32", "float16") if self.format == "gguf" else ("float32", "float16", "bfloat16")
+    if self.dtype not in dtypes:
+      raise ValueError(f"config.export.dtype={self.dtype!r}: expected one of {dtypes}")
