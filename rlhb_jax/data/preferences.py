@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from rlhb_jax.data.validate import BadRecordError
+from rlhb_jax.data.validate import read_json_objects, text_field
 
 
 @dataclasses.dataclass(frozen=True)
 class Pair:
+  """Two answers to one query, the chosen one preferred (a DPO or reward-model example)."""
+
+  TEXTS = ("query", "chosen", "rejected")  # the required fields of a JSONL line
+
   query: str
   chosen: str
   rejected: str
@@ -26,27 +29,14 @@ def read_preferences(
   """Pairs from a JSONL of {"query", "chosen", "rejected", "context"?}; a bad line is an error
   naming the file, the line and the field."""
   pairs = []
-  with open(path, encoding="utf-8") as f:
-    for i, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise BadRecordError(str(path), i, "<line>", "json", f"invalid JSON: {e.msg}") from None
-      if not isinstance(row, dict):
-        raise BadRecordError(str(path), i, "<line>", "type", "expected a JSON object")
-      for field in ("query", "chosen", "rejected"):
-        value = row.get(field)
-        if not isinstance(value, str) or not value.strip():
-          kind = "missing" if value is None else "type"
-          raise BadRecordError(str(path), i, field, kind, "expected a non-empty string")
-      context = row.get("context")
-      if context is not None and not isinstance(context, str):
-        raise BadRecordError(str(path), i, "context", "type", "expected a string")
-      if context is None and context_fn is not None:
-        context = context_fn(row["query"])
-      pairs.append(Pair(row["query"], row["chosen"], row["rejected"], context or ""))
+  for i, row in read_json_objects(path):
+    query, chosen, rejected = (
+      text_field(path, i, row, f, True) for f in ("query", "chosen", "rejected")
+    )
+    context = text_field(path, i, row, "context", False)
+    if context is None and context_fn is not None:
+      context = context_fn(query)
+    pairs.append(Pair(query, chosen, rejected, context or ""))
   if not pairs:
     raise ValueError(f"{path}: no preference pairs")
   return pairs

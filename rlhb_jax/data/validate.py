@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import math
+import pathlib
+from collections.abc import Iterator
 from typing import Any
 
 from rlhb_jax.data.behavior import BehaviorConfig
@@ -117,3 +119,30 @@ def validate_record(obj: Any, behavior: BehaviorConfig, missing_behavior: str = 
   out = dict(obj)
   out["behavior"] = clean
   return out
+
+
+def read_json_objects(path: str | pathlib.Path) -> Iterator[tuple[int, dict]]:
+  """(line number, object) of each non-blank line of a small JSONL file (prompts, preference
+  pairs); a line that is not a JSON object is a BadRecordError naming the file and line."""
+  with open(path, encoding="utf-8") as f:
+    for i, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise BadRecordError(str(path), i, "<line>", "json", f"invalid JSON: {e.msg}") from None
+      if not isinstance(row, dict):
+        raise BadRecordError(str(path), i, "<line>", "type", "expected a JSON object")
+      yield i, row
+
+
+def text_field(path: str | pathlib.Path, line: int, row: dict, field: str, required: bool) -> Any:
+  """row[field]: a non-empty string when required, else a string or None (BadRecordError if not)."""
+  value = row.get(field)
+  if required and (not isinstance(value, str) or not value.strip()):
+    kind = "missing" if value is None else "type"
+    raise BadRecordError(str(path), line, field, kind, "expected a non-empty string")
+  if not required and value is not None and not isinstance(value, str):
+    raise BadRecordError(str(path), line, field, "type", "expected a string")
+  return value

@@ -10,6 +10,7 @@ import jax
 
 from rlhb_jax.config import Config
 from rlhb_jax.data.batches import generator_message
+from rlhb_jax.data.validate import read_json_objects, text_field
 from rlhb_jax.model.sampling import generate_texts
 from rlhb_jax.run import Run
 
@@ -21,23 +22,14 @@ BUILTIN_QUERIES = (
 
 
 def read_prompts(path: str) -> list[dict]:
-  """Prompts from JSONL; a bad line is an error naming the file, line and field."""
+  """Prompts from JSONL; a bad line is a BadRecordError naming the file, line and field."""
   if not path:
     return [{"query": q} for q in BUILTIN_QUERIES]
   prompts = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-      if not isinstance(obj, dict) or not isinstance(obj.get("query"), str) or not obj["query"]:
-        raise ValueError(f"{path}:{n}: field 'query' must be a non-empty string")
-      if obj.get("behavior") is not None and not isinstance(obj["behavior"], str):
-        raise ValueError(f"{path}:{n}: field 'behavior' must be a string")
-      prompts.append(obj)
+  for i, row in read_json_objects(path):
+    text_field(path, i, row, "query", True)
+    text_field(path, i, row, "behavior", False)
+    prompts.append(row)
   return prompts
 
 
