@@ -72,6 +72,10 @@ def lora_config(mesh_shape=(1, 1, 1)) -> C.Config:
 
 
 def build(cfg: C.Config, devices):
+  return build_with_roles(cfg, devices)[:4]
+
+
+def build_with_roles(cfg: C.Config, devices):
   actor, _ = build_lib.build_lm(cfg.model, V, 0)
   critic = (
     build_lib.scalar_from_lm(actor, 1, 1) if advantages.get(cfg.ppo.advantage).critic else None
@@ -89,7 +93,7 @@ def build(cfg: C.Config, devices):
   with jax.set_mesh(mesh):
     state = jax.device_put(state, ssh)
     step = ppo_step.compile_train_step(roles, cfg, ssh, bsh, mesh)
-  return mesh, state, step, ssh
+  return mesh, state, step, ssh, roles
 
 
 def run_steps(cfg, devices, n=2):

@@ -41,8 +41,16 @@ class SamplingConfig:
   # second copy of the weights while sampling), "scan" (the stacked layers, no extra memory), or
   # "auto" (unroll on the CPU, scan on accelerators).
   decode_layers: str = "auto"
+  # The decode loop's compute dtype: "auto" (float32 on the CPU, where bfloat16 matmuls of a few
+  # rows are slower, else the model's own), "model" (the model's `dtype`), "float32" or
+  # "bfloat16". Training forwards use the model's `dtype`.
+  dtype: str = "auto"
 
   def __post_init__(self):
+    if self.dtype not in ("auto", "model", "float32", "bfloat16"):
+      raise ValueError(
+        f"config.sampling.dtype={self.dtype!r}: expected auto, model, float32 or bfloat16"
+      )
     if self.decode_layers not in ("auto", "unroll", "scan"):
       raise ValueError(
         f"config.sampling.decode_layers={self.decode_layers!r}: expected auto, unroll or scan"

@@ -72,9 +72,9 @@ class Cache(NamedTuple):
   index: jax.Array
 
   @classmethod
-  def zeros(cls, cfg: LlamaConfig, batch: int, size: int) -> Cache:
+  def zeros(cls, cfg: LlamaConfig, batch: int, size: int, dtype: str | None = None) -> Cache:
     shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
-    dt = jnp.dtype(cfg.dtype)
+    dt = jnp.dtype(dtype or cfg.dtype)
     return cls(
       jnp.zeros(shape, dt),
       jnp.zeros(shape, dt),
@@ -214,11 +214,11 @@ def _attend(cfg: LlamaConfig, q, keys, values, allowed, k_layout: str, v_layout:
   K, G = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
   dt = q.dtype
   q = q.reshape(B, T, K, G, cfg.head_dim)
-  scores = jnp.einsum(f"btkgh,{k_layout}->bkgts", q, keys.astype(dt)).astype(jnp.float32)
+  scores = lora.dot(f"btkgh,{k_layout}->bkgts", q, keys.astype(dt)).astype(jnp.float32)
   scores = scores * cfg.head_dim**-0.5
   scores = jnp.where(allowed[:, None, None], scores, _MASKED)
   probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-  attn = jnp.einsum(f"bkgts,{v_layout}->btkgh", probs, values.astype(dt))
+  attn = lora.dot(f"bkgts,{v_layout}->btkgh", probs, values.astype(dt))
   return attn.reshape(B, T, -1, cfg.head_dim)
 
 
@@ -276,6 +276,7 @@ class Transformer(nnx.Module):
     mask: jax.Array,
     cache: Cache | None = None,
     adapters: bool = True,
+    dtype: str | None = None,
   ) -> tuple[jax.Array, Cache | None]:
     """Final normed hidden states (B, T, D) and the updated cache.
 
@@ -286,9 +287,10 @@ class Transformer(nnx.Module):
       mask: (B, T) True for real tokens, False for padding.
       cache: None for a plain forward; otherwise the T new tokens are written at `cache.index`.
       adapters: False runs the base weights alone, ignoring LoRA adapters (the PPO reference).
+      dtype: the compute dtype, if not cfg.dtype (the sampler decodes in its own).
     """
     cfg = self.cfg
-    dt = jnp.dtype(cfg.dtype)
+    dt = jnp.dtype(dtype or cfg.dtype)
     B, T = tokens.shape
     x = self.embed[...].astype(dt)[tokens]
     inv_freq = rope_frequencies(cfg)
@@ -338,6 +340,7 @@ class Transformer(nnx.Module):
     mask: jax.Array,
     layers: tuple[dict[str, jax.Array], ...],
     cache: LayerCache,
+    dtype: str | None = None,
   ) -> tuple[jax.Array, LayerCache]:
     """`trunk` with a cache, for the sampler's decode loop: the layers unrolled over per-layer
     weights (`layer_params`, sliced once before the loop) and per-layer cache arrays.
@@ -346,7 +349,7 @@ class Transformer(nnx.Module):
     stacked arrays at every step; here each step reads them where they lie. Same math as `trunk`.
     """
     cfg = self.cfg
-    dt = jnp.dtype(cfg.dtype)
+    dt = jnp.dtype(dtype or cfg.dtype)
     x = self.embed[...].astype(dt)[tokens]
     inv_freq = rope_frequencies(cfg)
     index = cache.index
@@ -363,12 +366,19 @@ class Transformer(nnx.Module):
     """LM head: (B, T, D) -> (B, T, V) float32."""
     if self.cfg.tie_embeddings:
       w = self.embed[...].astype(h.dtype)
-      return jnp.einsum("btd,vd->btv", h, w).astype(jnp.float32)
-    return jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(h.dtype)).astype(jnp.float32)
+      return _logits_dot("btd,vd->btv", h, w)
+    return _logits_dot("btd,dv->btv", h, self.lm_head[...].astype(h.dtype))
 
   def __call__(self, tokens, positions, mask, cache=None, adapters: bool = True):
     h, cache = self.trunk(tokens, positions, mask, cache, adapters)
     return self.logits(h), cache
+
+
+def _logits_dot(spec: str, h: jax.Array, w: jax.Array) -> jax.Array:
+  """LM-head logits in float32: bfloat16 inputs are summed in float32 and never rounded."""
+  if h.dtype == jnp.float32:
+    return jnp.einsum(spec, h, w).astype(jnp.float32)
+  return jnp.einsum(spec, h, w, preferred_element_type=jnp.float32)
 
 
 def _cached_attention(cache_mask: jax.Array, mask: jax.Array, index) -> tuple[jax.Array, jax.Array]:

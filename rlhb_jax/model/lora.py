@@ -118,14 +118,28 @@ def project(x: jax.Array, p: dict, target: str, scale: float) -> jax.Array:
   t = TARGETS[target]
   w = p[t.weight].astype(x.dtype)
   if x.ndim == 4:  # (B, T, N, H) @ (N, H, D) as one 2-D matmul: XLA would transpose w every call
-    y = x.reshape(*x.shape[:2], -1) @ w.reshape(-1, w.shape[-1])
+    y = dot(None, x.reshape(*x.shape[:2], -1), w.reshape(-1, w.shape[-1]))
   else:
-    y = jnp.einsum(t.base, x, w)
+    y = dot(t.base, x, w)
   a = p.get(f"lora_{target}_a")
   if a is None:
     return y
-  xa = jnp.einsum(t.down, x, a.astype(x.dtype))
-  return y + scale * jnp.einsum(t.up, xa, p[f"lora_{target}_b"].astype(x.dtype))
+  xa = dot(t.down, x, a.astype(x.dtype))
+  return y + scale * dot(t.up, xa, p[f"lora_{target}_b"].astype(x.dtype))
+
+
+def dot(spec: str | None, x: jax.Array, w: jax.Array) -> jax.Array:
+  """einsum(spec, x, w) (None: x @ w) in x's dtype, summed in float32: a bfloat16 matmul
+  accumulates in float32 and rounds once. Float32 inputs take the plain op."""
+  if x.dtype == jnp.float32:
+    return x @ w if spec is None else jnp.einsum(spec, x, w)
+  f32 = jnp.float32
+  y = (
+    jnp.matmul(x, w, preferred_element_type=f32)
+    if spec is None
+    else jnp.einsum(spec, x, w, preferred_element_type=f32)
+  )
+  return y.astype(x.dtype)
 
 
 def strip(p: dict) -> dict:

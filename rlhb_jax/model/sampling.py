@@ -59,6 +59,13 @@ def unroll_decode(cfg: SamplingConfig) -> bool:
   return cfg.decode_layers == "unroll"
 
 
+def decode_dtype(cfg: SamplingConfig, model_dtype: str) -> str:
+  """The dtype the decode loop computes in (`SamplingConfig.dtype`)."""
+  if cfg.dtype == "auto":
+    return "float32" if jax.default_backend() == "cpu" else model_dtype
+  return model_dtype if cfg.dtype == "model" else cfg.dtype
+
+
 def sample(
   model: Transformer,
   prompt_tokens: jax.Array,
@@ -71,18 +78,22 @@ def sample(
   """Samples `cfg.max_new_tokens` tokens after left-padded prompts (B, P). Traceable under jit."""
   B, P = prompt_tokens.shape
   Tn = cfg.max_new_tokens
-  cache = Cache.zeros(model.cfg, B, P + Tn)
+  dtype = decode_dtype(cfg, model.cfg.dtype)
+  cache = Cache.zeros(model.cfg, B, P + Tn, dtype)
   positions = positions_from_mask(prompt_mask)
-  h, cache = model.trunk(prompt_tokens, positions, prompt_mask, cache)
+  h, cache = model.trunk(prompt_tokens, positions, prompt_mask, cache, dtype=dtype)
   logits = model.logits(h[:, -1:])[:, 0]
   next_pos = prompt_mask.sum(axis=-1).astype(jnp.int32)
   eos = jnp.asarray(eos_ids, jnp.int32)
-  if unroll_decode(cfg):  # weights and cache sliced per layer once, here (`Transformer.decode`)
+  unroll = unroll_decode(cfg)
+  if unroll:  # weights and cache sliced per layer once, here (`Transformer.decode`)
     layers = model.layer_params()
     cache = LayerCache.from_cache(cache)
-    forward = lambda tok, pos, live, cache: model.decode(tok, pos, live, layers, cache)  # noqa: E731
-  else:
-    forward = model.trunk
+
+  def forward(tok, pos, live, cache):
+    if unroll:
+      return model.decode(tok, pos, live, layers, cache, dtype)
+    return model.trunk(tok, pos, live, cache, dtype=dtype)
 
   def step(carry, key):
     logits, cache, pos, done = carry

@@ -27,7 +27,7 @@ from rlhb_jax.methods.disc import disc_batch, disc_update
 from rlhb_jax.methods.ppo import advantages, rewards
 from rlhb_jax.methods.ppo.state import RLHBState, Roles, full
 from rlhb_jax.model import lora
-from rlhb_jax.model.sampling import sample
+from rlhb_jax.model.sampling import decode_dtype, sample
 from rlhb_jax.training import losses
 from rlhb_jax.training.forward import critic_values, policy_logits, token_logprobs
 from rlhb_jax.training.optim import all_finite
@@ -84,11 +84,16 @@ def make_experience(
   """Reference log-probs, values (GAE) and advantages of the rollouts.
 
   The old log-probs are the sampler's own (the policy the tokens were drawn from), so no second
-  forward of the actor is needed; the reference is a separate frozen copy without LoRA and the
-  actor's base with adapters off with it.
+  forward of the actor is needed, unless the sampler decodes in another dtype than training
+  computes in (float32 decoding of a bfloat16-trained actor on the CPU): then they are the
+  training forward's, so that the first PPO ratio is exactly 1. The reference is a separate
+  frozen copy without LoRA and the actor's base with adapters off with it.
   """
   mask = ro.mask.astype(jnp.float32)
   old_lp = ro.logprobs
+  if decode_dtype(cfg.sampling, cfg.model.dtype) != cfg.model.dtype:
+    actor_logits = policy_logits(roles.actor, full(state, "actor"), *ro[:4], _temperature(cfg))
+    old_lp = jax.lax.stop_gradient(token_logprobs(actor_logits, ro.tokens)) * mask
   if state.ref:
     ref, adapters = state.ref, True
   else:
