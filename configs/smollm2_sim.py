@@ -1,4 +1,5 @@
-"""RLHB on a model that reads: SmolLM2-135M-Instruct in every role, on the built-in simulator.
+"""The demo (configs/default.py) in float32 at the budgets of results/real_model.json (SFT 120
+steps, D warm-up 120, RLHB 40; about 45 minutes a seed on 2 CPU cores).
 
   python -m rlhb_jax.main --config configs/smollm2_sim.py --workdir runs/smollm2_sim
 
@@ -24,63 +25,15 @@ Choices (README, "RLHB on a model that reads"):
   generator's bare answers, comes to reward (README, "RLHB on a model that reads").
 """
 
+import pathlib
+
 from rlhb_jax import config as config_lib
 
 
 def get_config():
-  c = config_lib.default_configdict()
-  c.mode = "pipeline"
-  c.model.source = "smollm2-135m-instruct"
-  c.prompt.system = "Answer briefly."
-  c.behavior.sentence = "Users: {clauses}."
-  c.sampling.max_new_tokens = 24
-  c.sampling.temperature = 1.0
-  c.sampling.prompt_buckets = (48, 64, 80, 96, 112, 128, 160, 192, 256)
-  c.sim.num_records = 4000
-
-  for spec in (c.lora, c.disc.lora, c.reward.lora):
-    spec.rank = 8
-    spec.alpha = 16.0
-
+  c = config_lib.load_configdict(pathlib.Path(__file__).with_name("default.py"))
+  c.model.dtype = "float32"
   c.sft.steps = 120
-  c.sft.batch_size = 8
-  c.sft.optim.learning_rate = 3e-4
-
-  c.disc.init_from_generator = True
   c.disc.warmup_steps = 120
-  c.disc.batch_size = 8
-  c.disc.mismatch_fraction = 0.5
-  c.disc.optim.learning_rate = 3e-4
-  c.disc.swap_fraction = 0.5
-
-  c.ppo.advantage = "group"
-  c.ppo.advantage_std = True
-  c.ppo.reward_contrast = False
-  c.ppo.reward_norm = "none"
-  c.ppo.prompts_per_step = 2
-  c.ppo.rollouts_per_prompt = 8
-  c.ppo.epochs = 1  # on-policy: one update per batch (RLOO); more epochs cost a pass each
-  c.ppo.minibatches = 1
-  c.ppo.kl_coef = 0.05
-  c.ppo.actor_optim.learning_rate = 1e-4
-  c.ppo.actor_optim.warmup_steps = 2
-  c.disc.optim.warmup_steps = 10
   c.rlhb.steps = 40
-
-  c.reward.rm_steps = 120
-  c.reward.rm_batch_size = 8
-  c.reward.rm_optim.learning_rate = 3e-4
-  c.reward.classifier_steps = 120
-  c.reward.classifier_batch_size = 8
-  c.reward.classifier_optim.learning_rate = 3e-4
-
-  # DPO and KTO from the logs on RLHB's budget in answers seen: 40 steps x 16 answers (8 pairs).
-  c.dpo.steps = 40
-  c.dpo.batch_size = 8
-  c.kto.steps = 40
-  c.kto.batch_size = 16
-
-  c.checkpoint.every_steps = 10
-  c.eval.num_queries = 48
-  c.eval.batch_size = 16
   return c

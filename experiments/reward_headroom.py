@@ -132,7 +132,7 @@ def probe(run: Run, actor: str, disc: str, n: int, temperature: float, show: int
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--workdir", required=True)
-  ap.add_argument("--config", default="configs/default.py")
+  ap.add_argument("--config", default="configs/tiny.py")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--n", type=int, default=8)
   ap.add_argument("--actor", default="sft_actor")

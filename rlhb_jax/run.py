@@ -30,6 +30,7 @@ it; parameters under models/ are saved by all of them together (Orbax).
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import pathlib
 from typing import Any
@@ -182,6 +183,11 @@ class Run:
     path = self.workdir / "models" / name
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(path, params, force=True)
+
+  def save_report(self, name: str, report: dict) -> None:
+    """models/NAME.json: a stage's data and held-out figures, beside the model it trained."""
+    if sharding.is_primary():
+      (self.workdir / "models" / f"{name}.json").write_text(json.dumps(report, indent=2))
 
   def has_params(self, name: str) -> bool:
     return (self.workdir / "models" / name).exists()

@@ -135,7 +135,7 @@ def test_configs_named_in_the_docs_exist_and_every_config_is_documented():
   docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
   code = [ROOT / "Makefile", *sorted((ROOT / "experiments").glob("*.py"))]
   files = {p.name for p in CONFIG_FILES}
-  assert {"base.py", "default.py"} <= files
+  assert {"base.py", "default.py", "tiny.py"} <= files
   assert named(docs + code) - files == set(), "named but missing"
   assert files - named(docs) == set(), "in configs/ but in no doc"
 
@@ -179,7 +179,7 @@ def test_every_config_section_is_a_frozen_dataclass():
 
 def cli(*flags):
   return subprocess.run(
-    [sys.executable, "-m", "rlhb_jax.main", "--config", "configs/default.py", *flags],
+    [sys.executable, "-m", "rlhb_jax.main", "--config", "configs/tiny.py", *flags],
     cwd=ROOT,
     capture_output=True,
     text=True,
@@ -195,7 +195,7 @@ def test_cli_refuses_a_misspelled_flag():
   # Locked also after parsing, so no code can add a key to it later.
   probe = (
     "from absl import flags; from rlhb_jax import main; "
-    "flags.FLAGS(['main', '--config', 'configs/default.py']); print(main._CONFIG.value.is_locked)"
+    "flags.FLAGS(['main', '--config', 'configs/tiny.py']); print(main._CONFIG.value.is_locked)"
   )
   res = subprocess.run(
     [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120
@@ -240,7 +240,7 @@ def test_an_unknown_mode_exits_with_a_clear_message(tmp_path):
       "-m",
       "rlhb_jax.main",
       "--config",
-      str(pathlib.Path(__file__).resolve().parents[1] / "configs/default.py"),
+      str(pathlib.Path(__file__).resolve().parents[1] / "configs/tiny.py"),
       "--workdir",
       str(tmp_path),
       "--config.mode=rlhx",

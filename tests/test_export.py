@@ -358,7 +358,7 @@ TINY_RUN = [
 
 
 def cli(workdir, *args, mode: str = "export", check: bool = True) -> subprocess.CompletedProcess:
-  cmd = [sys.executable, "-m", "rlhb_jax.main", "--config", str(ROOT / "configs/default.py")]
+  cmd = [sys.executable, "-m", "rlhb_jax.main", "--config", str(ROOT / "configs/tiny.py")]
   cmd += ["--workdir", str(workdir), f"--config.mode={mode}", *TINY_RUN, *args]
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
   out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -443,7 +443,7 @@ def test_cli_exported_discriminator_scores_like_ours(tiny_run):
   from rlhb_jax import config as config_lib
   from rlhb_jax.run import Run
 
-  cd = config_lib.load_configdict(ROOT / "configs/default.py")
+  cd = config_lib.load_configdict(ROOT / "configs/tiny.py")
   for flag in TINY_RUN:  # ints and False
     key, value = flag.removeprefix("--config.").split("=")
     section, field = key.split(".")

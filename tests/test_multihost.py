@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 ARGS = [
   "--config",
-  str(ROOT / "configs/default.py"),
+  str(ROOT / "configs/tiny.py"),
   "--config.mode=pipeline",
   *TINY,
   "--config.rlhb.steps=6",
@@ -147,7 +147,7 @@ def test_single_process_modes_refuse_to_launch(tmp_path):
     "rlhb_jax.infra.launch",
     "--",
     "--config",
-    str(ROOT / "configs/default.py"),
+    str(ROOT / "configs/tiny.py"),
     "--workdir",
     str(tmp_path),
     "--config.mode=serve",

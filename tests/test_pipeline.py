@@ -43,7 +43,7 @@ def cli(workdir, *args, mode="pipeline") -> list[str]:
     "-m",
     "rlhb_jax.main",
     "--config",
-    str(ROOT / "configs/default.py"),
+    str(ROOT / "configs/tiny.py"),
     "--workdir",
     str(workdir),
     f"--config.mode={mode}",

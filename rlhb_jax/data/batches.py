@@ -335,8 +335,15 @@ class PromptedBatcher:
   def _prompt(self, x) -> tuple[int, ...]:
     return self.enc.prompt(x.query, self.behavior, x.context)
 
-  def _answers(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    return right_pad([self.enc.response(t) for t in texts], self.Tn, self.pad)
+  def prompts(self, items: Sequence) -> dict[str, np.ndarray]:
+    """{"prompt", "prompt_mask"}: the items' prompts, left-padded to the stage's bucket."""
+    tokens, mask = left_pad([self._prompt(x) for x in items], self.P, self.pad)
+    return {"prompt": tokens, "prompt_mask": mask}
+
+  def answers(self, name: str, texts: Sequence[str]) -> dict[str, np.ndarray]:
+    """{name, name_mask}: answers right-padded to the sampler's max_new_tokens."""
+    tokens, mask = right_pad([self.enc.response(t) for t in texts], self.Tn, self.pad)
+    return {name: tokens, f"{name}_mask": mask}
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     idx = epoch_indices(self.cfg.seed, step, self.size, len(self.items), 47)

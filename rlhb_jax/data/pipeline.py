@@ -21,7 +21,6 @@ from typing import Any
 import grain
 import jax
 
-from rlhb_jax.data.behavior import BehaviorConfig
 from rlhb_jax.data.config import DataConfig
 from rlhb_jax.data.readers import detect_format, read_records
 
@@ -62,16 +61,12 @@ def record_dataset(
   return ds.map(decode_example).to_iter_dataset()
 
 
-def load_source(
-  path: str | pathlib.Path,
-  config: DataConfig,
-  workdir: pathlib.Path | None = None,
-  behavior: BehaviorConfig | None = None,
-) -> Sequence:
+def load_source(path: str | pathlib.Path, config: DataConfig, **reader_args) -> Sequence:
   """A random-access source for `record_dataset`: TFDS directories are read lazily (array_record);
-  JSONL and Parquet logs are validated and held in memory (convert big ones with `write_tfds`)."""
+  JSONL and Parquet logs are validated (`read_records(path, config, **reader_args)`) and held in
+  memory (convert big ones with `write_tfds`)."""
   if detect_format(path, config.format) == "tfds":
     from rlhb_jax.data.tfds_logs import open_tfds
 
     return open_tfds(path)
-  return list(read_records(path, config, workdir, behavior))
+  return list(read_records(path, config, **reader_args))

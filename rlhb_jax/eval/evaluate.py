@@ -52,6 +52,9 @@ def ground_truth(run: Run, queries: list[str], responses: list[str], round: int 
   ]
   out = {f"{k}_rate": float(np.mean([r[k] for r in rates])) for k in rates[0]}
   out["accuracy"] = float(np.mean(correct))
+  # The share of answers that cite a source (the simulator's "source" feature).
+  cites = [sim.features(q, r).source for q, r in zip(queries, responses, strict=True)]
+  out["cite_rate"] = float(np.mean(cites))
   return out
 
 
@@ -115,7 +118,7 @@ def evaluate(run: Run, methods: dict[str, str]) -> dict:
 
 def print_results(results: dict) -> None:
   rows = [{"method": m, **v} for m, v in results.items()]
-  cols = ["method", *RATE_KEYS, "win", "tie", "loss"]
+  cols = ["method", *RATE_KEYS, "cite_rate", "win", "tie", "loss"]
   print(format_table(rows, [c for c in cols if any(c in r for r in rows)]))
 
 

@@ -1,7 +1,9 @@
-"""The default demo: simulate logs -> tokenizer -> tiny model -> SFT -> D warm-up -> RLHB -> eval.
+"""The pipeline (what `make demo` runs): simulate logs -> SFT -> D warm-up -> RLHB -> evaluation.
 
-Writes DIR/summary.json and prints the same as a table. Every stage resumes from what the run
-directory already holds, so re-running after an interruption continues where it stopped.
+Writes DIR/summary.json and prints it as a table, with three held-out answers of SFT and RLHB
+side by side and the paths of the discriminator's and the reward's curves. Every stage resumes
+from what the run directory already holds, so re-running after an interruption continues where it
+stopped.
 """
 
 from __future__ import annotations
@@ -56,5 +58,19 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
     f"discriminator (last 10% of steps): D(real)={show(summary['disc']['real_mean'])} "
     f"D(fake)={show(summary['disc']['fake_mean'])}; wall {summary['wall_seconds']:.0f}s"
   )
+  if sharding.is_primary():
+    print_examples(run_.workdir / "eval_samples.json", ("sft", "rlhb"), n=3)
+    plots = [run_.workdir / "plots" / f for f in ("disc_scores.png", "return.png")]
+    print("curves: " + ", ".join(str(p) for p in plots if p.exists()))
   print(f"summary: {run_.workdir / 'summary.json'}")
   return summary
+
+
+def print_examples(path: pathlib.Path, methods: tuple[str, ...], n: int) -> None:
+  """The first `n` held-out queries with each method's answer, side by side."""
+  samples = json.loads(path.read_text())[:n]
+  width = max(len(m) for m in methods)
+  for i, sample in enumerate(samples, 1):
+    print(f"example {i}: {sample['query']}")
+    for m in methods:
+      print(f"  {m:>{width}}: {' '.join(sample[m].split())}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -18,15 +17,12 @@ from rlhb_jax.config import Config
 from rlhb_jax.data import preferences
 from rlhb_jax.data.batches import Encoder, Example, epoch_indices, left_pad, right_pad
 from rlhb_jax.data.behavior import Binner
-from rlhb_jax.infra import sharding
+from rlhb_jax.methods.reward_model import train_scorer
 from rlhb_jax.model import build as build_lib
 from rlhb_jax.run import Run
-from rlhb_jax.training import forward, optim, trainable
-from rlhb_jax.training.losses import to_f32
-from rlhb_jax.training.trainable import SupervisedState, train_model
-
-Array = jax.Array
-Metrics = dict[str, Array]
+from rlhb_jax.training import forward, trainable
+from rlhb_jax.training.losses import Array, Metrics, to_f32
+from rlhb_jax.training.trainable import SupervisedState
 
 log = logging.getLogger(__name__)
 
@@ -162,17 +158,14 @@ def behavior_classifier(run: Run) -> None:
     bins[train_idx],
     run.batcher.Pd,
   )
-  tx = optim.make_optimizer(cfg.reward.classifier_optim, cfg.reward.classifier_steps)
-  graphdef, params = train_model(
+  graphdef, params = train_scorer(
     run,
     "behavior_classifier",
     clf,
-    cfg.reward.lora,
-    tx,
+    cfg.reward.classifier_optim,
+    cfg.reward.classifier_steps,
     lambda graphdef, tx, sh: compile_classifier(graphdef, tx, k, sh),
     train_b,
-    cfg.reward.classifier_steps,
-    ("loss", "accuracy"),
   )
   all_b = ClassifierBatcher(cfg, run.tokenizer, run.examples, bins, run.batcher.Pd)
   report = {
@@ -183,8 +176,7 @@ def behavior_classifier(run: Run) -> None:
     },
   }
   run.save_params("behavior_classifier", params)
-  if sharding.is_primary():
-    (run.workdir / "models" / "behavior_classifier.json").write_text(json.dumps(report, indent=2))
+  run.save_report("behavior_classifier", report)
   log.info("behavior classifier: held-out bin accuracy %s", report["heldout_bin_accuracy"])
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -16,16 +15,12 @@ import numpy as np
 
 from rlhb_jax.config import Config
 from rlhb_jax.data import preferences
-from rlhb_jax.data.batches import PromptedBatcher, left_pad
+from rlhb_jax.data.batches import PromptedBatcher
 from rlhb_jax.data.preferences import Pair
-from rlhb_jax.infra import sharding
 from rlhb_jax.run import Run
-from rlhb_jax.training import forward, optim, trainable
-from rlhb_jax.training.losses import to_f32
-from rlhb_jax.training.trainable import SupervisedState, start_params, train_model
-
-Array = jax.Array
-Metrics = dict[str, Array]
+from rlhb_jax.training import forward, trainable
+from rlhb_jax.training.losses import Array, Metrics, to_f32
+from rlhb_jax.training.trainable import SupervisedState
 
 log = logging.getLogger(__name__)
 
@@ -104,16 +99,10 @@ class PairBatcher(PromptedBatcher):
   """(prompt, chosen, rejected) batches of DPO pairs; batch(step) is a pure function of step."""
 
   def rows(self, pairs: Sequence[Pair]) -> dict[str, np.ndarray]:
-    prompt = left_pad([self._prompt(p) for p in pairs], self.P, self.pad)
-    chosen = self._answers([p.chosen for p in pairs])
-    rejected = self._answers([p.rejected for p in pairs])
     return {
-      "prompt": prompt[0],
-      "prompt_mask": prompt[1],
-      "chosen": chosen[0],
-      "chosen_mask": chosen[1],
-      "rejected": rejected[0],
-      "rejected_mask": rejected[1],
+      **self.prompts(pairs),
+      **self.answers("chosen", [p.chosen for p in pairs]),
+      **self.answers("rejected", [p.rejected for p in pairs]),
     }
 
 
@@ -175,23 +164,13 @@ def dpo(run: Run) -> None:
   train_pairs, heldout = preferences.split_heldout(pairs, cfg.dpo.heldout_fraction, cfg.seed)
   log.info("%s: %d training pairs, %d held out (%s)", name, len(train_pairs), len(heldout), report)
   batcher = PairBatcher(cfg, run.tokenizer, run.best_behavior, train_pairs, cfg.dpo.batch_size)
-  tx = optim.make_optimizer(cfg.dpo.optim, cfg.dpo.steps)
-  graphdef, params = train_model(
-    run,
-    name,
-    run.actor_model(prefer=("sft_actor",)),
-    cfg.lora,
-    tx,
-    lambda graphdef, tx, sh: compile_dpo(graphdef, tx, cfg.dpo.beta, sh),
-    batcher,
-    cfg.dpo.steps,
-    ("loss", "accuracy", "margin"),
-    reference=True,
+  compile_fn = lambda graphdef, tx, sh: compile_dpo(graphdef, tx, cfg.dpo.beta, sh)
+  show = ("loss", "accuracy", "margin")
+  graphdef, params, ref = trainable.train_from_sft(
+    run, name, cfg.dpo.optim, cfg.dpo.steps, compile_fn, batcher, show
   )
-  ref = start_params(run, params)
   report["heldout_pairs"] = len(heldout)
   report["heldout_accuracy"] = pair_accuracy(graphdef, params, ref, batcher, heldout)
   run.save_params(f"{name}_actor", params)
-  if sharding.is_primary():
-    (run.workdir / "models" / f"{name}.json").write_text(json.dumps(report, indent=2))
+  run.save_report(name, report)
   log.info("%s: held-out pairwise accuracy %.3f", name, report["heldout_accuracy"])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 from collections.abc import Mapping, Sequence
 
@@ -17,21 +16,17 @@ import numpy as np
 from rlhb_jax import config as config_lib
 from rlhb_jax.config import Config
 from rlhb_jax.data import preferences
-from rlhb_jax.data.batches import PromptedBatcher, left_pad
+from rlhb_jax.data.batches import PromptedBatcher
 from rlhb_jax.data.behavior import (
   Binner,
   least_preferred_bins,
   most_preferred_bins,
   written_columns,
 )
-from rlhb_jax.infra import sharding
 from rlhb_jax.run import Run
-from rlhb_jax.training import forward, optim, trainable
-from rlhb_jax.training.losses import masked_mean, to_f32
-from rlhb_jax.training.trainable import SupervisedState, start_params, train_model
-
-Array = jax.Array
-Metrics = dict[str, Array]
+from rlhb_jax.training import forward, trainable
+from rlhb_jax.training.losses import Array, Metrics, masked_mean, to_f32
+from rlhb_jax.training.trainable import SupervisedState
 
 log = logging.getLogger(__name__)
 
@@ -136,13 +131,9 @@ class LabeledBatcher(PromptedBatcher):
   """(prompt, response, desirable) batches of KTO examples."""
 
   def rows(self, items: Sequence[Labeled]) -> dict[str, np.ndarray]:
-    prompt = left_pad([self._prompt(x) for x in items], self.P, self.pad)
-    response = self._answers([x.response for x in items])
     return {
-      "prompt": prompt[0],
-      "prompt_mask": prompt[1],
-      "response": response[0],
-      "response_mask": response[1],
+      **self.prompts(items),
+      **self.answers("response", [x.response for x in items]),
       "desirable": np.asarray([x.desirable for x in items], np.float32),
     }
 
@@ -225,23 +216,18 @@ def kto(run: Run) -> None:
   report["weights"] = [cfg.kto.desirable_weight, cfg.kto.undesirable_weight]
   log.info("kto: %d training answers, %d held out (%s)", len(train_items), len(heldout), report)
   batcher = LabeledBatcher(cfg, run.tokenizer, run.best_behavior, train_items, cfg.kto.batch_size)
-  tx = optim.make_optimizer(cfg.kto.optim, cfg.kto.steps)
-  graphdef, params = train_model(
+  show = ("loss", "kl", "desirable_reward", "undesirable_reward")
+  graphdef, params, ref = trainable.train_from_sft(
     run,
     "kto",
-    run.actor_model(prefer=("sft_actor",)),
-    cfg.lora,
-    tx,
+    cfg.kto.optim,
+    cfg.kto.steps,
     lambda graphdef, tx, sh: compile_kto(graphdef, tx, cfg, sh),
     batcher,
-    cfg.kto.steps,
-    ("loss", "kl", "desirable_reward", "undesirable_reward"),
-    reference=True,
+    show,
   )
-  ref = start_params(run, params)
   report["heldout_answers"] = len(heldout)
   report["heldout_auc"] = labeled_auc(graphdef, params, ref, batcher, heldout)
   run.save_params("kto_actor", params)
-  if sharding.is_primary():
-    (run.workdir / "models" / "kto.json").write_text(json.dumps(report, indent=2))
+  run.save_report("kto", report)
   log.info("kto: held-out desirable-vs-undesirable AUC %.3f", report["heldout_auc"])

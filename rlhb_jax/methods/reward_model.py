@@ -5,7 +5,6 @@ accuracy and the stage.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -19,16 +18,12 @@ from rlhb_jax.config import Config
 from rlhb_jax.data import preferences
 from rlhb_jax.data.batches import Encoder, epoch_indices, left_pad, right_pad
 from rlhb_jax.data.preferences import Pair
-from rlhb_jax.infra import sharding
 from rlhb_jax.methods import disc as disc_lib
 from rlhb_jax.model import build as build_lib
 from rlhb_jax.run import Run
 from rlhb_jax.training import optim, trainable
-from rlhb_jax.training.losses import to_f32
+from rlhb_jax.training.losses import Array, Metrics, to_f32
 from rlhb_jax.training.trainable import SupervisedState, train_model
-
-Array = jax.Array
-Metrics = dict[str, Array]
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +112,14 @@ def rm_accuracy(graphdef, params, batcher: PairBatcher, pairs: Sequence[Pair]) -
   return float(np.mean(correct)) if correct else float("nan")
 
 
+def train_scorer(run: Run, name: str, model, optim_cfg, steps: int, compile_fn, batcher):
+  """Trains a frozen reward's scorer (RLHF's reward model, RLHBC's behavior classifier) with
+  `reward.lora` adapters and its own optimizer; returns (graphdef, merged params)."""
+  tx = optim.make_optimizer(optim_cfg, steps)
+  lora = run.cfg.reward.lora
+  return train_model(run, name, model, lora, tx, compile_fn, batcher, steps, ("loss", "accuracy"))
+
+
 def reward_model(run: Run) -> None:
   """RLHF's Bradley-Terry reward model on pairwise preferences (held-out accuracy reported)."""
   cfg = run.cfg
@@ -128,17 +131,8 @@ def reward_model(run: Run) -> None:
     run.read_preferences(), cfg.reward.rm_heldout_fraction, cfg.seed
   )
   batcher = PairBatcher(cfg, run.tokenizer, train_pairs, run.batcher.Pd, cfg.reward.rm_batch_size)
-  tx = optim.make_optimizer(cfg.reward.rm_optim, cfg.reward.rm_steps)
-  graphdef, params = train_model(
-    run,
-    "reward_model",
-    rm,
-    cfg.reward.lora,
-    tx,
-    compile_rm,
-    batcher,
-    cfg.reward.rm_steps,
-    ("loss", "accuracy"),
+  graphdef, params = train_scorer(
+    run, "reward_model", rm, cfg.reward.rm_optim, cfg.reward.rm_steps, compile_rm, batcher
   )
   report = {
     "heldout_accuracy": rm_accuracy(graphdef, params, batcher, heldout),
@@ -146,8 +140,7 @@ def reward_model(run: Run) -> None:
     "heldout_pairs": len(heldout),
   }
   run.save_params("reward_model", params)
-  if sharding.is_primary():
-    (run.workdir / "models" / "reward_model.json").write_text(json.dumps(report, indent=2))
+  run.save_report("reward_model", report)
   log.info("reward model: held-out pairwise accuracy %.3f", report["heldout_accuracy"])
 
 

@@ -1,184 +1,26 @@
-"""Raw tables of the simulator's knowledge base (hand-written facts; generated ones live in kb.py).
+"""Raw tables of the simulator's knowledge base, read from facts.json beside this file
+(hand-written facts; generated ones live in kb.py).
 
 Every answer here is unambiguous to the judge: capitals differ from their country's name, element
 symbols are not English words, definitions are told apart by their keywords (tested in test_sim.py).
 """
 
-# (country as it reads after "of", capital)
-CAPITALS = (
-  ("Afghanistan", "Kabul"), ("Albania", "Tirana"), ("Algeria", "Algiers"),
-  ("Angola", "Luanda"), ("Argentina", "Buenos Aires"), ("Armenia", "Yerevan"),
-  ("Australia", "Canberra"), ("Austria", "Vienna"), ("Azerbaijan", "Baku"),
-  ("Bahrain", "Manama"), ("Bangladesh", "Dhaka"), ("Belarus", "Minsk"),
-  ("Belgium", "Brussels"), ("Belize", "Belmopan"), ("Bhutan", "Thimphu"),
-  ("Bosnia and Herzegovina", "Sarajevo"), ("Botswana", "Gaborone"), ("Brazil", "Brasilia"),
-  ("Bulgaria", "Sofia"), ("Burkina Faso", "Ouagadougou"), ("Burundi", "Gitega"),
-  ("Cambodia", "Phnom Penh"), ("Cameroon", "Yaounde"), ("Canada", "Ottawa"),
-  ("Chile", "Santiago"), ("China", "Beijing"), ("Colombia", "Bogota"),
-  ("Costa Rica", "San Jose"), ("Croatia", "Zagreb"), ("Cuba", "Havana"),
-  ("Cyprus", "Nicosia"), ("the Czech Republic", "Prague"), ("Denmark", "Copenhagen"),
-  ("the Dominican Republic", "Santo Domingo"), ("Ecuador", "Quito"), ("Egypt", "Cairo"),
-  ("El Salvador", "San Salvador"), ("Eritrea", "Asmara"), ("Estonia", "Tallinn"),
-  ("Ethiopia", "Addis Ababa"), ("Fiji", "Suva"), ("Finland", "Helsinki"),
-  ("France", "Paris"), ("Gabon", "Libreville"), ("Georgia", "Tbilisi"),
-  ("Germany", "Berlin"), ("Ghana", "Accra"), ("Greece", "Athens"),
-  ("Guatemala", "Guatemala City"), ("Guinea", "Conakry"), ("Guyana", "Georgetown"),
-  ("Honduras", "Tegucigalpa"), ("Hungary", "Budapest"), ("Iceland", "Reykjavik"),
-  ("India", "New Delhi"), ("Indonesia", "Jakarta"), ("Iran", "Tehran"),
-  ("Iraq", "Baghdad"), ("Ireland", "Dublin"), ("Italy", "Rome"),
-  ("Jamaica", "Kingston"), ("Japan", "Tokyo"), ("Jordan", "Amman"),
-  ("Kazakhstan", "Astana"), ("Kenya", "Nairobi"), ("Kuwait", "Kuwait City"),
-  ("Kyrgyzstan", "Bishkek"), ("Laos", "Vientiane"), ("Latvia", "Riga"),
-  ("Lebanon", "Beirut"), ("Lesotho", "Maseru"), ("Liberia", "Monrovia"),
-  ("Libya", "Tripoli"), ("Lithuania", "Vilnius"), ("Madagascar", "Antananarivo"),
-  ("Malawi", "Lilongwe"), ("Malaysia", "Kuala Lumpur"), ("Mali", "Bamako"),
-  ("Malta", "Valletta"), ("Mauritania", "Nouakchott"), ("Mexico", "Mexico City"),
-  ("Moldova", "Chisinau"), ("Mongolia", "Ulaanbaatar"), ("Montenegro", "Podgorica"),
-  ("Morocco", "Rabat"), ("Mozambique", "Maputo"), ("Myanmar", "Naypyidaw"),
-  ("Namibia", "Windhoek"), ("Nepal", "Kathmandu"), ("the Netherlands", "Amsterdam"),
-  ("New Zealand", "Wellington"), ("Nicaragua", "Managua"), ("Niger", "Niamey"),
-  ("Nigeria", "Abuja"), ("North Korea", "Pyongyang"), ("North Macedonia", "Skopje"),
-  ("Norway", "Oslo"), ("Oman", "Muscat"), ("Pakistan", "Islamabad"),
-  ("Panama", "Panama City"), ("Papua New Guinea", "Port Moresby"), ("Paraguay", "Asuncion"),
-  ("Peru", "Lima"), ("the Philippines", "Manila"), ("Poland", "Warsaw"),
-  ("Portugal", "Lisbon"), ("Qatar", "Doha"), ("Romania", "Bucharest"),
-  ("Russia", "Moscow"), ("Rwanda", "Kigali"), ("Saudi Arabia", "Riyadh"),
-  ("Senegal", "Dakar"), ("Serbia", "Belgrade"), ("Sierra Leone", "Freetown"),
-  ("Slovakia", "Bratislava"), ("Slovenia", "Ljubljana"), ("Somalia", "Mogadishu"),
-  ("South Korea", "Seoul"), ("South Sudan", "Juba"), ("Spain", "Madrid"),
-  ("Sudan", "Khartoum"), ("Suriname", "Paramaribo"), ("Sweden", "Stockholm"),
-  ("Switzerland", "Bern"), ("Syria", "Damascus"), ("Tajikistan", "Dushanbe"),
-  ("Tanzania", "Dodoma"), ("Thailand", "Bangkok"), ("Togo", "Lome"),
-  ("Tunisia", "Tunis"), ("Turkey", "Ankara"), ("Turkmenistan", "Ashgabat"),
-  ("Uganda", "Kampala"), ("Ukraine", "Kyiv"), ("the United Arab Emirates", "Abu Dhabi"),
-  ("the United Kingdom", "London"), ("the United States", "Washington"), ("Uruguay", "Montevideo"),
-  ("Uzbekistan", "Tashkent"), ("Venezuela", "Caracas"), ("Vietnam", "Hanoi"),
-  ("Yemen", "Sanaa"), ("Zambia", "Lusaka"), ("Zimbabwe", "Harare"),
-)  # fmt: skip
+import json
+import pathlib
 
+_TABLES = json.loads(pathlib.Path(__file__).with_name("facts.json").read_text(encoding="utf-8"))
+
+
+def _rows(name: str) -> tuple:
+  return tuple(tuple(row) if isinstance(row, list) else row for row in _TABLES[name])
+
+
+CAPITALS = _rows("capitals")  # (country as it reads after "of", capital)
 # (element, symbol); symbols that are English words (He, In, As, Be, I, No, At) are left out.
-ELEMENTS = (
-  ("hydrogen", "H"), ("lithium", "Li"), ("boron", "B"), ("carbon", "C"), ("nitrogen", "N"),
-  ("oxygen", "O"), ("fluorine", "F"), ("neon", "Ne"), ("sodium", "Na"), ("magnesium", "Mg"),
-  ("aluminum", "Al"), ("silicon", "Si"), ("phosphorus", "P"), ("sulfur", "S"),
-  ("chlorine", "Cl"), ("argon", "Ar"), ("potassium", "K"), ("calcium", "Ca"),
-  ("titanium", "Ti"), ("chromium", "Cr"), ("manganese", "Mn"), ("iron", "Fe"),
-  ("cobalt", "Co"), ("nickel", "Ni"), ("copper", "Cu"), ("zinc", "Zn"), ("bromine", "Br"),
-  ("krypton", "Kr"), ("strontium", "Sr"), ("silver", "Ag"), ("tin", "Sn"), ("xenon", "Xe"),
-  ("cesium", "Cs"), ("barium", "Ba"), ("tungsten", "W"), ("platinum", "Pt"), ("gold", "Au"),
-  ("mercury", "Hg"), ("lead", "Pb"), ("bismuth", "Bi"), ("radon", "Rn"), ("radium", "Ra"),
-  ("uranium", "U"), ("plutonium", "Pu"),
-)  # fmt: skip
-
-# (term with its article, bare term, definition)
-DEFINITIONS = (
-  ("a noun", "noun", "a word that names a person, place or thing"),
-  ("a verb", "verb", "a word that describes an action or state"),
-  ("an adjective", "adjective", "a word that describes a noun"),
-  ("a synonym", "synonym", "a word with the same meaning as another"),
-  ("an antonym", "antonym", "a word with the opposite meaning of another"),
-  ("a planet", "planet", "a large body that orbits a star"),
-  ("a mammal", "mammal", "a warm-blooded animal that feeds its young milk"),
-  ("a volcano", "volcano", "a mountain that erupts lava and ash"),
-  ("an island", "island", "land completely surrounded by water"),
-  ("a peninsula", "peninsula", "land surrounded by water on three sides"),
-  ("a glacier", "glacier", "a slow moving river of ice"),
-  ("a desert", "desert", "a dry region with very little rain"),
-  ("photosynthesis", "photosynthesis", "how plants turn sunlight into food"),
-  ("democracy", "democracy", "government by the people through voting"),
-  ("a prime number", "prime number", "a number divisible only by one and itself"),
-  ("a triangle", "triangle", "a shape with three sides"),
-  ("a square", "square", "a shape with four equal sides and four right angles"),
-  ("an atom", "atom", "the smallest unit of a chemical element"),
-  ("a molecule", "molecule", "a group of atoms bonded together"),
-  ("gravity", "gravity", "the force that pulls objects toward each other"),
-  ("a thermometer", "thermometer", "a tool that measures temperature"),
-  ("a telescope", "telescope", "an instrument for viewing distant objects"),
-  ("a microscope", "microscope", "an instrument that magnifies very small things"),
-  ("a dictionary", "dictionary", "a book that lists words and their meanings"),
-  ("a library", "library", "a place that lends books to readers"),
-  ("a herbivore", "herbivore", "an animal that eats only plants"),
-  ("a carnivore", "carnivore", "an animal that hunts and eats meat"),
-  ("an omnivore", "omnivore", "an animal that eats both plants and meat"),
-  ("a continent", "continent", "one of the large land masses of the earth"),
-  ("an ocean", "ocean", "a huge body of salt water"),
-  ("a river", "river", "a natural stream of fresh water flowing to the sea"),
-  ("an eclipse", "eclipse", "when one object blocks the light of another"),
-  ("a fossil", "fossil", "the preserved remains of an ancient living thing"),
-  ("a virus", "virus", "a tiny agent that infects living cells"),
-  ("a habitat", "habitat", "the natural home of an animal or plant"),
-  ("evaporation", "evaporation", "when a liquid turns into vapor"),
-  ("a poem", "poem", "writing arranged in lines, often with rhythm"),
-  ("a biography", "biography", "the story of a life written by someone else"),
-  ("a budget", "budget", "a plan for spending money"),
-  ("a calendar", "calendar", "a chart of the days, weeks and months"),
-  ("an orbit", "orbit", "the curved path of one object around another"),
-  ("a magnet", "magnet", "an object that attracts iron"),
-  ("a battery", "battery", "a device that stores electric energy"),
-  ("a bridge", "bridge", "a structure that carries a road over an obstacle"),
-  ("an election", "election", "a vote to choose a leader"),
-)
-
-# (question clause after "did", statement with {answer}, year)
-EVENTS = (
-  ("World War II end", "World War II ended in {answer}.", 1945),
-  ("World War I begin", "World War I began in {answer}.", 1914),
-  ("the Berlin Wall fall", "The Berlin Wall fell in {answer}.", 1989),
-  ("humans first land on the Moon", "Humans first landed on the Moon in {answer}.", 1969),
-  ("the Titanic sink", "The Titanic sank in {answer}.", 1912),
-  ("the United States declare independence",
-   "The United States declared independence in {answer}.", 1776),
-  ("the French Revolution begin", "The French Revolution began in {answer}.", 1789),
-  ("Columbus first reach the Americas", "Columbus first reached the Americas in {answer}.", 1492),
-  ("the Soviet Union dissolve", "The Soviet Union dissolved in {answer}.", 1991),
-  ("the first iPhone come out", "The first iPhone came out in {answer}.", 2007),
-  ("euro coins enter circulation", "Euro coins entered circulation in {answer}.", 2002),
-  ("the Wright brothers first fly", "The Wright brothers first flew in {answer}.", 1903),
-  ("King John seal the Magna Carta", "King John sealed the Magna Carta in {answer}.", 1215),
-  ("the Battle of Hastings take place", "The Battle of Hastings took place in {answer}.", 1066),
-  ("Nelson Mandela become president", "Nelson Mandela became president in {answer}.", 1994),
-  ("the first modern Olympics open", "The first modern Olympics opened in {answer}.", 1896),
-  ("Sputnik launch", "Sputnik launched in {answer}.", 1957),
-  ("the Chernobyl disaster happen", "The Chernobyl disaster happened in {answer}.", 1986),
-  ("Constantinople fall", "Constantinople fell in {answer}.", 1453),
-  ("the Great Fire of London happen", "The Great Fire of London happened in {answer}.", 1666),
-  ("the Battle of Waterloo take place", "The Battle of Waterloo took place in {answer}.", 1815),
-  ("the American Civil War end", "The American Civil War ended in {answer}.", 1865),
-  ("Darwin publish On the Origin of Species",
-   "Darwin published On the Origin of Species in {answer}.", 1859),
-  ("the Suez Canal open", "The Suez Canal opened in {answer}.", 1869),
-  ("the Eiffel Tower open", "The Eiffel Tower opened in {answer}.", 1889),
-  ("the Statue of Liberty open", "The Statue of Liberty opened in {answer}.", 1886),
-  ("the attack on Pearl Harbor happen", "The attack on Pearl Harbor happened in {answer}.", 1941),
-  ("NATO form", "NATO formed in {answer}.", 1949),
-  ("India gain independence", "India gained independence in {answer}.", 1947),
-  ("the Hubble telescope launch", "The Hubble telescope launched in {answer}.", 1990),
-  ("Wikipedia launch", "Wikipedia launched in {answer}.", 2001),
-  ("Google start", "Google started in {answer}.", 1998),
-  ("Yuri Gagarin fly to space", "Yuri Gagarin flew to space in {answer}.", 1961),
-  ("climbers first reach the top of Everest",
-   "Climbers first reached the top of Everest in {answer}.", 1953),
-  ("the Russian Revolution happen", "The Russian Revolution happened in {answer}.", 1917),
-  ("the Wall Street Crash happen", "The Wall Street Crash happened in {answer}.", 1929),
-  ("the Channel Tunnel open", "The Channel Tunnel opened in {answer}.", 1994),
-  ("Hong Kong return to China", "Hong Kong returned to China in {answer}.", 1997),
-  ("Einstein publish special relativity",
-   "Einstein published special relativity in {answer}.", 1905),
-  ("Newton publish the Principia", "Newton published the Principia in {answer}.", 1687),
-  ("the Panama Canal open", "The Panama Canal opened in {answer}.", 1914),
-  ("the American Revolution end", "The American Revolution ended in {answer}.", 1783),
-)  # fmt: skip
-
-WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-MONTHS = (
-  "January", "February", "March", "April", "May", "June",
-  "July", "August", "September", "October", "November", "December",
-)  # fmt: skip
-
+ELEMENTS = _rows("elements")
+DEFINITIONS = _rows("definitions")  # (term with its article, bare term, definition)
+EVENTS = _rows("events")  # (question clause after "did", statement with {answer}, year)
+WEEKDAYS = _rows("weekdays")
+MONTHS = _rows("months")
 # (from unit, to unit, factor): "{v} {from} is {v * factor} {to}"
-CONVERSIONS = (
-  ("kilometers", "meters", 1000), ("meters", "centimeters", 100), ("kilograms", "grams", 1000),
-  ("hours", "minutes", 60), ("minutes", "seconds", 60), ("days", "hours", 24),
-  ("weeks", "days", 7), ("liters", "milliliters", 1000), ("feet", "inches", 12),
-  ("yards", "feet", 3), ("years", "months", 12),
-)  # fmt: skip
+CONVERSIONS = _rows("conversions")

@@ -51,8 +51,10 @@ class KnowledgeBase:
   def __init__(self, kb_seed: int = 0, heldout_fraction: float = 0.1):
     rng = np.random.default_rng(kb_seed)
     self.facts: list[Fact] = [
-      *_capitals(),
-      *_elements(),
+      *_choices("capitals", "capital", tables.CAPITALS, "The capital of {x} is {{answer}}."),
+      *_choices(
+        "elements", "element", tables.ELEMENTS, "The chemical symbol for {x} is {{answer}}."
+      ),
       *_definitions(),
       *_events(),
       *_calendar(),
@@ -110,80 +112,59 @@ def _take_fraction(ids: list[str], fraction: float, rng: np.random.Generator) ->
   return [ids[i] for i in rng.permutation(len(ids))[:k]]
 
 
-def _capitals() -> list[Fact]:
+# Question templates of each domain, filled with the row's subject ({x}).
+_ASK = {
+  "capitals": (
+    "What is the capital of {x}?",
+    "Which city is the capital of {x}?",
+    "Name the capital of {x}.",
+    "Tell me the capital of {x}.",
+  ),
+  "elements": (
+    "What is the chemical symbol for {x}?",
+    "Which symbol stands for {x}?",
+    "Give the chemical symbol of {x}.",
+    "What is the symbol of {x} on the periodic table?",
+  ),
+  "definitions": ("What is {x}?", "Define {x}.", "What does {x} mean?", "Explain what {x} means."),
+  "history": ("In what year did {x}?", "When did {x}?", "What year did {x}?"),
+  "units": ("How many {to} are in {x}?", "Convert {x} to {to}.", "{x} is how many {to}?"),
+}
+
+
+def _ask(domain: str, x: str, **more: str) -> tuple[str, ...]:
+  return tuple(p.format(x=x, **more) for p in _ASK[domain])
+
+
+def _choices(domain: str, id_prefix: str, rows, statement: str) -> list[Fact]:
+  """Facts of a (subject, answer) table (capitals, chemical symbols); an answer is judged as a
+  choice among every answer of the table."""
+  return [
+    Fact(f"{id_prefix}:{x}", domain, "choice", _ask(domain, x), answer, statement.format(x=x),
+         choices=domain)
+    for x, answer in rows
+  ]  # fmt: skip
+
+
+def _definitions() -> list[Fact]:
+  """Definitions: judged by keyword recall. The first phrasing takes the article ("a noun")."""
   out = []
-  for country, capital in tables.CAPITALS:
+  for with_article, term, definition in tables.DEFINITIONS:
+    phrasings = (_ASK["definitions"][0].format(x=with_article), *_ask("definitions", term)[1:])
+    statement = f"{with_article[0].upper()}{with_article[1:]} is {{answer}}."
     out.append(
-      Fact(
-        fact_id=f"capital:{country}",
-        domain="capitals",
-        kind="choice",
-        phrasings=(
-          f"What is the capital of {country}?",
-          f"Which city is the capital of {country}?",
-          f"Name the capital of {country}.",
-          f"Tell me the capital of {country}.",
-        ),
-        answer=capital,
-        statement=f"The capital of {country} is {{answer}}.",
-        choices="capitals",
-      )
+      Fact(f"definition:{term}", "definitions", "definition", phrasings, definition, statement)
     )
   return out
 
 
-def _elements() -> list[Fact]:
-  return [
-    Fact(
-      fact_id=f"element:{name}",
-      domain="elements",
-      kind="choice",
-      phrasings=(
-        f"What is the chemical symbol for {name}?",
-        f"Which symbol stands for {name}?",
-        f"Give the chemical symbol of {name}.",
-        f"What is the symbol of {name} on the periodic table?",
-      ),
-      answer=symbol,
-      statement=f"The chemical symbol for {name} is {{answer}}.",
-      choices="elements",
-    )
-    for name, symbol in tables.ELEMENTS
-  ]
-
-
-def _definitions() -> list[Fact]:
-  return [
-    Fact(
-      fact_id=f"definition:{term}",
-      domain="definitions",
-      kind="definition",
-      phrasings=(
-        f"What is {with_article}?",
-        f"Define {term}.",
-        f"What does {term} mean?",
-        f"Explain what {term} means.",
-      ),
-      answer=definition,
-      statement=f"{with_article[0].upper()}{with_article[1:]} is {{answer}}.",
-    )
-    for with_article, term, definition in tables.DEFINITIONS
-  ]
-
-
 def _events() -> list[Fact]:
+  """Years of historical events: the year must be the only new number."""
   return [
-    Fact(
-      fact_id=f"event:{clause}",
-      domain="history",
-      kind="number",
-      phrasings=(f"In what year did {clause}?", f"When did {clause}?", f"What year did {clause}?"),
-      answer=str(year),
-      statement=statement,
-      value=year,
-    )
+    Fact(f"event:{clause}", "history", "number", _ask("history", clause), str(year), statement,
+         value=year)
     for clause, statement, year in tables.EVENTS
-  ]
+  ]  # fmt: skip
 
 
 def _calendar() -> list[Fact]:
@@ -194,22 +175,17 @@ def _calendar() -> list[Fact]:
   ):
     for i, name in enumerate(names):
       for step, rel, alt in ((1, "after", "follows"), (-1, "before", "comes just before")):
-        answer = names[(i + step) % len(names)]
-        out.append(
-          Fact(
-            fact_id=f"{noun}:{rel}:{name}",
-            domain="calendar",
-            kind="choice",
-            phrasings=(
-              f"What {noun} comes {rel} {name}?",
-              f"Which {noun} {alt} {name}?",
-              f"What is the {noun} {rel} {name}?",
-            ),
-            answer=answer,
-            statement=f"The {noun} {rel} {name} is {{answer}}.",
-            choices=set_name,
-          )
+        phrasings = (
+          f"What {noun} comes {rel} {name}?",
+          f"Which {noun} {alt} {name}?",
+          f"What is the {noun} {rel} {name}?",
         )
+        answer = names[(i + step) % len(names)]
+        statement = f"The {noun} {rel} {name} is {{answer}}."
+        out.append(
+          Fact(f"{noun}:{rel}:{name}", "calendar", "choice", phrasings, answer, statement,
+               choices=set_name)
+        )  # fmt: skip
   return out
 
 
@@ -250,36 +226,19 @@ def _arithmetic(rng: np.random.Generator) -> list[Fact]:
         continue
       seen.add((op, a, b))
       value = result[op](a, b)
+      phrasings = tuple(p.format(a=a, b=b) for p in _ARITHMETIC_PHRASES[op])
       out.append(
-        Fact(
-          fact_id=f"arith:{a} {op} {b}",
-          domain="arithmetic",
-          kind="number",
-          phrasings=tuple(p.format(a=a, b=b) for p in _ARITHMETIC_PHRASES[op]),
-          answer=str(value),
-          statement=f"{a} {op} {b} is {{answer}}.",
-          value=value,
-        )
-      )
+        Fact(f"arith:{a} {op} {b}", "arithmetic", "number", phrasings, str(value),
+             f"{a} {op} {b} is {{answer}}.", value=value)
+      )  # fmt: skip
   return out
 
 
 def _conversions() -> list[Fact]:
+  """Unit conversions: the converted number must be the only new number."""
   return [
-    Fact(
-      fact_id=f"units:{v} {frm} to {to}",
-      domain="units",
-      kind="number",
-      phrasings=(
-        f"How many {to} are in {v} {frm}?",
-        f"Convert {v} {frm} to {to}.",
-        f"{v} {frm} is how many {to}?",
-      ),
-      answer=f"{v * factor} {to}",
-      statement=f"{v} {frm} is {{answer}}.",
-      value=v * factor,
-      unit=to,
-    )
+    Fact(f"units:{v} {frm} to {to}", "units", "number", _ask("units", f"{v} {frm}", to=to),
+         f"{v * factor} {to}", f"{v} {frm} is {{answer}}.", value=v * factor, unit=to)
     for frm, to, factor in tables.CONVERSIONS
     for v in range(2, 31)
-  ]
+  ]  # fmt: skip

@@ -18,7 +18,7 @@ from rlhb_jax.infra import sharding
 from rlhb_jax.model import build as build_lib
 from rlhb_jax.model import lora
 from rlhb_jax.run import Run
-from rlhb_jax.training import loop
+from rlhb_jax.training import loop, optim
 
 
 @struct.dataclass
@@ -183,3 +183,14 @@ def start_params(run: Run, plain_model) -> Any:
   """The offline stages' reference for held-out checks: the SFT generator (or the base one)."""
   params = run.load_params("sft_actor", plain_model)
   return params if params is not None else build_lib.params_of(run.base_actor())
+
+
+def train_from_sft(run: Run, name: str, optim_cfg, steps: int, compile_fn, batcher, show):
+  """An offline stage on the generator (DPO, KTO): `lora` adapters on the SFT generator, trained
+  against it as the frozen reference. Returns (graphdef, merged params, the reference's params)."""
+  tx = optim.make_optimizer(optim_cfg, steps)
+  model = run.actor_model(prefer=("sft_actor",))
+  graphdef, params = train_model(
+    run, name, model, run.cfg.lora, tx, compile_fn, batcher, steps, show, reference=True
+  )
+  return graphdef, params, start_params(run, params)
