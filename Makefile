@@ -6,7 +6,7 @@ STAMP := $(VENV)/.stamp
 WORKDIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: venv browser demo online compare test test-fast lint bench clean
+.PHONY: venv browser demo online compare test test-fast lint clean
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) (set PY=python3.x)"; exit 1; }

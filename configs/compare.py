@@ -1,4 +1,4 @@
-"""The paper's comparison on the embedded default (experiments/compare_methods.py uses this).
+"""The paper's comparison on the tiny model (experiments/compare_methods.py uses this).
 
 SFT, RLHF (Bradley-Terry RM on the simulator's annotators, who favour long answers), RLHBC
 (behavior classifier reward), RLHB and RLHF + RLHB on the same logs, seeds and PPO budget.

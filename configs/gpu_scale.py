@@ -1,11 +1,12 @@
-"""The default demo at a larger scale, for one GPU: does RLHB's gain over SFT grow with the models?
+"""The tiny-model pipeline (configs/tiny.py) at a larger scale, for one GPU: does RLHB's gain over
+SFT grow with the models?
 
   python -m rlhb_jax.main --config configs/gpu_scale.py --workdir runs/gpu_scale
 
-Same simulator, pipeline and evaluation as configs/default.py, with 5x the logs (so each training
+Same simulator, pipeline and evaluation as configs/tiny.py, with 5x the logs (so each training
 query appears with several responses and behaviors), a 25M-parameter generator and discriminator
 instead of 1M, and longer SFT, warm-up and RLHB. Measured on an H200 (docs/PERFORMANCE.md,
-README "Does RLHB beat SFT?"); on the 2-core CPU it would take hours.
+docs/RESULTS.md "Does RLHB beat SFT?"); on the 2-core CPU it would take hours.
 """
 
 from rlhb_jax import config as config_lib

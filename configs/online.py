@@ -1,9 +1,9 @@
-"""Online alignment on the embedded default: deploy -> collect -> train while the users drift.
+"""Online alignment on the tiny model: deploy -> collect -> train while the users drift.
 
   python -m rlhb_jax.main --config configs/online.py --workdir runs/online
 
 The offline stages (simulated logs, BPE, tiny model, SFT, discriminator warm-up) are those of
-configs/default.py; then `online.rounds` rounds serve the policy over HTTP on 127.0.0.1 (a free
+configs/tiny.py; then `online.rounds` rounds serve the policy over HTTP on 127.0.0.1 (a free
 port), let the simulator's users act on its answers, and train on what they did. From round
 `sim.drift_round` on, the user mix moves from "hurried" users towards "friendly" ones (see
 rlhb_jax/sim/config.py). Writes online_summary.json and plots/online_like_rate.png.

@@ -10,7 +10,7 @@ of its own on a frozen base and its own head. Every stage merges its adapters in
 saves, so the next stage starts from a plain model: the RLHB reference is the SFT model (the
 actor's base, adapters off), and D's base is its warmed-up trunk.
 
-Choices (README, "RLHB on a model that reads"):
+Choices (docs/RESULTS.md, "RLHB on a model that reads"):
 - Prompts: SmolLM2's chat template with a 3-token system message ("Answer briefly.", 13 tokens
   fewer per row than its ~20-token default), a short behavior sentence, the question and the
   search result it was shown with.
@@ -22,7 +22,7 @@ Choices (README, "RLHB on a model that reads"):
   is already the best of its own samples at 4 rollouts and T = 0.7 (PPO on the simulator's own
   reward did not move it in 40 steps); with 8 rollouts at T = 1.0 RLHB finds the answers with a
   cited source that the "thorough" users like and that the discriminator, trained against the
-  generator's bare answers, comes to reward (README, "RLHB on a model that reads").
+  generator's bare answers, comes to reward (docs/RESULTS.md, "RLHB on a model that reads").
 """
 
 import pathlib

@@ -1,9 +1,11 @@
-"""The default demo over several seeds: mean and spread of each method's ground-truth metrics.
+"""The demo over several seeds: mean and spread of each method's ground-truth metrics.
 
   python experiments/demo_seeds.py --seeds 0,1,2 --out results/demo_seeds.json [-- --config.x=y ...]
+  python experiments/demo_seeds.py --config configs/tiny.py --runs runs/tiny \
+      --out results/tiny_demo_seeds.json
 
-Each seed runs `python -m rlhb_jax.main --config configs/default.py --config.seed=S` in its own run
-directory (runs/demo_seed_S; an existing one resumes) and reads its summary.json.
+Each seed runs `python -m rlhb_jax.main --config CONFIG --config.seed=S` in its own run directory
+(RUNS/demo_seed_S; an existing one resumes) and reads its summary.json.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ KEYS = ("like_rate", "dislike_rate", "requery_rate", "accuracy")
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--seeds", default="0,1,2")
+  ap.add_argument("--config", default="configs/default.py")
   ap.add_argument("--out", default="results/demo_seeds.json")
   ap.add_argument("--runs", default="runs")
   ap.add_argument("overrides", nargs="*", help="extra --config.* flags")
@@ -35,7 +38,7 @@ def main() -> None:
       "-m",
       "rlhb_jax.main",
       "--config",
-      "configs/default.py",
+      args.config,
       "--workdir",
       str(workdir),
       f"--config.seed={seed}",
@@ -44,7 +47,7 @@ def main() -> None:
     ]
     subprocess.run(cmd, check=True)
     summaries.append(json.loads((workdir / "summary.json").read_text()))
-  out: dict = {"seeds": seeds, "methods": {}, "disc": {}, "wall_seconds": []}
+  out: dict = {"config": args.config, "seeds": seeds, "methods": {}, "disc": {}, "wall_seconds": []}
   for method in ("sft", "rlhb"):
     keys = KEYS + (("win", "tie", "loss") if method == "rlhb" else ())
     out["methods"][method] = {

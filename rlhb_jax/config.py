@@ -23,7 +23,7 @@ import ml_collections
 from rlhb_jax.data.behavior import BehaviorConfig
 from rlhb_jax.data.config import DataConfig, PromptConfig
 from rlhb_jax.eval.config import EvalConfig
-from rlhb_jax.infra.config import DistributedConfig, MeshConfig
+from rlhb_jax.infra.config import CheckpointConfig, DistributedConfig, MeshConfig
 from rlhb_jax.jobs.config import ExportConfig, GenerateConfig, OnlineConfig
 from rlhb_jax.methods.config import DiscConfig, DPOConfig, KTOConfig, SFTConfig
 from rlhb_jax.methods.ppo.config import PPOConfig, RewardConfig, RLHBConfig
@@ -31,7 +31,7 @@ from rlhb_jax.model.config import ModelSpec, SamplingConfig
 from rlhb_jax.model.lora import LoraConfig
 from rlhb_jax.serving.config import ServeConfig
 from rlhb_jax.sim.config import SimConfig
-from rlhb_jax.training.config import CheckpointConfig, LogConfig
+from rlhb_jax.training.config import LogConfig
 
 
 @dataclasses.dataclass(frozen=True)

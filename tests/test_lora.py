@@ -14,13 +14,13 @@ from test_model import CFG  # biases, untied head, Llama-3 RoPE scaling
 
 from rlhb_jax.infra import sharding
 from rlhb_jax.infra.checkpoint import Checkpointer
+from rlhb_jax.infra.config import CheckpointConfig
 from rlhb_jax.methods import sft as sft_lib
 from rlhb_jax.model import build as build_lib
 from rlhb_jax.model import lora
 from rlhb_jax.model.heads import ScalarModel
 from rlhb_jax.model.llama import Transformer, positions_from_mask
 from rlhb_jax.training import trainable
-from rlhb_jax.training.config import CheckpointConfig
 
 SPEC = lora.LoraConfig(rank=4, alpha=8.0)
 

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from rlhb_jax.training.config import CheckpointConfig
+from rlhb_jax.infra.config import CheckpointConfig
 
 
 class Checkpointer:

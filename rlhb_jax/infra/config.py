@@ -1,4 +1,4 @@
-"""Infrastructure sections of the config: the device mesh and several processes."""
+"""Infrastructure sections of the config: the device mesh, several processes, checkpoints."""
 
 from __future__ import annotations
 
@@ -44,3 +44,10 @@ class DistributedConfig:
         f"config.distributed.coordinator={self.coordinator!r} needs num_processes >= 1 and "
         f"0 <= process_id < num_processes (got {self.num_processes}, {self.process_id})"
       )
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every_steps: int = 20
+  keep: int = 2
+  async_save: bool = True

@@ -16,7 +16,7 @@ class GenerateConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OnlineConfig:
-  """mode=online: rounds of deploy -> collect -> train (see README, "Online alignment")."""
+  """mode=online: rounds of deploy -> collect -> train (docs/RESULTS.md, "Online alignment")."""
 
   rounds: int = 8
   # sim: the simulator's users act on every served response (through HTTP, like real clients);
@@ -47,8 +47,8 @@ class OnlineConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
-  """mode=export: a trained model of the run for other tools (README, "Use the aligned model
-  elsewhere"), written to DIR/export/<params>/."""
+  """mode=export: a trained model of the run for other tools, written to DIR/export/<params>/
+  (docs/RESULTS.md, "Use the aligned model elsewhere")."""
 
   what: str = "generator"  # generator | discriminator | reward_model (RLHF's Bradley-Terry RM)
   format: str = "hf"  # hf (a Hugging Face directory) | gguf (one file; generators only)

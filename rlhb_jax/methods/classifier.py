@@ -1,4 +1,5 @@
-"""methods.classifier"""
+"""RLHBC's behavior classifier: a scalar model predicting each behavior type's bin of a
+(query, response); its expected behavior under the most preferred bins is the PPO reward."""
 
 from __future__ import annotations
 

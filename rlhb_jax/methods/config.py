@@ -45,7 +45,8 @@ class DiscConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DPOConfig:
-  """mode=dpo: direct preference optimisation from the SFT generator (README, "DPO and KTO")."""
+  """mode=dpo: direct preference optimisation from the SFT generator (docs/RESULTS.md, "DPO and
+  KTO")."""
 
   pairs: str = "behavior"  # behavior: pairs from the logs | annotators: reward.preferences pairs
   beta: float = 0.1

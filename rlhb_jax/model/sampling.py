@@ -1,4 +1,5 @@
-"""model.sampling"""
+"""Sampling from the generator: a jitted prefill and a `lax.scan` decode loop over a KV cache,
+with greedy, temperature, top-k and top-p choice, in the decode dtype (`SamplingConfig.dtype`)."""
 
 from __future__ import annotations
 

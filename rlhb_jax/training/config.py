@@ -1,4 +1,4 @@
-"""Training sections of the config: optimizers, checkpoints and logging."""
+"""Training sections of the config: optimizers and logging (checkpoints: infra/config.py)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,6 @@ class OptimConfig:
   max_grad_norm: float = 1.0
   b1: float = 0.9
   b2: float = 0.95
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointConfig:
-  every_steps: int = 20
-  keep: int = 2
-  async_save: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -67,8 +67,8 @@ class RLHBConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
-  """Where the generator's PPO reward comes from, and the baselines' reward models (README,
-  "Baselines")."""
+  """Where the generator's PPO reward comes from, and the baselines' reward models (docs/RESULTS.md,
+  "The paper's comparison")."""
 
   # disc: RLHB (the behavior-conditioned discriminator) | rm: RLHF (a Bradley-Terry reward model on
   # pairwise preferences) | classifier: RLHBC (per-behavior bin classifiers, combined by the formula

@@ -3,7 +3,7 @@
 `train_step(state, batch, rng) -> (state, metrics)` composes
   rollout -> reward (rewards.py) -> advantages (advantages.py: GAE or group) -> PPO update ->
   discriminator update (methods/disc.py)
-and is jitted once with shardings (`state.compile_train_step`). Each phase is a function of its
+and is jitted once with shardings (`compile_train_step`). Each phase is a function of its
 own that can be jitted alone for tests and profiling.
 
 Shapes: Bp prompts per step, n rollouts per prompt, B = Bp * n rows, P prompt bucket, Pd
