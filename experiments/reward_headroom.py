@@ -11,7 +11,7 @@ with this discriminator, and the oracle row what any reward could add from this 
   python experiments/reward_headroom.py --workdir runs/demo [--n 8] [--disc disc_warmup|rlhb_disc]
       [--actor sft_actor] [--temperature 1.0] [--show 4] [--config configs/default.py]
 
-Results of 2026-11-27 are in results/reward_headroom.json and the README.
+Results of 2026-11-27 are in results/reward_headroom.json and docs/RESULTS.md.
 """
 
 from __future__ import annotations
