@@ -7,8 +7,8 @@ and the discriminator start from the pretrained instruct model that the llm-smol
 each with LoRA adapters of its own on a frozen base; every stage merges its adapters into the
 weights it saves, so the RLHB reference is the SFT model and D's base is its warmed-up trunk.
 Training forwards and backwards run bfloat16 matmuls summed in float32 (float32 master weights,
-optimizer state, softmax, log-probs and losses); decoding stays float32 on the CPU, where bf16 is
-slower at a few rows (docs/PERFORMANCE.md).
+activations, optimizer state, softmax, log-probs and losses); decoding stays float32 on the CPU,
+where bf16 is slower at a few rows (docs/PERFORMANCE.md).
 
 The budgets end the run in at most 15 minutes on a 2-core CPU (docs/PERFORMANCE.md);
 configs/smollm2_sim.py is the same pipeline in float32 at the budgets of results/real_model.json.
@@ -28,7 +28,9 @@ def get_config():
   c = config_lib.default_configdict()
   c.mode = "pipeline"
   c.model.source = "smollm2-135m-instruct"
-  c.model.dtype = "bfloat16"  # training matmuls; decoding: sampling.dtype (float32 on the CPU)
+  # Training matmuls take bfloat16 operands summed in float32; activations stay float32, and the
+  # sampler decodes in float32 on the CPU (sampling.dtype).
+  c.model.matmul_dtype = "bfloat16"
   c.prompt.system = "Answer briefly."
   c.behavior.sentence = "Users: {clauses}."
   c.sampling.max_new_tokens = 24

@@ -7,9 +7,9 @@ warm-up, each with rank-8 LoRA adapters on the pretrained instruct model). Then 
 rounds serve the merged generator over HTTP, let the simulator's users act on its answers (from
 round `sim.drift_round` on, the user mix drifts), and train adapters on what they did: a few SFT
 steps on the answers users liked, then RLHB steps with critic-free group advantages. Every round
-publishes the merged generator to `models/online_actor` (hot-reloaded by `rlhb_jax.serve
---policy=model`) and scores it against the frozen starting policy on held-out queries. Sized for
-a 2-core CPU; raise `online.queries_per_round` and `online.steps_per_round` on an accelerator.
+publishes the merged generator to `models/online_actor` (hot-reloaded by a `mode=serve` process)
+and scores it against the frozen starting policy on held-out queries. Sized for a 2-core CPU;
+raise `online.queries_per_round` and `online.steps_per_round` on an accelerator.
 """
 
 import pathlib

@@ -32,7 +32,7 @@ from rlhb_jax import config as config_lib
 
 def get_config():
   c = config_lib.load_configdict(pathlib.Path(__file__).with_name("default.py"))
-  c.model.dtype = "float32"
+  c.model.matmul_dtype = ""
   c.sft.steps = 120
   c.disc.warmup_steps = 120
   c.rlhb.steps = 40

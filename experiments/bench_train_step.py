@@ -273,16 +273,16 @@ STAGES = (("sft", "sft"), ("disc_warmup", "D warm-up"), ("rlhb", "RLHB"))
 
 
 def stage_times(config: str, dtypes: list[str], steps: int) -> dict:
-  """Median seconds per step of each pipeline stage (SFT, D warm-up, RLHB), at each compute dtype,
-  in one run: `mode=rlhb` on `config` for `steps` steps a stage, the first two (compiles) left out.
-  Decoding stays at `sampling.dtype` (float32 on the CPU)."""
+  """Median seconds per step of each pipeline stage (SFT, D warm-up, RLHB) with matmul operands in
+  each dtype (float32 activations), in one run: `mode=rlhb` on `config` for `steps` steps a stage,
+  the first two (compiles) left out. Decoding stays at `sampling.dtype` (float32 on the CPU)."""
   out = {}
   for dtype in dtypes:
     with tempfile.TemporaryDirectory() as workdir:
       cmd = [
         sys.executable, "-m", "rlhb_jax.main", "--config", str(ROOT / config),
-        f"--workdir={workdir}", "--config.mode=rlhb", f"--config.model.dtype={dtype}",
-        f"--config.disc.model.dtype={dtype}", f"--config.sft.steps={steps}",
+        f"--workdir={workdir}", "--config.mode=rlhb", f"--config.model.matmul_dtype={dtype}",
+        f"--config.disc.model.matmul_dtype={dtype}", f"--config.sft.steps={steps}",
         f"--config.disc.warmup_steps={steps}", f"--config.rlhb.steps={steps}",
         "--config.log.progress=False",
       ]  # fmt: skip

@@ -3,9 +3,9 @@
   python experiments/page_screenshot.py --config configs/smollm2_sim.py \
       --workdir runs/real_model_v2/seed_0 --out docs/img/feedback_page.png
 
-Starts `python -m rlhb_jax.serve` on a free port, asks one question in Debian's headless Chromium
-(Selenium, offline), likes the answer and writes the screenshot. The feedback goes to the run's
-feedback.db like any other visitor's.
+Starts `python -m rlhb_jax.main --config.mode=serve` on a free port, asks one question in Debian's
+headless Chromium (Selenium, offline), likes the answer and writes the screenshot. The feedback goes
+to the run's feedback.db like any other visitor's.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ def main() -> None:
   ap.add_argument("--out", default="docs/img/feedback_page.png")
   ap.add_argument("--query", default=QUERY)
   args = ap.parse_args()
-  cmd = [sys.executable, "-m", "rlhb_jax.serve", "--config", args.config, "--workdir"]
-  cmd += [args.workdir, "--config.serve.port=0"]
+  cmd = [sys.executable, "-m", "rlhb_jax.main", "--config", args.config, "--workdir"]
+  cmd += [args.workdir, "--config.mode=serve", "--config.serve.port=0"]
   server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:
     url = None

@@ -132,3 +132,20 @@ def test_modes_are_listed_once():
       n.value for n in ast.walk(_tree(name)) if isinstance(n, ast.Constant) and n.value in MODES
     }
     assert len(strings & {"pipeline", "generate", "simulate", "inspect_logs", "serve"}) < 3, name
+
+
+def test_only_the_http_layer_imports_the_web_framework():
+  """Serving logic is free of HTTP: fastapi, starlette and uvicorn are imported in http.py only."""
+  web = ("fastapi", "starlette", "uvicorn")
+  users = set()
+  for name in MODULES:
+    for node in ast.walk(_tree(name)):
+      if isinstance(node, ast.Import):
+        targets = [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom):
+        targets = [node.module or ""]
+      else:
+        continue
+      if any(t.split(".")[0] in web for t in targets):
+        users.add(name)
+  assert users == {"rlhb_jax.serving.http"}

@@ -1,5 +1,5 @@
-"""bfloat16 matmuls with float32 accumulation (model.dtype) against float32, and float32 decoding
-of a bfloat16-trained generator (sampling.dtype)."""
+"""bfloat16 matmuls with float32 accumulation (model.matmul_dtype, model.dtype) against float32,
+and float32 decoding of a bfloat16-trained generator (sampling.dtype)."""
 
 import dataclasses
 
@@ -27,9 +27,11 @@ def _batch(seed=0, B=4, T=20):
   return jnp.asarray(np.where(mask, tokens, 0)), jnp.asarray(mask)
 
 
-def _loss_and_grads(dtype: str, params):
-  """Next-token cross entropy over the real tokens, and its gradients, at compute `dtype`."""
-  graphdef, _ = nnx.split(Transformer(dataclasses.replace(CFG, dtype=dtype), rngs=nnx.Rngs(0)))
+def _loss_and_grads(dtype: str, matmul_dtype: str, params):
+  """Next-token cross entropy over the real tokens, and its gradients, with activations in `dtype`
+  and matmul operands in `matmul_dtype`."""
+  cfg = dataclasses.replace(CFG, dtype=dtype, matmul_dtype=matmul_dtype)
+  graphdef, _ = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
   tokens, mask = _batch()
 
   def loss_fn(p):
@@ -43,12 +45,16 @@ def _loss_and_grads(dtype: str, params):
   return jax.jit(jax.value_and_grad(loss_fn))(params)
 
 
-def test_bf16_loss_and_gradients_are_within_tolerance_of_f32():
-  """Same float32 master weights, same batch: the bf16 loss is within 1 % and every gradient
-  within 5 % (relative L2) of float32's; the gradients and weights stay float32."""
+@pytest.mark.parametrize(
+  "dtype, matmul_dtype", [("float32", "bfloat16"), ("bfloat16", "")], ids=["matmuls", "all"]
+)
+def test_bf16_loss_and_gradients_are_within_tolerance_of_f32(dtype, matmul_dtype):
+  """Same float32 master weights, same batch: with bf16 matmuls (float32 activations, the CPU
+  demo's mix) or bf16 activations too, the loss is within 1 % and every gradient within 5 %
+  (relative L2) of float32's; the gradients and weights stay float32."""
   _, params = nnx.split(Transformer(CFG, rngs=nnx.Rngs(0)))
-  loss32, g32 = _loss_and_grads("float32", params)
-  loss16, g16 = _loss_and_grads("bfloat16", params)
+  loss32, g32 = _loss_and_grads("float32", "", params)
+  loss16, g16 = _loss_and_grads(dtype, matmul_dtype, params)
   assert loss16 != loss32  # bf16 really ran
   assert abs(float(loss16) - float(loss32)) <= 1e-2 * float(loss32)
   for (path, a), b in zip(jax.tree.leaves_with_path(g32), jax.tree.leaves(g16), strict=True):
@@ -76,8 +82,26 @@ def test_bf16_matmul_accumulates_in_f32():
   assert np.max(np.abs(acc - exact) / exact) > 0.05
 
 
-def _sample(model_dtype: str, sampling_dtype: str, greedy=True):
-  model = Transformer(dataclasses.replace(CFG, dtype=model_dtype), rngs=nnx.Rngs(1))
+def test_mixed_dot_gradients_take_bf16_operands_summed_in_f32():
+  """The custom backward of a bf16 matmul: dx = g W^T and dW = x^T g from bf16-rounded operands
+  summed in float32, equal to float64 arithmetic on those operands up to float32 rounding."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 5, 64)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(64, 48)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(2, 5, 48)), jnp.float32)
+  f = lambda x, w: jnp.sum(lora.dot("btd,df->btf", x, w, "bfloat16") * g)
+  dx, dw = jax.grad(f, argnums=(0, 1))(x, w)
+  assert dx.dtype == dw.dtype == jnp.float32
+  r = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64)
+  np.testing.assert_allclose(dx, np.einsum("btf,df->btd", r(g), r(w)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw, np.einsum("btd,btf->df", r(x), r(g)), rtol=1e-5, atol=1e-4)
+  exact = np.einsum("btf,df->btd", np.asarray(g, np.float64), np.asarray(w, np.float64))
+  assert np.max(np.abs(np.asarray(dx) - exact)) > 1e-3  # the operands really were rounded
+
+
+def _sample(model_dtype: str, sampling_dtype: str, greedy=True, matmul_dtype=""):
+  cfg = dataclasses.replace(CFG, dtype=model_dtype, matmul_dtype=matmul_dtype)
+  model = Transformer(cfg, rngs=nnx.Rngs(1))
   graphdef, params = nnx.split(model)
   tokens, mask = _batch(1)
   cfg = SamplingConfig(max_new_tokens=12, greedy=greedy, dtype=sampling_dtype)
@@ -88,27 +112,30 @@ def test_f32_decoding_of_a_bf16_model_is_the_f32_model_s():
   """A generator trained in bf16 decodes in float32 on the CPU: the same tokens and log-probs,
   bit for bit, as the float32 model; decoding in bf16 changes the log-probs."""
   ref = _sample("float32", "float32")
-  out = _sample("bfloat16", "float32")
-  np.testing.assert_array_equal(out.tokens, ref.tokens)
-  np.testing.assert_array_equal(out.logprobs, ref.logprobs)
-  bf16 = _sample("bfloat16", "model")
-  assert not np.array_equal(bf16.logprobs, ref.logprobs)
-  assert decode_dtype(SamplingConfig(), "bfloat16") == (
-    "float32" if jax.default_backend() == "cpu" else "bfloat16"
-  )
+  for dtype, matmul_dtype in (("bfloat16", ""), ("float32", "bfloat16")):
+    out = _sample(dtype, "float32", matmul_dtype=matmul_dtype)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_array_equal(out.logprobs, ref.logprobs)
+    as_trained = _sample(dtype, "model", matmul_dtype=matmul_dtype)
+    assert not np.array_equal(as_trained.logprobs, ref.logprobs)
+  assert decode_dtype(SamplingConfig()) == ("float32" if jax.default_backend() == "cpu" else None)
 
 
 @pytest.mark.slow
 def test_bf16_ppo_step_compiles_once_with_old_logprobs_from_the_training_forward():
-  """The RLHB step with bf16 roles and float32 decoding: one compile across steps, finite
-  metrics, float32 master weights; and PPO's old log-probs are the bf16 training forward's (the
-  first ratio is 1), not the float32 sampler's, which differ from them."""
+  """The RLHB step with bf16 matmuls in every role and float32 decoding: one compile across steps,
+  finite metrics, float32 master weights; and PPO's old log-probs are the bf16 training forward's
+  (the first ratio is 1), not the float32 sampler's, which differ from them."""
   from rlhb_jax.methods.ppo import state as ppo_state
   from rlhb_jax.methods.ppo import step as ppo_step
   from rlhb_jax.training.forward import policy_logits, token_logprobs
   from tests.test_steps import build_with_roles, make_batch, small_config
 
-  changes = {"model.dtype": "bfloat16", "disc.model.dtype": "bfloat16", "sampling.greedy": True}
+  changes = {
+    "model.matmul_dtype": "bfloat16",
+    "disc.model.matmul_dtype": "bfloat16",
+    "sampling.greedy": True,
+  }
   cfg = C.replace(small_config(), **changes)
   mesh, state, step, _, roles = build_with_roles(cfg, jax.devices()[:1])
   with jax.set_mesh(mesh):

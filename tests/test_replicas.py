@@ -1,8 +1,9 @@
 """Two serving replicas on one PostgreSQL store, a trainer reading alongside, one replica SIGKILLed.
 
-Real `python -m rlhb_jax.serve` processes on two ports; 8 client threads split between them send
-fresh events, retries of acknowledged events to the *other* replica, races on shared event ids and
-malformed bodies. Every acknowledged event must be stored exactly once and consumed exactly once.
+Real `python -m rlhb_jax.main --config.mode=serve` processes on two ports; 8 client threads split
+between them send fresh events, retries of acknowledged events to the *other* replica, races on
+shared event ids and malformed bodies. Every acknowledged event must be stored exactly once and
+consumed exactly once.
 """
 
 import collections

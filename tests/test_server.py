@@ -329,16 +329,14 @@ def test_concurrent_mixed_load(serve, store_url):
 
 
 def _start_process(tmp_path, workdir, store_url=""):
-  config = tmp_path / "serve_config.py"
-  serve = {"serve": {"port": 0, "max_body_bytes": MAX_BODY, "store_url": store_url}}
-  config.write_text(
-    f"import ml_collections\n\n\ndef get_config():\n  return ml_collections.ConfigDict({serve!r})\n"
-  )
-  command = [sys.executable, "-m", "rlhb_jax.serve", f"--config={config}", f"--workdir={workdir}"]
+  command = [
+    *(sys.executable, "-m", "rlhb_jax.main", f"--config={os.path.join(REPO, 'configs/base.py')}"),
+    *(f"--workdir={workdir}", "--config.mode=serve", "--config.serve.policy=echo"),
+    *("--config.serve.port=0", f"--config.serve.max_body_bytes={MAX_BODY}"),
+    f"--config.serve.store_url={store_url}",
+  ]
   with open(tmp_path / "server.log", "a") as log:
-    proc = subprocess.Popen(
-      [*command, "--policy=echo"], cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True
-    )
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True)
   ready, _, _ = select.select([proc.stdout], [], [], 30)
   line = proc.stdout.readline() if ready else ""
   if "listening on" not in line:

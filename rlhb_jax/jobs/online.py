@@ -15,7 +15,7 @@ discriminator on the logs in the run). Then each round r:
      `window_rounds` rounds: the discriminator learns from the fresh real triplets, the generator
      is rewarded for what it says the most preferred behavior looks like now;
   5. checkpoint the state with the store cursor and the round history, and publish the weights
-     (`models/online_actor`, which a separate `rlhb_jax.serve --policy=model` hot-reloads).
+     (`models/online_actor`, which a separate `mode=serve` process hot-reloads).
 
 Under LoRA (`config.lora.rank`, `config.disc.lora.rank`) the rounds train adapters only, PPO and
 the per-round SFT steps alike, and what is deployed and published is the plain generator with its

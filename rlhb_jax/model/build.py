@@ -29,6 +29,7 @@ def tiny_llama_config(spec: ModelSpec, vocab_size: int) -> LlamaConfig:
     rope_theta=spec.rope_theta,
     tie_embeddings=spec.tie_embeddings,
     dtype=spec.dtype,
+    matmul_dtype=spec.matmul_dtype,
     param_dtype=spec.param_dtype,
     remat=spec.remat,
   )

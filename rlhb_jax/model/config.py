@@ -25,6 +25,9 @@ class ModelSpec:
   tie_embeddings: bool = True
   dtype: str = "float32"  # activations: float32 | bfloat16
   param_dtype: str = "float32"  # parameters: float32 | bfloat16
+  # Matmul operands, summed in float32 ("" = dtype). On a CPU with AMX, "bfloat16" with float32
+  # activations is the fast mix for training (docs/PERFORMANCE.md).
+  matmul_dtype: str = ""
   remat: bool = False  # rematerialise each layer in the backward pass
 
 
@@ -41,9 +44,9 @@ class SamplingConfig:
   # second copy of the weights while sampling), "scan" (the stacked layers, no extra memory), or
   # "auto" (unroll on the CPU, scan on accelerators).
   decode_layers: str = "auto"
-  # The decode loop's compute dtype: "auto" (float32 on the CPU, where bfloat16 matmuls of a few
-  # rows are slower, else the model's own), "model" (the model's `dtype`), "float32" or
-  # "bfloat16". Training forwards use the model's `dtype`.
+  # The decode loop's compute dtype (activations and matmuls): "auto" (float32 on the CPU, where
+  # bfloat16 matmuls of a few rows are slower; else as the model is configured), "model" (the
+  # model's `dtype` and `matmul_dtype`), "float32" or "bfloat16". Training uses the model's.
   dtype: str = "auto"
 
   def __post_init__(self):

@@ -38,8 +38,9 @@ class LlamaConfig:
   norm_eps: float = 1e-5
   tie_embeddings: bool = True
   qkv_bias: bool = False  # Qwen2
-  dtype: str = "float32"
+  dtype: str = "float32"  # activations
   param_dtype: str = "float32"
+  matmul_dtype: str = ""  # matmul operands, summed in float32; "" = dtype
   remat: bool = False
   # LoRA adapters (model/lora.py): set by lora.attach, never by hand; rank 0 = none.
   lora_rank: int = 0
@@ -190,9 +191,9 @@ def _qkv(cfg: LlamaConfig, x, p, positions, inv_freq, scale):
   """Normed x -> rotated q (B, T, N, H), rotated k and v (B, T, K, H)."""
   dt = x.dtype
   h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-  q = lora.project(h, p, "q", scale)
-  k = lora.project(h, p, "k", scale)
-  v = lora.project(h, p, "v", scale)
+  q = lora.project(h, p, "q", scale, _mm(cfg))
+  k = lora.project(h, p, "k", scale, _mm(cfg))
+  v = lora.project(h, p, "v", scale, _mm(cfg))
   if cfg.qkv_bias:
     q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
   return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
@@ -200,11 +201,11 @@ def _qkv(cfg: LlamaConfig, x, p, positions, inv_freq, scale):
 
 def _out_and_mlp(cfg: LlamaConfig, x, attn, p, scale):
   """The residual stream after the attention output projection and the MLP."""
-  x = x + lora.project(attn, p, "o", scale)
+  x = x + lora.project(attn, p, "o", scale, _mm(cfg))
   h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
-  gate = lora.project(h, p, "gate", scale)
-  up = lora.project(h, p, "up", scale)
-  return x + lora.project(jax.nn.silu(gate) * up, p, "down", scale)
+  gate = lora.project(h, p, "gate", scale, _mm(cfg))
+  up = lora.project(h, p, "up", scale, _mm(cfg))
+  return x + lora.project(jax.nn.silu(gate) * up, p, "down", scale, _mm(cfg))
 
 
 def _attend(cfg: LlamaConfig, q, keys, values, allowed, k_layout: str, v_layout: str):
@@ -214,11 +215,11 @@ def _attend(cfg: LlamaConfig, q, keys, values, allowed, k_layout: str, v_layout:
   K, G = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
   dt = q.dtype
   q = q.reshape(B, T, K, G, cfg.head_dim)
-  scores = lora.dot(f"btkgh,{k_layout}->bkgts", q, keys.astype(dt)).astype(jnp.float32)
+  scores = lora.dot(f"btkgh,{k_layout}->bkgts", q, keys.astype(dt), _mm(cfg), jnp.float32)
   scores = scores * cfg.head_dim**-0.5
   scores = jnp.where(allowed[:, None, None], scores, _MASKED)
   probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-  attn = lora.dot(f"bkgts,{v_layout}->btkgh", probs, values.astype(dt))
+  attn = lora.dot(f"bkgts,{v_layout}->btkgh", probs, values.astype(dt), _mm(cfg))
   return attn.reshape(B, T, -1, cfg.head_dim)
 
 
@@ -289,8 +290,8 @@ class Transformer(nnx.Module):
       adapters: False runs the base weights alone, ignoring LoRA adapters (the PPO reference).
       dtype: the compute dtype, if not cfg.dtype (the sampler decodes in its own).
     """
-    cfg = self.cfg
-    dt = jnp.dtype(dtype or cfg.dtype)
+    cfg = self.cfg if dtype is None else dataclasses.replace(self.cfg, dtype=dtype, matmul_dtype="")
+    dt = jnp.dtype(cfg.dtype)
     B, T = tokens.shape
     x = self.embed[...].astype(dt)[tokens]
     inv_freq = rope_frequencies(cfg)
@@ -348,8 +349,8 @@ class Transformer(nnx.Module):
     Inside a `lax.scan` over stacked layers, XLA on the CPU copies every layer's weights out of the
     stacked arrays at every step; here each step reads them where they lie. Same math as `trunk`.
     """
-    cfg = self.cfg
-    dt = jnp.dtype(dtype or cfg.dtype)
+    cfg = self.cfg if dtype is None else dataclasses.replace(self.cfg, dtype=dtype, matmul_dtype="")
+    dt = jnp.dtype(cfg.dtype)
     x = self.embed[...].astype(dt)[tokens]
     inv_freq = rope_frequencies(cfg)
     index = cache.index
@@ -362,23 +363,21 @@ class Transformer(nnx.Module):
     h = rms_norm(x, self.final_norm[...], cfg.norm_eps)
     return h, LayerCache(tuple(ks), tuple(vs), kv_mask, index + tokens.shape[1])
 
-  def logits(self, h: jax.Array) -> jax.Array:
-    """LM head: (B, T, D) -> (B, T, V) float32."""
+  def logits(self, h: jax.Array, dtype: str | None = None) -> jax.Array:
+    """LM head: (B, T, D) -> (B, T, V) float32; `dtype` as `trunk`'s (matmul operands)."""
+    mm = dtype or _mm(self.cfg)
     if self.cfg.tie_embeddings:
-      w = self.embed[...].astype(h.dtype)
-      return _logits_dot("btd,vd->btv", h, w)
-    return _logits_dot("btd,dv->btv", h, self.lm_head[...].astype(h.dtype))
+      return lora.dot("btd,vd->btv", h, self.embed[...].astype(h.dtype), mm, jnp.float32)
+    return lora.dot("btd,dv->btv", h, self.lm_head[...].astype(h.dtype), mm, jnp.float32)
 
   def __call__(self, tokens, positions, mask, cache=None, adapters: bool = True):
     h, cache = self.trunk(tokens, positions, mask, cache, adapters)
     return self.logits(h), cache
 
 
-def _logits_dot(spec: str, h: jax.Array, w: jax.Array) -> jax.Array:
-  """LM-head logits in float32: bfloat16 inputs are summed in float32 and never rounded."""
-  if h.dtype == jnp.float32:
-    return jnp.einsum(spec, h, w).astype(jnp.float32)
-  return jnp.einsum(spec, h, w, preferred_element_type=jnp.float32)
+def _mm(cfg: LlamaConfig) -> str:
+  """The dtype matmul operands take (`matmul_dtype`, default the activations' `dtype`)."""
+  return cfg.matmul_dtype or cfg.dtype
 
 
 def _cached_attention(cache_mask: jax.Array, mask: jax.Array, index) -> tuple[jax.Array, jax.Array]:

@@ -300,5 +300,11 @@ def load_model(spec: ModelSpec, *, rngs_seed: int = 0) -> tuple[Transformer, Tok
       raise ValueError("model.source='tiny' is a random init: build it with the tiny-model factory")
     case other:
       raise ValueError(f"model.source={other!r}: expected tiny, smollm2-135m-instruct, hf or gguf")
-  cfg = dataclasses.replace(cfg, dtype=spec.dtype, param_dtype=spec.param_dtype, remat=spec.remat)
+  cfg = dataclasses.replace(
+    cfg,
+    dtype=spec.dtype,
+    param_dtype=spec.param_dtype,
+    matmul_dtype=spec.matmul_dtype,
+    remat=spec.remat,
+  )
   return build_transformer(cfg, params), tokenizer

@@ -16,6 +16,7 @@ Dimension letters as in llama.py; R is the adapter rank.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -110,36 +111,64 @@ def delta(p: dict, target: str, scale: float) -> jax.Array:
   return scale * jnp.einsum(TARGETS[target].delta, a.astype(jnp.float32), b.astype(jnp.float32))
 
 
-def project(x: jax.Array, p: dict, target: str, scale: float) -> jax.Array:
-  """x W for one layer's params `p`, plus (alpha / r) (x A) B when `p` holds that adapter.
+def project(x: jax.Array, p: dict, target: str, scale: float, mm: str | None = None) -> jax.Array:
+  """x W for one layer's params `p`, plus (alpha / r) (x A) B when `p` holds that adapter; the
+  matmuls take `mm` inputs (default x's dtype), summed in float32 (`dot`).
 
   The adapter runs as two thin einsums through the rank axis, O(r (in + out)) per token.
   """
   t = TARGETS[target]
   w = p[t.weight].astype(x.dtype)
   if x.ndim == 4:  # (B, T, N, H) @ (N, H, D) as one 2-D matmul: XLA would transpose w every call
-    y = dot(None, x.reshape(*x.shape[:2], -1), w.reshape(-1, w.shape[-1]))
+    y = dot("bti,io->bto", x.reshape(*x.shape[:2], -1), w.reshape(-1, w.shape[-1]), mm)
   else:
-    y = dot(t.base, x, w)
+    y = dot(t.base, x, w, mm)
   a = p.get(f"lora_{target}_a")
   if a is None:
     return y
-  xa = dot(t.down, x, a.astype(x.dtype))
-  return y + scale * dot(t.up, xa, p[f"lora_{target}_b"].astype(x.dtype))
+  xa = dot(t.down, x, a.astype(x.dtype), mm)
+  return y + scale * dot(t.up, xa, p[f"lora_{target}_b"].astype(x.dtype), mm)
 
 
-def dot(spec: str | None, x: jax.Array, w: jax.Array) -> jax.Array:
-  """einsum(spec, x, w) (None: x @ w) in x's dtype, summed in float32: a bfloat16 matmul
-  accumulates in float32 and rounds once. Float32 inputs take the plain op."""
-  if x.dtype == jnp.float32:
-    return x @ w if spec is None else jnp.einsum(spec, x, w)
+def dot(spec: str, x: jax.Array, w: jax.Array, mm: str | None = None, out=None) -> jax.Array:
+  """einsum(spec, x, w) with `mm` inputs (default x's dtype) summed in float32, returned in `out`
+  (default x's dtype). Float32 throughout is the plain einsum.
+
+  With bfloat16 inputs the forward and both backward matmuls take bfloat16 operands and accumulate
+  in float32 (`_mixed_dot`), where XLA on a CPU with AMX is about twice as fast as float32; a
+  bfloat16 x bfloat16 -> bfloat16 dot is slower than float32 there (docs/PERFORMANCE.md).
+  """
+  mm = jnp.dtype(mm or x.dtype)
+  out = jnp.dtype(out or x.dtype)
+  if mm == jnp.float32 and x.dtype == jnp.float32 and w.dtype == jnp.float32:
+    y = x @ w if spec == "bti,io->bto" else jnp.einsum(spec, x, w)
+    return y.astype(out)
+  return _mixed_dot(spec, mm, out, x, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _mixed_dot(spec: str, mm, out, x: jax.Array, w: jax.Array) -> jax.Array:
   f32 = jnp.float32
-  y = (
-    jnp.matmul(x, w, preferred_element_type=f32)
-    if spec is None
-    else jnp.einsum(spec, x, w, preferred_element_type=f32)
-  )
-  return y.astype(x.dtype)
+  return jnp.einsum(spec, x.astype(mm), w.astype(mm), preferred_element_type=f32).astype(out)
+
+
+def _mixed_dot_fwd(spec, mm, out, x, w):
+  return _mixed_dot(spec, mm, out, x, w), (x, w)
+
+
+def _mixed_dot_bwd(spec, mm, out, res, g):
+  """dx = g W^T and dW = x^T g as einsums of the same letters, `mm` operands, float32 sums."""
+  x, w = res
+  lhs, o = spec.split("->")
+  xs, ws = lhs.split(",")
+  g = g.astype(mm)
+  f32 = jnp.float32
+  dx = jnp.einsum(f"{o},{ws}->{xs}", g, w.astype(mm), preferred_element_type=f32)
+  dw = jnp.einsum(f"{xs},{o}->{ws}", x.astype(mm), g, preferred_element_type=f32)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_mixed_dot.defvjp(_mixed_dot_fwd, _mixed_dot_bwd)
 
 
 def strip(p: dict) -> dict:

@@ -60,11 +60,19 @@ def unroll_decode(cfg: SamplingConfig) -> bool:
   return cfg.decode_layers == "unroll"
 
 
-def decode_dtype(cfg: SamplingConfig, model_dtype: str) -> str:
-  """The dtype the decode loop computes in (`SamplingConfig.dtype`)."""
+def decode_dtype(cfg: SamplingConfig) -> str | None:
+  """The dtype the decode loop computes in, activations and matmuls (`SamplingConfig.dtype`); None
+  computes as the model is configured (its `dtype` and `matmul_dtype`)."""
   if cfg.dtype == "auto":
-    return "float32" if jax.default_backend() == "cpu" else model_dtype
-  return model_dtype if cfg.dtype == "model" else cfg.dtype
+    return "float32" if jax.default_backend() == "cpu" else None
+  return None if cfg.dtype == "model" else cfg.dtype
+
+
+def decodes_as_trained(cfg: SamplingConfig, spec) -> bool:
+  """Whether the sampler computes exactly as the training forward of a model built from `spec`
+  (a `ModelSpec`: `dtype`, `matmul_dtype`)."""
+  dtype = decode_dtype(cfg)
+  return dtype is None or (spec.dtype == dtype and (spec.matmul_dtype or spec.dtype) == dtype)
 
 
 def sample(
@@ -79,11 +87,11 @@ def sample(
   """Samples `cfg.max_new_tokens` tokens after left-padded prompts (B, P). Traceable under jit."""
   B, P = prompt_tokens.shape
   Tn = cfg.max_new_tokens
-  dtype = decode_dtype(cfg, model.cfg.dtype)
+  dtype = decode_dtype(cfg)
   cache = Cache.zeros(model.cfg, B, P + Tn, dtype)
   positions = positions_from_mask(prompt_mask)
   h, cache = model.trunk(prompt_tokens, positions, prompt_mask, cache, dtype=dtype)
-  logits = model.logits(h[:, -1:])[:, 0]
+  logits = model.logits(h[:, -1:], dtype)[:, 0]
   next_pos = prompt_mask.sum(axis=-1).astype(jnp.int32)
   eos = jnp.asarray(eos_ids, jnp.int32)
   unroll = unroll_decode(cfg)
@@ -103,7 +111,11 @@ def sample(
     live = ~done
     done = done | jnp.isin(token, eos)
     h, cache = forward(token[:, None], pos[:, None], live[:, None], cache)
-    return (model.logits(h)[:, 0], cache, pos + 1, done), (token, jnp.where(live, logp, 0.0), live)
+    return (model.logits(h, dtype)[:, 0], cache, pos + 1, done), (
+      token,
+      jnp.where(live, logp, 0.0),
+      live,
+    )
 
   keys = jax.random.split(rng, Tn)
   done0 = jnp.zeros((B,), bool)

@@ -16,7 +16,10 @@ DEFAULT_FEEDBACK_TYPES = (
 
 @dataclasses.dataclass(frozen=True)
 class ServeConfig:
-  """Options of `mode=serve` / `python -m rlhb_jax.serve` (see docs/SERVING.md)."""
+  """Options of `mode=serve` (see docs/SERVING.md)."""
+
+  # model: the run's newest generator; echo: a deterministic stand-in, no model (tests, smoke runs)
+  policy: str = "model"
 
   host: str = "127.0.0.1"  # bind address; loopback only unless you mean to expose it
   port: int = 8080  # 0 = let the OS pick a free port (printed on start-up)
@@ -31,6 +34,8 @@ class ServeConfig:
   feedback_types: tuple[str, ...] = DEFAULT_FEEDBACK_TYPES
 
   def __post_init__(self):
+    if self.policy not in ("model", "echo"):
+      raise ValueError(f"config.serve.policy={self.policy!r}: expected model or echo")
     if not 0 <= self.port <= 65535:
       raise ValueError(f"config.serve.port={self.port}: expected 0..65535")
     if self.max_body_bytes <= 0:

@@ -1,4 +1,4 @@
-"""The model-backed serving policy: a generator behind `rlhb_jax.serving.server`.
+"""The model-backed serving policy: a generator behind `rlhb_jax.serving.service`.
 
 Prompts are built exactly as in training (`batches.Encoder`: behavior text, query, optional search
 result, chat template); responses are sampled with `config.sampling` in fixed-size batches, so the
@@ -125,7 +125,7 @@ def publish(run, params: Any, step: int, round: int) -> None:
 
 
 def from_run(cfg: Config, workdir: pathlib.Path) -> ModelPolicy:
-  """The policy `python -m rlhb_jax.serve --policy=model` serves: the newest generator in the run
+  """The policy `mode=serve` serves (`serve.policy=model`): the newest generator in the run
   (published online weights, else RLHB, else SFT), reloading when the online loop publishes more."""
   from rlhb_jax.run import Run
 

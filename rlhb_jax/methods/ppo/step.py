@@ -27,7 +27,7 @@ from rlhb_jax.methods.disc import disc_batch, disc_update
 from rlhb_jax.methods.ppo import advantages, rewards
 from rlhb_jax.methods.ppo.state import RLHBState, Roles, full
 from rlhb_jax.model import lora
-from rlhb_jax.model.sampling import decode_dtype, sample
+from rlhb_jax.model.sampling import decodes_as_trained, sample
 from rlhb_jax.training import losses
 from rlhb_jax.training.forward import critic_values, policy_logits, token_logprobs
 from rlhb_jax.training.optim import all_finite
@@ -91,7 +91,7 @@ def make_experience(
   """
   mask = ro.mask.astype(jnp.float32)
   old_lp = ro.logprobs
-  if decode_dtype(cfg.sampling, cfg.model.dtype) != cfg.model.dtype:
+  if not decodes_as_trained(cfg.sampling, cfg.model):
     actor_logits = policy_logits(roles.actor, full(state, "actor"), *ro[:4], _temperature(cfg))
     old_lp = jax.lax.stop_gradient(token_logprobs(actor_logits, ro.tokens)) * mask
   if state.ref:

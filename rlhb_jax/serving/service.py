@@ -1,15 +1,14 @@
-"""The serving process: request batching, behavior feedback, hot reload, behind an HTTP app.
+"""The serving logic without HTTP: request batching, behavior feedback, hot reload.
 
-The HTTP layer (routes, schemas, error shapes, `/openapi.json`) is `app.py`, a FastAPI app served by
-uvicorn in a background thread; this module is what it calls. The model sits behind the `Policy`
-protocol; the endpoints and their error statuses are in docs/SERVING.md. `GET /` is the feedback
-page (`static/index.html`), where a person asks and reacts to the answers.
+`FeedbackService` answers generation requests through a `Policy` (the model), records answers and
+the behavior events users send back in a `FeedbackStore`, and swaps in newer weights between
+batches. It knows nothing of HTTP: a refusal is a `ServiceError(status, message)`, which `http.py`
+(FastAPI on uvicorn) answers as `{"error": message}` with that status (docs/SERVING.md).
 
-Threads: uvicorn's event loop, which runs the (blocking) endpoints in its thread pool; one batcher
-that gathers up to `batch_max_size` generation requests (or waits `batch_timeout_ms` after the
-first) and calls the policy once; one watcher that calls `policy.maybe_reload()` every
-`reload_poll_seconds`. Batches and reloads take the same lock, so new weights are swapped in between
-batches and no queued request is dropped.
+Threads: one batcher that gathers up to `batch_max_size` generation requests (or waits
+`batch_timeout_ms` after the first) and calls the policy once; one watcher that calls
+`policy.maybe_reload()` every `reload_poll_seconds`. Batches and reloads take the same lock, so new
+weights are swapped in between batches and no queued request is dropped.
 """
 
 from __future__ import annotations
@@ -17,20 +16,14 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import logging
-import os
 import queue
-import signal
-import socket
 import threading
 import time
 from typing import Any, Protocol, runtime_checkable
 
-import uvicorn
-from starlette.exceptions import HTTPException
-
-from rlhb_jax.serving.app import build_app
 from rlhb_jax.serving.config import ServeConfig
-from rlhb_jax.serving.store import FeedbackStore, UnknownResponseError, open_store
+from rlhb_jax.serving.records import UnknownResponseError
+from rlhb_jax.serving.store import FeedbackStore
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +62,12 @@ class EchoPolicy:
     return False
 
 
-class HTTPError(HTTPException):
-  """An error answered as `{"error": message}` with `status`."""
+class ServiceError(Exception):
+  """A request the service refuses: answered as `{"error": message}` with `status`."""
 
   def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
-    super().__init__(status, message, headers)
-    self.status = status
-    self.message = message
+    super().__init__(message)
+    self.status, self.message, self.headers = status, message, headers
 
 
 # Singular forms users try ("like", "click", "copy", "dwell") -> the stored plural type.
@@ -120,15 +112,15 @@ class _Batcher:
   def submit(self, query: str, behavior: str | None) -> dict[str, Any]:
     """Blocks until the request's batch ran; returns the answer (id, response, condition)."""
     if self._stopping.is_set():
-      raise HTTPError(503, "server is shutting down")
+      raise ServiceError(503, "server is shutting down")
     pending = _Pending(query, behavior)
     self._queue.put(pending)
     if self._stopping.is_set():  # stop() may have drained the queue just before the put
       self._fail_queued()
     if not pending.done.wait(self._config.generate_timeout_seconds):
-      raise HTTPError(503, "generation timed out")
+      raise ServiceError(503, "generation timed out")
     if pending.error is not None:
-      raise HTTPError(503 if self._stopping.is_set() else 500, pending.error)
+      raise ServiceError(503 if self._stopping.is_set() else 500, pending.error)
     assert pending.result is not None
     return pending.result
 
@@ -198,30 +190,9 @@ class _Batcher:
     self._fail_queued()
 
 
-def _listen(host: str, port: int) -> socket.socket:
-  """A listening TCP socket whose accepted connections get TCP_NODELAY.
-
-  Made with proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say so, and
-  `socket.create_server` leaves proto 0; without it each answer (headers and body are two writes)
-  waits ~40 ms for the client's delayed ACK.
-  """
-  family, kind, proto, _, address = socket.getaddrinfo(
-    host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-  )[0]
-  sock = socket.socket(family, kind, proto)
-  try:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind(address)
-    sock.listen(128)  # backlog: the default drops bursts of new connections
-  except BaseException:
-    sock.close()
-    raise
-  return sock
-
-
-class FeedbackServer:
-  """The serving process: HTTP front end, batcher, reload watcher and feedback store."""
+class FeedbackService:
+  """Batcher, reload watcher and feedback store behind one policy; `start()`, then the endpoints
+  (`generate`, `feedback`, `stats`, `health`), then `stop()`."""
 
   def __init__(self, config: ServeConfig, store: FeedbackStore, policy: Policy, own_store: bool):
     self.config = config
@@ -234,59 +205,14 @@ class FeedbackServer:
     self._stopping = threading.Event()
     self._watcher = threading.Thread(target=self._watch, name="rlhb-reload", daemon=True)
     self._types = _plural_forms(config.feedback_types)
-    # Bound now, so `.port` is known before start() (port=0 picks a free one).
-    self._socket = _listen(config.host, config.port)
-    self._uvicorn = uvicorn.Server(
-      uvicorn.Config(
-        build_app(self),
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-        timeout_keep_alive=30,  # seconds an idle keep-alive connection is kept
-        timeout_graceful_shutdown=5,
-      )
-    )
-    self._http_thread = threading.Thread(
-      target=self._uvicorn.run,  # its own event loop (uvloop where installed) in this thread
-      kwargs={"sockets": [self._socket]},
-      name="rlhb-http",
-      daemon=True,
-    )
-    self._shut = False
 
-  @property
-  def port(self) -> int:
-    return self._socket.getsockname()[1]
-
-  @property
-  def url(self) -> str:
-    return f"http://{self.config.host}:{self.port}"
-
-  def start(self) -> FeedbackServer:
-    """Serves in background threads; returns once the HTTP server accepts connections."""
+  def start(self) -> None:
     self._batcher.thread.start()
     self._watcher.start()
-    self._http_thread.start()
-    deadline = time.monotonic() + 30
-    while not self._uvicorn.started and self._http_thread.is_alive():
-      if time.monotonic() > deadline:
-        raise RuntimeError("the HTTP server did not start within 30 s")
-      time.sleep(0.005)
-    if not self._uvicorn.started:
-      raise RuntimeError("the HTTP server failed to start (see the log)")
-    log.info("serving on %s (store %s)", self.url, self.store.where)
-    return self
 
-  def shutdown(self) -> None:
-    """Stops accepting, lets requests in flight finish (queued ones get 503), closes the store."""
-    if self._shut:
-      return
-    self._shut = True
+  def stop(self) -> None:
+    """Queued requests fail with 503; the store closes if the service opened it."""
     self._stopping.set()
-    if self._http_thread.is_alive():
-      self._uvicorn.should_exit = True
-      self._http_thread.join()
-    self._socket.close()
     self._batcher.stop()
     if self._watcher.is_alive():
       self._watcher.join()
@@ -302,20 +228,18 @@ class FeedbackServer:
       except Exception:
         log.exception("policy reload failed; keeping the current weights")
 
-  # -- endpoints: called by app.py with validated fields, return the JSON payload ----------------
-
   def generate(self, query: str, behavior: str | None) -> dict[str, Any]:
     return self._batcher.submit(query, behavior)
 
   def feedback(self, rid: str, event_id: str, kind: str, value: float) -> dict[str, Any]:
     if kind not in self._types:
-      raise HTTPError(
+      raise ServiceError(
         422, f"field 'type': {kind!r} is not one of {list(self.config.feedback_types)}"
       )
     try:
       new = self.store.add_event(rid, event_id, self._types[kind], float(value))
     except UnknownResponseError:
-      raise HTTPError(404, f"unknown response id {rid!r}") from None
+      raise ServiceError(404, f"unknown response id {rid!r}") from None
     return {"duplicate": not new}
 
   def stats(self) -> dict[str, Any]:
@@ -328,41 +252,5 @@ class FeedbackServer:
 
   def health(self) -> dict[str, Any]:
     if not self._batcher.thread.is_alive():
-      raise HTTPError(503, "batcher thread is not running")
+      raise ServiceError(503, "batcher thread is not running")
     return {"status": "ok", "model_step": int(self.policy.model_step)}
-
-
-def make_server(
-  config: ServeConfig,
-  workdir: str | os.PathLike,
-  policy: Policy,
-  store: FeedbackStore | None = None,
-) -> FeedbackServer:
-  """Builds (does not start) a server for `policy`.
-
-  Binds the port at once, so `.port` is known (useful with `port=0`). Without `store`, opens the one
-  `config.store_url` names (default `workdir/feedback.db`) and closes it on `shutdown()`.
-  """
-  if store is not None:
-    return FeedbackServer(config, store, policy, own_store=False)
-  store = open_store(config.store_url, workdir, config.sqlite_synchronous)
-  try:
-    return FeedbackServer(config, store, policy, own_store=True)
-  except BaseException:
-    store.close()  # e.g. the port is taken
-    raise
-
-
-def run_server(config: ServeConfig, workdir: str | os.PathLike, policy: Policy) -> None:
-  """Serves in the foreground until SIGINT or SIGTERM; prints the address once listening."""
-  server = make_server(config, workdir, policy)
-  stop = threading.Event()
-  for sig in (signal.SIGINT, signal.SIGTERM):
-    signal.signal(sig, lambda *_: stop.set())
-  server.start()
-  print(f"rlhb_jax.serve: listening on {server.url}", flush=True)
-  try:
-    while not stop.wait(0.5):  # a timed wait lets the signal handlers run promptly
-      pass
-  finally:
-    server.shutdown()
