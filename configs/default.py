@@ -42,12 +42,12 @@ def get_config():
     spec.rank = 8
     spec.alpha = 16.0
 
-  c.sft.steps = 80
+  c.sft.steps = 50
   c.sft.batch_size = 8
   c.sft.optim.learning_rate = 3e-4
 
   c.disc.init_from_generator = True
-  c.disc.warmup_steps = 80
+  c.disc.warmup_steps = 50
   c.disc.batch_size = 8
   c.disc.mismatch_fraction = 0.5
   c.disc.optim.learning_rate = 3e-4
@@ -65,7 +65,7 @@ def get_config():
   c.ppo.actor_optim.learning_rate = 1e-4
   c.ppo.actor_optim.warmup_steps = 2
   c.disc.optim.warmup_steps = 10
-  c.rlhb.steps = 24
+  c.rlhb.steps = 20
 
   c.reward.rm_steps = 120
   c.reward.rm_batch_size = 8

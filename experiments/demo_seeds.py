@@ -5,7 +5,8 @@
       --out results/tiny_demo_seeds.json
 
 Each seed runs `python -m rlhb_jax.main --config CONFIG --config.seed=S` in its own run directory
-(RUNS/demo_seed_S; an existing one resumes) and reads its summary.json.
+(RUNS/demo_seed_S; an unfinished one resumes, a finished one is only read) and reads its
+summary.json.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def main() -> None:
       "--config.log.progress=False",
       *args.overrides,
     ]
-    subprocess.run(cmd, check=True)
+    if not (workdir / "summary.json").exists():  # a finished run is read, not evaluated again
+      subprocess.run(cmd, check=True)
     summaries.append(json.loads((workdir / "summary.json").read_text()))
   out: dict = {"config": args.config, "seeds": seeds, "methods": {}, "disc": {}, "wall_seconds": []}
   for method in ("sft", "rlhb"):

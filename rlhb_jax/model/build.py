@@ -16,23 +16,15 @@ from rlhb_jax.model import lora
 from rlhb_jax.model.heads import ScalarModel
 from rlhb_jax.model.llama import LlamaConfig, Transformer
 
+# The ModelSpec fields a tiny model's LlamaConfig takes as they are.
+_TINY_FIELDS = (
+  *("embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "rope_theta"),
+  *("tie_embeddings", "dtype", "matmul_dtype", "param_dtype", "remat"),
+)
+
 
 def tiny_llama_config(spec: ModelSpec, vocab_size: int) -> LlamaConfig:
-  return LlamaConfig(
-    vocab_size=vocab_size,
-    embed_dim=spec.embed_dim,
-    num_layers=spec.num_layers,
-    num_heads=spec.num_heads,
-    num_kv_heads=spec.num_kv_heads,
-    head_dim=spec.head_dim,
-    mlp_dim=spec.mlp_dim,
-    rope_theta=spec.rope_theta,
-    tie_embeddings=spec.tie_embeddings,
-    dtype=spec.dtype,
-    matmul_dtype=spec.matmul_dtype,
-    param_dtype=spec.param_dtype,
-    remat=spec.remat,
-  )
+  return LlamaConfig(vocab_size=vocab_size, **{f: getattr(spec, f) for f in _TINY_FIELDS})
 
 
 def build_lm(spec: ModelSpec, vocab_size: int, seed: int) -> tuple[Transformer, Any]:
