@@ -47,14 +47,10 @@ def respond(run: Run, model, queries: list[str]) -> list[str]:
 def ground_truth(run: Run, queries: list[str], responses: list[str], round: int | None = None):
   sim = run.simulator
   rates = [sim.expected_rates(q, r, round) for q, r in zip(queries, responses, strict=True)]
-  correct = [
-    sim.features(q, r).answer == "correct" for q, r in zip(queries, responses, strict=True)
-  ]
+  features = [sim.features(q, r) for q, r in zip(queries, responses, strict=True)]
   out = {f"{k}_rate": float(np.mean([r[k] for r in rates])) for k in rates[0]}
-  out["accuracy"] = float(np.mean(correct))
-  # The share of answers that cite a source (the simulator's "source" feature).
-  cites = [sim.features(q, r).source for q, r in zip(queries, responses, strict=True)]
-  out["cite_rate"] = float(np.mean(cites))
+  out["accuracy"] = float(np.mean([f.answer == "correct" for f in features]))
+  out["cite_rate"] = float(np.mean([f.source for f in features]))  # answers citing a source
   return out
 
 
