@@ -60,7 +60,14 @@ def test_endpoints(serve):
   port = server.port
   assert call(port, "GET", "/healthz") == (200, {"status": "ok", "model_step": 0})
   status, out = call(port, "POST", "/v1/generate", {"query": "capital of Peru?"})
-  assert status == 200 and set(out) == {"id", "response", "model_step", "behavior", "context"}
+  assert status == 200 and set(out) == {
+    "id",
+    "response",
+    "model_step",
+    "behavior",
+    "context",
+    "source",
+  }
   assert out["response"] == "answer to capital of Peru?"
   assert (out["model_step"], out["behavior"], out["context"]) == (0, None, "")
   status, _ = call(port, "POST", "/v1/generate", {"query": "2+2?", "behavior": "many liked it"})

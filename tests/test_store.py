@@ -144,6 +144,7 @@ def test_aggregate_records_sums_events_per_response(store):
     "behavior_condition": "cond",
     "model_step": 7,
     "events": 5,
+    "identities": 0,  # nobody identified: the events were stored without an identity
   }
   assert first["timestamp"] == max(e.created_at for e in feed.events if e.response_id == r1)
   assert first["timestamp"].endswith("Z")

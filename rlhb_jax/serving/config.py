@@ -1,6 +1,7 @@
-"""Serving section of the config: the HTTP server and the feedback store."""
+"""Serving section of the config: the HTTP server, the feedback store, who may post to it."""
 
 import dataclasses
+import ipaddress
 
 DEFAULT_FEEDBACK_TYPES = (
   "clicks",
@@ -12,6 +13,46 @@ DEFAULT_FEEDBACK_TYPES = (
   "dwell_seconds",
   "shares",
 )
+
+
+AUTH_POLICIES = ("none", "keys", "keys_or_session")
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestConfig:
+  """How a consumer of the store (mode=online, mode=inspect_logs) screens identified events
+  (docs/SERVING.md, "Identity and abuse"); unidentified events (serve.auth=none) pass as is."""
+
+  # Cap: aggregation counts at most one vote per identity, response and type (of likes and
+  # dislikes, the latest), whatever the store let through. False: every event the store counted.
+  cap: bool = True
+  # Quarantine the events of identities whose volume or agreement is anomalous (counted, written
+  # to a file, left out of the records). False: only report them.
+  quarantine: bool = True
+  # Anomalous volume: more events than volume_factor x the median identity's, and > min_volume.
+  volume_factor: float = 10.0
+  min_volume: int = 100
+  # Anomalous agreement: of the responses an identity reacted to (like / dislike) that others
+  # reacted to as well, at least min_compared, it agrees with their majority on < min_agreement.
+  min_agreement: float = 0.2
+  min_compared: int = 10
+
+  def __post_init__(self):
+    if self.volume_factor < 1 or self.min_volume < 0 or self.min_compared < 1:
+      raise ValueError(
+        "config.serve.ingest: volume_factor must be >= 1, min_volume >= 0, min_compared >= 1"
+      )
+    if not 0 <= self.min_agreement <= 1:
+      raise ValueError(f"config.serve.ingest.min_agreement={self.min_agreement}: expected 0..1")
+
+
+def is_loopback(host: str) -> bool:
+  if host == "localhost":
+    return True
+  try:
+    return ipaddress.ip_address(host).is_loopback
+  except ValueError:
+    return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +74,27 @@ class ServeConfig:
   # Event types POST /v1/feedback accepts; anything else is a 422.
   feedback_types: tuple[str, ...] = DEFAULT_FEEDBACK_TYPES
 
+  # Who may generate and give feedback (docs/SERVING.md, "Identity and abuse"). none: nobody is
+  # identified (the local default; loopback hosts only); keys: an API key in `Authorization:
+  # Bearer ...` (made with mode=keys); keys_or_session: a key, or the signed session cookie that
+  # the feedback page gets from GET /.
+  auth: str = "none"
+  session_max_age_seconds: float = 30 * 86400.0  # a session cookie older than this is refused
+  cookie_secure: bool = False  # the cookie's Secure flag; set it when clients come over HTTPS
+  # Proxies trusted to name the client in X-Forwarded-For (comma-separated IPs, "*" = any);
+  # "" = none: the client address is the TCP peer (behind a proxy: the proxy, for every client).
+  forwarded_allow_ips: str = ""
+  # Token buckets (refill per second, bucket size); a request takes one token; rate 0 = no limit.
+  identity_rate: float = 20.0  # per identity (API key or session)
+  identity_burst: int = 100
+  address_rate: float = 0.0  # per client address: what an attacker cannot multiply cheaply
+  address_burst: int = 200
+  # With identities: event types whose value is a measure (others are one vote, value 1), and
+  # the types of which an identity's latest vote replaces its earlier one (a dislike after a like).
+  valued_types: tuple[str, ...] = ("dwell_seconds",)
+  reaction_types: tuple[str, ...] = ("likes", "dislikes")
+  ingest: IngestConfig = IngestConfig()
+
   def __post_init__(self):
     if self.policy not in ("model", "echo"):
       raise ValueError(f"config.serve.policy={self.policy!r}: expected model or echo")
@@ -50,3 +112,27 @@ class ServeConfig:
       )
     if not self.feedback_types:
       raise ValueError("config.serve.feedback_types: must name at least one event type")
+    if self.auth not in AUTH_POLICIES:
+      raise ValueError(f"config.serve.auth={self.auth!r}: expected one of {AUTH_POLICIES}")
+    if self.auth == "none" and not is_loopback(self.host):
+      raise ValueError(
+        f"config.serve.host={self.host!r} with config.serve.auth=none: anyone who reaches the "
+        "server could post behaviors as anyone; set config.serve.auth=keys or keys_or_session "
+        "(docs/SERVING.md, 'A public deployment'), or serve on 127.0.0.1"
+      )
+    for rate, burst in (
+      (self.identity_rate, self.identity_burst),
+      (self.address_rate, self.address_burst),
+    ):
+      if rate < 0 or (rate > 0 and burst < 1):
+        raise ValueError(
+          "config.serve: identity_rate and address_rate must be >= 0, with a burst >= 1"
+        )
+    for name in ("valued_types", "reaction_types"):
+      unknown = set(getattr(self, name)) - set(self.feedback_types)
+      if unknown:
+        raise ValueError(
+          f"config.serve.{name}: {sorted(unknown)} not in feedback_types {self.feedback_types}"
+        )
+    if self.session_max_age_seconds <= 0:
+      raise ValueError("config.serve.session_max_age_seconds must be > 0")

@@ -7,7 +7,9 @@ underneath does routing, 404/405 (with `Allow`) and keep-alive; uvicorn does HTT
 
 What the framework does not do the way docs/SERVING.md documents is adapted here: every error is
 `{"error": str}`; malformed JSON is 400 (FastAPI says 422); a body over `max_body_bytes` is 413
-before it is read, a POST without `Content-Length` 411 (`_BodyLimit`).
+before it is read, a POST without `Content-Length` 411 (`_BodyLimit`). Who is asking (the
+`Authorization` header, the session cookie, the client address) is read here and judged by the
+service's `Gate` (auth.py): the routes that generate or record take the `Caller` it admits.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from rlhb_jax.serving.auth import SESSION_COOKIE, Caller
 from rlhb_jax.serving.config import ServeConfig
 from rlhb_jax.serving.schemas import (
   ChatCompletion,
@@ -37,6 +40,7 @@ from rlhb_jax.serving.schemas import (
   GenerateAnswer,
   GenerateRequest,
   Health,
+  ShownAnswer,
   Stats,
   chat_completion,
   query_of,
@@ -107,7 +111,13 @@ _PAGE_HEADERS = {
     "connect-src 'self'; frame-ancestors 'none'"
   ),
 }
-_ERRORS = {code: {"model": ErrorAnswer} for code in (400, 404, 411, 413, 422, 500, 503)}
+_ERRORS = {
+  code: {"model": ErrorAnswer} for code in (400, 401, 403, 404, 411, 413, 422, 429, 500, 503)
+}
+
+
+def _address(request: fastapi.Request) -> str:
+  return request.client.host if request.client else ""
 
 
 def build_app(service: FeedbackService) -> fastapi.FastAPI:
@@ -142,31 +152,60 @@ def build_app(service: FeedbackService) -> fastapi.FastAPI:
     log.exception("%s %s failed", request.method, request.url.path)
     return JSONResponse({"error": f"internal error: {type(e).__name__}"}, 500)
 
-  @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-  def index() -> HTMLResponse:
-    return HTMLResponse(service.page, headers=_PAGE_HEADERS)
+  gate = service.gate
+
+  def admit(request: fastapi.Request) -> Caller:
+    """The caller (serve.auth): a 401 without a valid key or session, a 429 over a rate limit."""
+    authorization = request.headers.get("authorization")
+    return gate.admit(_address(request), authorization, request.cookies.get(SESSION_COOKIE))
+
+  def limit_address(request: fastapi.Request) -> None:
+    gate.limit_address(_address(request))
+
+  admitted = fastapi.Depends(admit)
+  limited = [fastapi.Depends(limit_address)]
+
+  @app.get("/", response_class=HTMLResponse, include_in_schema=False, dependencies=limited)
+  def index(request: fastapi.Request) -> HTMLResponse:
+    page = HTMLResponse(service.page, headers=_PAGE_HEADERS)
+    session = gate.page_session(request.cookies.get(SESSION_COOKIE))
+    if session is not None:  # serve.auth=keys_or_session: the page's anonymous identity
+      page.set_cookie(
+        SESSION_COOKIE,
+        session,
+        max_age=int(service.config.session_max_age_seconds),
+        httponly=True,
+        samesite="strict",
+        secure=service.config.cookie_secure,
+      )
+    return page
 
   @app.post("/v1/generate", response_model=GenerateAnswer)
-  def generate(body: GenerateRequest) -> dict[str, Any]:
+  def generate(body: GenerateRequest, caller: Caller = admitted) -> dict[str, Any]:
     """Answers `query` under `behavior`; batched with concurrent requests."""
-    return service.generate(body.query, body.behavior)
+    return service.generate(body.query, body.behavior, caller)
+
+  @app.get("/v1/responses/{rid}", response_model=ShownAnswer)
+  def show(rid: str, caller: Caller = admitted) -> dict[str, Any]:
+    """A stored response; the caller is recorded as shown it, so it may react to it."""
+    return service.show(rid, caller)
 
   @app.post("/v1/feedback", response_model=FeedbackAnswer)
-  def feedback(body: FeedbackRequest) -> dict[str, Any]:
-    """Records one behavior event about a response, once per `event_id`."""
+  def feedback(body: FeedbackRequest, caller: Caller = admitted) -> dict[str, Any]:
+    """Records one behavior event about a response the caller was shown, once per `event_id`."""
     value = 1.0 if body.value is None else body.value
-    return service.feedback(body.id, body.event_id, body.type, value)
+    return service.feedback(body.id, body.event_id, body.type, value, caller)
 
   @app.post("/v1/chat/completions", response_model=ChatCompletion)
-  def chat_completions(body: ChatCompletionRequest) -> Any:
+  def chat_completions(body: ChatCompletionRequest, caller: Caller = admitted) -> Any:
     """OpenAI-compatible: the answer's `id` is the response id `/v1/feedback` takes."""
-    answer = service.generate(query_of(body.messages), body.behavior)
+    answer = service.generate(query_of(body.messages), body.behavior, caller)
     completion = chat_completion(answer, body.model)
     if body.stream:
       return StreamingResponse(sse(completion), media_type="text/event-stream")
     return completion
 
-  @app.get("/v1/stats", response_model=Stats)
+  @app.get("/v1/stats", response_model=Stats, dependencies=limited)
   def stats() -> dict[str, Any]:
     return service.stats()
 
@@ -216,6 +255,10 @@ class FeedbackServer:
         lifespan="off",
         timeout_keep_alive=30,  # seconds an idle keep-alive connection is kept
         timeout_graceful_shutdown=5,
+        # X-Forwarded-For names the client only when a trusted proxy sent it (serve.auth's rate
+        # limits key on the client address).
+        proxy_headers=bool(self.config.forwarded_allow_ips),
+        forwarded_allow_ips=self.config.forwarded_allow_ips or None,
       )
     )
     self._http_thread = threading.Thread(

@@ -21,7 +21,7 @@ import jax
 from flax import nnx
 
 from rlhb_jax.config import Config
-from rlhb_jax.data.batches import Encoder
+from rlhb_jax.data.batches import Encoder, search_result
 from rlhb_jax.model.sampling import generate_texts
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,8 @@ class ModelPolicy:
     tokenizer: the run's tokenizer.
     cfg: the run's config (prompt format, sampling, serve.batch_max_size).
     default_behavior: the behavior text used when a request names none (the most preferred one).
-    context_fn: query -> the search result shown with the answer ("" for none); None = no context.
+    context_fn: query -> (sentence, site) of the search result shown with the answer (("", "") for
+      none); None = no search result.
     reload_fn: returns `(params, step)` of newer published weights, or None; used by `maybe_reload`.
     model_step: the step of the weights `model` holds.
   """
@@ -48,7 +49,7 @@ class ModelPolicy:
     tokenizer,
     cfg: Config,
     default_behavior: str,
-    context_fn: Callable[[str], str] | None = None,
+    context_fn: Callable[[str], tuple[str, str]] | None = None,
     reload_fn: Callable[[int], tuple[Any, int] | None] | None = None,
     model_step: int = 0,
   ):
@@ -69,12 +70,18 @@ class ModelPolicy:
       self.model_step = int(step)
 
   def context(self, query: str) -> str:
-    """The search result the prompt of `query` carries ("" for none)."""
-    return self.context_fn(query) if self.context_fn else ""
+    """The sentence of the search result the prompt of `query` carries ("" for none)."""
+    return self.context_fn(query)[0] if self.context_fn else ""
+
+  def source(self, query: str) -> str:
+    """The site of that search result ("" for none)."""
+    return self.context_fn(query)[1] if self.context_fn else ""
 
   def generate(self, queries: list[str], behaviors: list[str | None]) -> list[str]:
     prompts = [
-      self.enc.prompt(q, b or self.default_behavior, self.context(q))
+      self.enc.prompt(q, b or self.default_behavior, search_result(*self.context_fn(q)))
+      if self.context_fn
+      else self.enc.prompt(q, b or self.default_behavior, "")
       for q, b in zip(queries, behaviors, strict=True)
     ]
     with self._lock:
@@ -95,24 +102,27 @@ class ModelPolicy:
     return True
 
 
-def search_result_fn(simulator) -> Callable[[str], str]:
-  """query -> the simulator's search result for it; "" for a query outside its knowledge base
-  (what a person types on the feedback page usually is)."""
+def search_result_fn(simulator) -> Callable[[str], tuple[str, str]]:
+  """query -> (sentence, site) of the simulator's search result for it; ("", "") for a query
+  outside its knowledge base (what a person types on the feedback page usually is)."""
 
-  def context(query: str) -> str:
+  def context(query: str) -> tuple[str, str]:
     try:
-      return simulator.context(query)
+      return simulator.context(query), simulator.source(query)
     except KeyError:
-      return ""
+      return "", ""
 
   return context
 
 
-def published_step(workdir: pathlib.Path) -> int | None:
+def published(workdir: pathlib.Path) -> dict | None:
+  """`{"step": int, "round": int}` of the weights the online loop last published, or None."""
   path = pathlib.Path(workdir) / "models" / f"{PUBLISHED}.json"
-  if not path.exists():
-    return None
-  return int(json.loads(path.read_text())["step"])
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def published_step(workdir: pathlib.Path) -> int | None:
+  return None if (out := published(workdir)) is None else int(out["step"])
 
 
 def publish(run, params: Any, step: int, round: int) -> None:
@@ -126,7 +136,8 @@ def publish(run, params: Any, step: int, round: int) -> None:
 
 def from_run(cfg: Config, workdir: pathlib.Path) -> ModelPolicy:
   """The policy `mode=serve` serves (`serve.policy=model`): the newest generator in the run
-  (published online weights, else RLHB, else SFT), reloading when the online loop publishes more."""
+  (published online weights, else RLHB, else SFT), reloading when the online loop publishes
+  another step (a later one, or an earlier one after a rolled-back round)."""
   from rlhb_jax.run import Run
 
   run = Run(cfg, workdir).prepare("tokenizer")
@@ -137,7 +148,7 @@ def from_run(cfg: Config, workdir: pathlib.Path) -> ModelPolicy:
 
   def reload_fn(current: int) -> tuple[Any, int] | None:
     step = published_step(run.workdir)
-    if step is None or step <= current:
+    if step is None or step == current:
       return None
     params = run.load_params(PUBLISHED, model)
     return params, step

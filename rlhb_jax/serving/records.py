@@ -16,6 +16,10 @@ class UnknownResponseError(KeyError):
   """Feedback names a response id the store has never served."""
 
 
+class NotShownError(PermissionError):
+  """Feedback from an identity the store never recorded as shown the response."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ResponseRow:
   """One served response."""
@@ -27,6 +31,7 @@ class ResponseRow:
   response: str
   model_step: int
   created_at: str  # ISO 8601, UTC
+  identity: str = ""  # who asked for it; "" = nobody identified (serve.auth=none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +48,21 @@ class EventRow:
   response: str
   behavior: str | None
   model_step: int
+  identity: str = ""  # who sent it; "" = nobody identified (serve.auth=none)
+  # False: a repeated vote (the identity had already voted this type on the response), stored so
+  # that volume can be told, but not counted.
+  counted: bool = True
+  replaces: int | None = None  # seq of the identity's earlier reaction this one replaces
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyRow:
+  """One API key, without its secret (the store keeps only its hash)."""
+
+  id: str
+  name: str
+  created_at: str
+  revoked_at: str | None  # None: active
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,19 +92,58 @@ def _plain_number(total: float) -> int | float:
   return int(total) if math.isfinite(total) and total == int(total) else total
 
 
+REACTIONS = ("likes", "dislikes")  # an identity's latest of these replaces its earlier one
+
+
+def one_vote(
+  events: Iterable[EventRow], reaction_types: Sequence[str] = REACTIONS
+) -> list[EventRow]:
+  """The events that count, in their order: those the store counted, and of those at most one per
+  identity, response and type; of `reaction_types`, one per identity and response (the latest).
+
+  The store already refuses repeated votes as it writes them; this re-applies the rule to what a
+  consumer reads (defence in depth: rows written by another producer, or by an older version).
+  Unattributed events (identity "", serve.auth=none) are not grouped: they all count.
+  """
+  kept: list[EventRow | None] = []
+  voted: dict[tuple[str, str, str], int] = {}  # (response, identity, type or group) -> kept index
+  for event in events:
+    if not event.counted:
+      continue
+    if event.identity:
+      group = "|".join(reaction_types) if event.type in reaction_types else event.type
+      key = (event.response_id, event.identity, group)
+      if key in voted:
+        if event.type not in reaction_types:
+          continue  # a repeat: the first vote stands
+        kept[voted[key]] = None  # a reaction: the latest stands
+      voted[key] = len(kept)
+    kept.append(event)
+  return [e for e in kept if e is not None]
+
+
 def aggregate_records(
-  events: Iterable[EventRow], behavior_types: Sequence[str] = (), source: str = "serve"
+  events: Iterable[EventRow],
+  behavior_types: Sequence[str] = (),
+  source: str = "serve",
+  cap: bool = True,
+  reaction_types: Sequence[str] = REACTIONS,
 ) -> list[dict[str, Any]]:
   """Consumed events as behavior log records (RLHB.md section 7), one per response.
 
-  Each record sums the values of its response's events per type (`{"likes": 3, ...}`); every type in
-  `behavior_types` is present (0 when no event came), other types seen are kept too. Integral sums
-  are ints, so counts stay integers while `dwell_seconds` may be a float. The timestamp is that of
-  the latest event. A response whose events straddle two `read_new` calls yields one record per
-  call, with disjoint counts.
+  Each record sums the values of its response's counting events per type (`{"likes": 3, ...}`):
+  with `cap`, the events `one_vote` keeps, so a type's count is the number of distinct identities
+  that voted it; without, every event the store counted. Every type in `behavior_types` is present
+  (0 when no event came), other types seen are kept too. Integral sums are ints, so counts stay
+  integers while `dwell_seconds` may be a float. The timestamp is that of the latest event. A
+  response whose events straddle two `read_new` calls yields one record per call, with disjoint
+  counts; a response none of whose events counts yields none.
   """
+  events = list(events)
+  counting = one_vote(events, reaction_types) if cap else [e for e in events if e.counted]
+  read = collections.Counter(e.response_id for e in events)
   grouped: dict[str, list[EventRow]] = collections.defaultdict(list)
-  for event in events:
+  for event in counting:
     grouped[event.response_id].append(event)
   records = []
   for response_id, group in grouped.items():
@@ -103,7 +162,8 @@ def aggregate_records(
           "source": source,
           "behavior_condition": first.behavior,
           "model_step": first.model_step,
-          "events": len(group),
+          "events": read[response_id],  # read for this response, counted or not
+          "identities": len({e.identity for e in group if e.identity}),
         },
       }
     )

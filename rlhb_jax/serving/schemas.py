@@ -32,7 +32,8 @@ class GenerateAnswer(pydantic.BaseModel):
   response: str
   model_step: int
   behavior: str | None
-  context: str
+  context: str  # the search result's sentence ("" for none)
+  source: str = ""  # the site it comes from ("" when it names none)
 
 
 class FeedbackRequest(pydantic.BaseModel):
@@ -43,7 +44,17 @@ class FeedbackRequest(pydantic.BaseModel):
 
 
 class FeedbackAnswer(pydantic.BaseModel):
-  duplicate: bool
+  duplicate: bool  # true: the event does not count (event id seen, or a repeated vote)
+
+
+class ShownAnswer(pydantic.BaseModel):
+  """A stored response, as `GET /v1/responses/{id}` shows it (the caller may then react to it)."""
+
+  id: str
+  query: str
+  response: str
+  model_step: int
+  behavior: str | None
 
 
 class Stats(pydantic.BaseModel):
@@ -108,6 +119,7 @@ class ChatCompletion(pydantic.BaseModel):
   # Extensions, as in /v1/generate: what the prompt held and which weights answered.
   behavior: str | None
   context: str
+  source: str = ""
   model_step: int
 
 
@@ -131,6 +143,7 @@ def chat_completion(answer: dict[str, Any], model: str | None) -> ChatCompletion
     choices=[ChatChoice(message=ChatCompletionMessage(content=answer["response"]))],
     behavior=answer["behavior"],
     context=answer["context"],
+    source=answer.get("source", ""),
     model_step=answer["model_step"],
   )
 

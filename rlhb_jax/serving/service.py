@@ -5,6 +5,9 @@ the behavior events users send back in a `FeedbackStore`, and swaps in newer wei
 batches. It knows nothing of HTTP: a refusal is a `ServiceError(status, message)`, which `http.py`
 (FastAPI on uvicorn) answers as `{"error": message}` with that status (docs/SERVING.md).
 
+Callers are admitted by its `Gate` (auth.py: `serve.auth`, rate limits); an answer is recorded as
+shown to the identity that asked, and feedback is that identity's one vote (the store decides).
+
 Threads: one batcher that gathers up to `batch_max_size` generation requests (or waits
 `batch_timeout_ms` after the first) and calls the policy once; one watcher that calls
 `policy.maybe_reload()` every `reload_poll_seconds`. Batches and reloads take the same lock, so new
@@ -21,9 +24,13 @@ import threading
 import time
 from typing import Any, Protocol, runtime_checkable
 
+from rlhb_jax.serving.auth import Caller, Gate
 from rlhb_jax.serving.config import ServeConfig
-from rlhb_jax.serving.records import UnknownResponseError
+from rlhb_jax.serving.errors import ServiceError
+from rlhb_jax.serving.records import NotShownError, UnknownResponseError
 from rlhb_jax.serving.store import FeedbackStore
+
+__all__ = ["Caller", "EchoPolicy", "FeedbackService", "Policy", "ServiceError"]
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +42,9 @@ class Policy(Protocol):
   `generate` is called from one thread at a time, never concurrently with `maybe_reload`. An
   optional attribute `default_behavior: str` is used for requests without a behavior (the most
   preferred behavior text); without it such requests reach `generate` as None. An optional method
-  `context(query) -> str` names the search result the prompt of `query` carries ("" for none); the
-  server returns it with the answer, so a client shows what the model was conditioned on.
+  `context(query) -> str` gives the sentence of the search result the prompt of `query` carries
+  ("" for none), and `source(query) -> str` the site it comes from; the server returns both with
+  the answer, so a client shows what the model was conditioned on.
   """
 
   model_step: int
@@ -62,14 +70,6 @@ class EchoPolicy:
     return False
 
 
-class ServiceError(Exception):
-  """A request the service refuses: answered as `{"error": message}` with `status`."""
-
-  def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
-    super().__init__(message)
-    self.status, self.message, self.headers = status, message, headers
-
-
 # Singular forms users try ("like", "click", "copy", "dwell") -> the stored plural type.
 def _plural_forms(types: tuple[str, ...]) -> dict[str, str]:
   forms = {t: t for t in types}
@@ -90,6 +90,7 @@ class _Pending:
 
   query: str
   behavior: str | None
+  identity: str  # who asked: recorded as shown the answer ("" = nobody identified)
   done: threading.Event = dataclasses.field(default_factory=threading.Event)
   result: dict[str, Any] | None = None  # the JSON answer of /v1/generate
   error: str | None = None
@@ -109,11 +110,11 @@ class _Batcher:
     self._stopping = threading.Event()
     self.thread = threading.Thread(target=self._loop, name="rlhb-batcher", daemon=True)
 
-  def submit(self, query: str, behavior: str | None) -> dict[str, Any]:
+  def submit(self, query: str, behavior: str | None, identity: str = "") -> dict[str, Any]:
     """Blocks until the request's batch ran; returns the answer (id, response, condition)."""
     if self._stopping.is_set():
       raise ServiceError(503, "server is shutting down")
-    pending = _Pending(query, behavior)
+    pending = _Pending(query, behavior, identity)
     self._queue.put(pending)
     if self._stopping.is_set():  # stop() may have drained the queue just before the put
       self._fail_queued()
@@ -145,10 +146,14 @@ class _Batcher:
         responses = self._policy.generate([p.query for p in batch], behaviors)
         model_step = int(self._policy.model_step)
         context = getattr(self._policy, "context", lambda query: "")
-        contexts = [context(p.query) for p in batch]
+        source = getattr(self._policy, "source", lambda query: "")
+        contexts = [(context(p.query), source(p.query)) for p in batch]
       if len(responses) != len(batch):
         raise RuntimeError(f"policy returned {len(responses)} responses for {len(batch)} queries")
-      ids = self._store.add_responses([p.query for p in batch], behaviors, responses, model_step)
+      asked = [p.identity for p in batch]
+      ids = self._store.add_responses(
+        [p.query for p in batch], behaviors, responses, model_step, asked
+      )
     except Exception as e:
       log.exception("generation batch of %d failed", len(batch))
       for p in batch:
@@ -163,7 +168,8 @@ class _Batcher:
         "response": response,
         "model_step": model_step,
         "behavior": behavior,
-        "context": ctx,
+        "context": ctx[0],
+        "source": ctx[1],
       }
       p.done.set()
 
@@ -192,7 +198,11 @@ class _Batcher:
 
 class FeedbackService:
   """Batcher, reload watcher and feedback store behind one policy; `start()`, then the endpoints
-  (`generate`, `feedback`, `stats`, `health`), then `stop()`."""
+  (`generate`, `show`, `feedback`, `stats`, `health`), then `stop()`.
+
+  `gate` admits callers (`serve.auth`, rate limits); the endpoints take the `Caller` it returns, or
+  None for an in-process call that nobody made (identity "").
+  """
 
   def __init__(self, config: ServeConfig, store: FeedbackStore, policy: Policy, own_store: bool):
     self.config = config
@@ -205,6 +215,7 @@ class FeedbackService:
     self._stopping = threading.Event()
     self._watcher = threading.Thread(target=self._watch, name="rlhb-reload", daemon=True)
     self._types = _plural_forms(config.feedback_types)
+    self.gate = Gate(config, store)
 
   def start(self) -> None:
     self._batcher.thread.start()
@@ -228,19 +239,51 @@ class FeedbackService:
       except Exception:
         log.exception("policy reload failed; keeping the current weights")
 
-  def generate(self, query: str, behavior: str | None) -> dict[str, Any]:
-    return self._batcher.submit(query, behavior)
+  def generate(
+    self, query: str, behavior: str | None, caller: Caller | None = None
+  ) -> dict[str, Any]:
+    return self._batcher.submit(query, behavior, caller.identity if caller else "")
 
-  def feedback(self, rid: str, event_id: str, kind: str, value: float) -> dict[str, Any]:
+  def show(self, rid: str, caller: Caller | None = None) -> dict[str, Any]:
+    """A stored response, shown to `caller` (who may then give feedback on it)."""
+    try:
+      row = self.store.show(rid, caller.identity if caller else "")
+    except UnknownResponseError:
+      raise ServiceError(404, f"unknown response id {rid!r}") from None
+    return {
+      "id": row.id,
+      "query": row.query,
+      "response": row.response,
+      "model_step": row.model_step,
+      "behavior": row.behavior,
+    }
+
+  def feedback(
+    self, rid: str, event_id: str, kind: str, value: float, caller: Caller | None = None
+  ) -> dict[str, Any]:
+    """Records one event; `{"duplicate": true}` when it does not count (its event id was seen, or
+    the caller already voted this type on the response)."""
     if kind not in self._types:
       raise ServiceError(
         422, f"field 'type': {kind!r} is not one of {list(self.config.feedback_types)}"
       )
+    kind = self._types[kind]
+    identity = caller.identity if caller else ""
+    if identity and value != 1 and kind not in self.config.valued_types:
+      raise ServiceError(
+        422, f"field 'value': a {kind!r} event is one vote, value 1 (got {value:g})"
+      )
     try:
-      new = self.store.add_event(rid, event_id, self._types[kind], float(value))
+      counted = self.store.add_event(
+        rid, event_id, kind, float(value), identity, self.config.reaction_types
+      )
     except UnknownResponseError:
       raise ServiceError(404, f"unknown response id {rid!r}") from None
-    return {"duplicate": not new}
+    except NotShownError:
+      raise ServiceError(
+        403, f"response {rid!r} was not shown to this caller: no feedback on it"
+      ) from None
+    return {"duplicate": not counted}
 
   def stats(self) -> dict[str, Any]:
     counts = self.store.counts()

@@ -12,25 +12,31 @@ SQLite (the default, `DIR/feedback.db`) runs in WAL mode with `synchronous=FULL`
 only once the WAL is on disk, so an event acknowledged with 200 survives a process kill and a power
 cut. `synchronous=NORMAL` is also safe against process kills (the WAL is in the OS page cache) but
 may lose the last commits on power loss; it is a config option for throughput-bound users.
+
+Identities (docs/SERVING.md, "Identity and abuse"): a response records who asked for it, `shown`
+records every identity shown a response, and an event from an identity is accepted only for a
+response it was shown, and counts only as that identity's one vote of its type on the response.
+API keys are kept as hashes in `api_keys`. The SQL and the schema are in `sql.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import functools
 import logging
 import os
-import sqlite3
 import threading
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from rlhb_jax.serving import sql
 from rlhb_jax.serving.records import (
   EventRow,
   Feed,
+  KeyRow,
+  NotShownError,
   ResponseRow,
   UnknownResponseError,
   check_cursor,
@@ -38,93 +44,11 @@ from rlhb_jax.serving.records import (
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 1
-# Arbitrary constant naming the PostgreSQL advisory lock that serialises writers.
-_PG_WRITE_LOCK = 0x726C6862
-
-_DDL = (
-  """CREATE TABLE IF NOT EXISTS store_meta (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-  )""",
-  """CREATE TABLE IF NOT EXISTS responses (
-    seq {serial},
-    id TEXT NOT NULL UNIQUE,
-    query TEXT NOT NULL,
-    behavior TEXT,
-    response TEXT NOT NULL,
-    model_step BIGINT NOT NULL,
-    created_at TEXT NOT NULL
-  )""",
-  """CREATE TABLE IF NOT EXISTS events (
-    seq {serial},
-    event_id TEXT NOT NULL UNIQUE,
-    response_id TEXT NOT NULL REFERENCES responses (id),
-    type TEXT NOT NULL,
-    value {real} NOT NULL,
-    created_at TEXT NOT NULL
-  )""",
-  "CREATE INDEX IF NOT EXISTS events_response_id ON events (response_id)",
-)
 
 
 def _utc_now() -> str:
   now = datetime.datetime.now(datetime.UTC)
   return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Dialect:
-  """What differs between the DB-API drivers; the SQL is otherwise shared."""
-
-  name: str
-  serial: str  # column type of the auto-increasing `seq` primary key
-  real: str  # column type of a float
-  placeholder: str  # parameter marker of the driver's paramstyle
-  write_lock: str  # statement that starts a serialised write transaction
-
-  def sql(self, statement: str) -> str:
-    return statement.replace("?", self.placeholder)
-
-
-_SQLITE = _Dialect(
-  name="sqlite",
-  serial="INTEGER PRIMARY KEY AUTOINCREMENT",  # AUTOINCREMENT: a seq is never reused
-  real="REAL",
-  placeholder="?",
-  write_lock="BEGIN IMMEDIATE",  # takes the single writer lock up front
-)
-_POSTGRES = _Dialect(
-  name="postgresql",
-  serial="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
-  real="DOUBLE PRECISION",
-  placeholder="%s",
-  write_lock=f"SELECT pg_advisory_xact_lock({_PG_WRITE_LOCK})",
-)
-
-
-def _connect_sqlite(path: str, synchronous: str) -> Any:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  # isolation_level=None: no implicit transactions; writes open theirs with BEGIN IMMEDIATE.
-  conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
-  mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-  if mode.lower() != "wal":
-    raise RuntimeError(f"{path}: could not switch SQLite to WAL mode (got {mode!r})")
-  conn.execute(f"PRAGMA synchronous={synchronous}")
-  conn.execute("PRAGMA foreign_keys=ON")
-  conn.execute("PRAGMA busy_timeout=30000")
-  return conn
-
-
-def _connect_postgres(url: str) -> Any:
-  try:
-    import psycopg  # noqa: PLC0415 - optional dependency, only for postgresql:// URLs
-  except ImportError as e:
-    raise ImportError(
-      f"store_url {url.split('@')[-1]!r} needs the PostgreSQL driver: pip install 'psycopg[binary]'"
-    ) from e
-  # Explicit transactions (psycopg's default): `_write` and `_read` end each with commit/rollback.
-  return psycopg.connect(url, autocommit=False)
 
 
 class FeedbackStore:
@@ -135,7 +59,7 @@ class FeedbackStore:
   """
 
   def __init__(
-    self, conn: Any, dialect: _Dialect, where: str, connect: Callable[[], Any] | None = None
+    self, conn: Any, dialect: sql.Dialect, where: str, connect: Callable[[], Any] | None = None
   ):
     self._conn = conn
     self._connect = connect  # reopens a connection the database server dropped
@@ -193,21 +117,10 @@ class FeedbackStore:
       return rows
 
   def _create_schema(self) -> None:
-    def create():
-      for statement in _DDL:
-        self._execute(statement.format(serial=self._dialect.serial, real=self._dialect.real))
-      self._execute(
-        "INSERT INTO store_meta (key, value) VALUES ('schema_version', ?) "
-        "ON CONFLICT (key) DO NOTHING",
-        (str(SCHEMA_VERSION),),
-      )
-      return self._execute("SELECT value FROM store_meta WHERE key = 'schema_version'").fetchone()
+    self._write(lambda: sql.create_or_upgrade(self._execute, self._dialect, self.where))
 
-    (version,) = self._write(create)
-    if int(version) != SCHEMA_VERSION:
-      raise RuntimeError(
-        f"{self.where}: feedback store schema version {version}, this code reads {SCHEMA_VERSION}"
-      )
+  def _one(self, statement: str, params: Sequence[Any] = ()) -> tuple | None:
+    return self._execute(statement, params).fetchone()
 
   # -- producers ----------------------------------------------------------------------------------
 
@@ -217,50 +130,181 @@ class FeedbackStore:
     behaviors: Sequence[str | None],
     responses: Sequence[str],
     model_step: int,
+    identities: Sequence[str] | None = None,
   ) -> list[str]:
-    """Records a batch of served responses in one transaction; returns their new ids."""
-    if not len(queries) == len(behaviors) == len(responses):
-      raise ValueError("add_responses: queries, behaviors and responses differ in length")
+    """Records a batch of served responses in one transaction; returns their new ids.
+
+    `identities[i]` asked for response i ("" or None: nobody identified); it is recorded as shown
+    the response, so its feedback on it is accepted.
+    """
+    identities = [""] * len(queries) if identities is None else list(identities)
+    if not len(queries) == len(behaviors) == len(responses) == len(identities):
+      raise ValueError("add_responses: queries, behaviors, responses, identities differ in length")
     ids = [uuid.uuid4().hex for _ in queries]
     now = _utc_now()
+    rows = zip(ids, queries, behaviors, responses, identities, strict=True)
 
     def insert():
-      for rid, query, behavior, response in zip(ids, queries, behaviors, responses, strict=True):
+      for rid, query, behavior, response, identity in rows:
         self._execute(
-          "INSERT INTO responses (id, query, behavior, response, model_step, created_at) "
-          "VALUES (?, ?, ?, ?, ?, ?)",
-          (rid, query, behavior, response, int(model_step), now),
+          "INSERT INTO responses (id, query, behavior, response, model_step, created_at, "
+          "identity) VALUES (?, ?, ?, ?, ?, ?, ?)",
+          (rid, query, behavior, response, int(model_step), now, identity),
         )
+        if identity:
+          self._execute(
+            "INSERT INTO shown (response_id, identity, created_at) VALUES (?, ?, ?)",
+            (rid, identity, now),
+          )
 
     self._write(insert)
     return ids
 
-  def add_event(self, response_id: str, event_id: str, type: str, value: float = 1.0) -> bool:
-    """Records one behavior event; True if it is new, False if `event_id` was already stored.
-
-    The first event with a given `event_id` wins; a repeat changes nothing, whatever it carries.
+  def show(self, response_id: str, identity: str) -> ResponseRow:
+    """The stored response, recording that `identity` was shown it (once; "" records nothing).
 
     Raises:
       UnknownResponseError: `response_id` was never served.
     """
 
-    def insert():
-      # One statement on the common path (a new event for a known response): a round trip less
-      # on PostgreSQL. Nothing inserted means a duplicate, or an unknown response (checked then).
-      cur = self._execute(
-        "INSERT INTO events (event_id, response_id, type, value, created_at) "
-        "SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM responses WHERE id = ?) "
-        "ON CONFLICT (event_id) DO NOTHING",
-        (event_id, response_id, type, float(value), _utc_now(), response_id),
+    def read_and_record():
+      row = self._one(
+        "SELECT seq, id, query, behavior, response, model_step, created_at, identity "
+        "FROM responses WHERE id = ?",
+        (response_id,),
       )
-      if cur.rowcount == 1:
-        return True
-      known = self._execute("SELECT 1 FROM responses WHERE id = ?", (response_id,)).fetchone()
-      if known is None:
+      if row is None:
         raise UnknownResponseError(response_id)
-      return False
+      if identity:
+        self._execute(
+          "INSERT INTO shown (response_id, identity, created_at) VALUES (?, ?, ?) "
+          "ON CONFLICT (response_id, identity) DO NOTHING",
+          (response_id, identity, _utc_now()),
+        )
+      return ResponseRow(*row)
+
+    return self._write(read_and_record)
+
+  def add_event(
+    self,
+    response_id: str,
+    event_id: str,
+    type: str,
+    value: float = 1.0,
+    identity: str = "",
+    reaction_types: Sequence[str] = (),
+  ) -> bool:
+    """Records one behavior event; True if it counts, False if not.
+
+    The first event with a given `event_id` wins; a repeat changes nothing, whatever it carries.
+    From an identified sender (`identity` not ""), an event counts as its one vote of `type` on the
+    response: a second one of that type is stored with `counted` false (a repeated vote, kept so
+    that its volume shows); of `reaction_types` (likes, dislikes) the identity holds one vote, and
+    a different reaction replaces the one it holds (`replaces`, its seq). Unidentified events
+    (`identity` "", serve.auth=none) all count.
+
+    Raises:
+      UnknownResponseError: `response_id` was never served.
+      NotShownError: `identity` was never shown `response_id`.
+    """
+    if not identity:
+      return self._write(lambda: self._insert_unidentified(response_id, event_id, type, value))
+    group = tuple(reaction_types) if type in reaction_types else (type,)
+
+    def insert():
+      if self._one("SELECT 1 FROM responses WHERE id = ?", (response_id,)) is None:
+        raise UnknownResponseError(response_id)
+      shown = "SELECT 1 FROM shown WHERE response_id = ? AND identity = ?"
+      if self._one(shown, (response_id, identity)) is None:
+        raise NotShownError(f"{identity} was not shown response {response_id}")
+      if self._one("SELECT 1 FROM events WHERE event_id = ?", (event_id,)) is not None:
+        return False
+      held = self._one(
+        "SELECT seq, type FROM events WHERE response_id = ? AND identity = ? AND counted = 1 "
+        f"AND type IN ({', '.join('?' * len(group))}) ORDER BY seq DESC LIMIT 1",
+        (response_id, identity, *group),
+      )
+      counted = held is None or held[1] != type
+      self._execute(
+        "INSERT INTO events (event_id, response_id, type, value, created_at, identity, counted, "
+        "replaces) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+          event_id,
+          response_id,
+          type,
+          float(value),
+          _utc_now(),
+          identity,
+          int(counted),
+          held[0] if counted and held is not None else None,
+        ),
+      )
+      return counted
 
     return self._write(insert)
+
+  def _insert_unidentified(self, response_id: str, event_id: str, type: str, value: float) -> bool:
+    # One statement on the common path (a new event for a known response): a round trip less on
+    # PostgreSQL. Nothing inserted means a duplicate, or an unknown response (checked then).
+    cur = self._execute(
+      "INSERT INTO events (event_id, response_id, type, value, created_at) "
+      "SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM responses WHERE id = ?) "
+      "ON CONFLICT (event_id) DO NOTHING",
+      (event_id, response_id, type, float(value), _utc_now(), response_id),
+    )
+    if cur.rowcount == 1:
+      return True
+    if self._one("SELECT 1 FROM responses WHERE id = ?", (response_id,)) is None:
+      raise UnknownResponseError(response_id)
+    return False
+
+  # -- API keys (their secrets are never stored: `key_hash` is a SHA-256, see auth.py) ------------
+
+  def add_key(self, name: str, key_hash: str) -> str:
+    """Stores a new active key under `name`; returns its id (public, names it in lists)."""
+    key_id = uuid.uuid4().hex[:12]
+    self._write(
+      lambda: self._execute(
+        "INSERT INTO api_keys (id, name, key_hash, created_at) VALUES (?, ?, ?, ?)",
+        (key_id, name, key_hash, _utc_now()),
+      )
+    )
+    return key_id
+
+  def list_keys(self) -> list[KeyRow]:
+    rows = self._read("SELECT id, name, created_at, revoked_at FROM api_keys ORDER BY created_at")
+    return [KeyRow(*row) for row in rows]
+
+  def revoke_key(self, key_id: str) -> bool:
+    """Revokes the key; False if no active key has that id."""
+
+    def revoke():
+      cur = self._execute(
+        "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+        (_utc_now(), key_id),
+      )
+      return cur.rowcount == 1
+
+    return self._write(revoke)
+
+  def key_id(self, key_hash: str) -> str | None:
+    """The id of the active key with this hash, or None (unknown or revoked)."""
+    rows = self._read(
+      "SELECT id FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL", (key_hash,)
+    )
+    return rows[0][0] if rows else None
+
+  def secret(self, name: str, make: Callable[[], str]) -> str:
+    """A server secret kept in `store_meta` (made once with `make`), shared by every replica."""
+
+    def get_or_make():
+      self._execute(
+        "INSERT INTO store_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+        (name, make()),
+      )
+      return self._one("SELECT value FROM store_meta WHERE key = ?", (name,))[0]
+
+    return self._write(get_or_make)
 
   # -- consumers ----------------------------------------------------------------------------------
 
@@ -291,16 +335,17 @@ class FeedbackStore:
     responses = [
       ResponseRow(*row)
       for row in self._read(
-        "SELECT seq, id, query, behavior, response, model_step, created_at FROM responses "
+        "SELECT seq, id, query, behavior, response, model_step, created_at, identity "
+        "FROM responses "
         "WHERE seq > ? ORDER BY seq" + tail,
         (cursor["responses"],),
       )
     ]
     events = [
-      EventRow(*row)
+      EventRow(*row[:11], bool(row[11]), row[12])
       for row in self._read(
         "SELECT e.seq, e.event_id, e.response_id, e.type, e.value, e.created_at, "
-        "r.query, r.response, r.behavior, r.model_step "
+        "r.query, r.response, r.behavior, r.model_step, e.identity, e.counted, e.replaces "
         "FROM events e JOIN responses r ON r.id = e.response_id "
         "WHERE e.seq > ? ORDER BY e.seq" + tail,
         (cursor["events"],),
@@ -336,12 +381,12 @@ def open_store(
     synchronous: SQLite durability, "FULL" or "NORMAL" (see the module docstring).
   """
   if url.startswith(("postgresql://", "postgres://")):
-    connect = functools.partial(_connect_postgres, url)
-    return FeedbackStore(connect(), _POSTGRES, url.split("@")[-1], connect)
+    connect = functools.partial(sql.connect_postgres, url)
+    return FeedbackStore(connect(), sql.POSTGRES, url.split("@")[-1], connect)
   if url.startswith("sqlite:///"):
     path = url[len("sqlite:///") :]  # sqlite:///rel.db is relative, sqlite:////abs.db absolute
   elif "://" in url:
     raise ValueError(f"store_url {url!r}: expected a path, sqlite:///path or postgresql://...")
   else:
     path = url or os.path.join(os.fspath(workdir), "feedback.db")
-  return FeedbackStore(_connect_sqlite(path, synchronous), _SQLITE, path)
+  return FeedbackStore(sql.connect_sqlite(path, synchronous), sql.SQLITE, path)
