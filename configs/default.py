@@ -11,7 +11,8 @@ activations, optimizer state, softmax, log-probs and losses); decoding stays flo
 where bf16 is slower at a few rows (docs/PERFORMANCE.md).
 
 The budgets end the run in at most 15 minutes on a 2-core CPU (docs/PERFORMANCE.md);
-configs/smollm2_sim.py is the same pipeline in float32 at the budgets of results/real_model.json.
+configs/smollm2_sim.py is the same pipeline in float32 at the budgets of
+results/real_model_citations_any.json.
 The other choices, and why (docs/RESULTS.md, "RLHB on a model that reads"):
 - Prompts: SmolLM2's chat template with a 3-token system message ("Answer briefly."), a short
   behavior sentence, the question and the search result it was shown with.

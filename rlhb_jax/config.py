@@ -24,7 +24,7 @@ from rlhb_jax.data.behavior import BehaviorConfig
 from rlhb_jax.data.config import DataConfig, PromptConfig
 from rlhb_jax.eval.config import EvalConfig
 from rlhb_jax.infra.config import CheckpointConfig, DistributedConfig, MeshConfig
-from rlhb_jax.jobs.config import ExportConfig, GenerateConfig, OnlineConfig
+from rlhb_jax.jobs.config import ExportConfig, GenerateConfig, KeysConfig, OnlineConfig
 from rlhb_jax.methods.config import DiscConfig, DPOConfig, KTOConfig, SFTConfig
 from rlhb_jax.methods.ppo.config import PPOConfig, RewardConfig, RLHBConfig
 from rlhb_jax.model.config import ModelSpec, SamplingConfig
@@ -62,6 +62,7 @@ class Config:
   eval: EvalConfig = EvalConfig()
   log: LogConfig = LogConfig()
   serve: ServeConfig = ServeConfig()
+  api_keys: KeysConfig = KeysConfig()
   export: ExportConfig = ExportConfig()
 
   def __post_init__(self):

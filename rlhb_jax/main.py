@@ -71,6 +71,7 @@ MODES = {
     "rounds of deploy -> collect -> train", "jobs.online:run", single_process=True, live=True
   ),
   "serve": Mode("the newest generator over HTTP", "jobs.serve:run", single_process=True),
+  "keys": Mode("add, list or revoke the server's API keys", "jobs.keys:run", single_process=True),
   "export": Mode("a model as HF or GGUF", "jobs.export:run", single_process=True),
 }
 
@@ -169,6 +170,7 @@ def main(argv: list[str]) -> None:
     sys.exit(2)
   from rlhb_jax.data import BadRecordError
   from rlhb_jax.jobs.export import ExportError
+  from rlhb_jax.jobs.keys import KeysError
 
   try:
     run(cfg, pathlib.Path(_WORKDIR.value))
@@ -177,6 +179,9 @@ def main(argv: list[str]) -> None:
     sys.exit(3)
   except ExportError as e:
     print(f"export error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except KeysError as e:
+    print(f"keys error: {e}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -40,7 +40,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from rlhb_jax.config import Config
-from rlhb_jax.data.batches import Batcher, Example
+from rlhb_jax.data.batches import Batcher, Example, record_context, simulator_results
 from rlhb_jax.data.tokenization import Tokenizer
 from rlhb_jax.infra import sharding
 from rlhb_jax.model import build as build_lib
@@ -214,7 +214,7 @@ class Run:
         f"{path}: no preferences; set config.reward.preferences_path to a JSONL of "
         '{"query", "chosen", "rejected"}'
       )
-    context_fn = self.simulator.context if self.uses_context else None
+    context_fn = simulator_results(self.simulator) if self.uses_context else None
     return read_preferences(path, context_fn)
 
   # -- Derived, without I/O ------------------------------------------------------------------------
@@ -231,7 +231,7 @@ class Run:
 
     texts = verbalize_records(self.records, self.binner)
     return [
-      Example(r["query"], r["response"], t, r.get("context") or "")
+      Example(r["query"], r["response"], t, record_context(r))
       for r, t in zip(self.records, texts, strict=True)
     ]
 

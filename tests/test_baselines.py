@@ -1,5 +1,6 @@
 """RLHF's reward model and RLHBC's classifier reward: learning, formula, inputs, the PPO step."""
 
+import dataclasses
 import json
 
 import jax
@@ -229,7 +230,7 @@ def test_sim_oracle_is_the_simulated_users_like_rate():
   expected like rate: a right answer beats a refusal."""
   from types import SimpleNamespace
 
-  from rlhb_jax.methods.ppo.stages import sim_oracle
+  from rlhb_jax.methods.ppo.stages import SimOracle
   from rlhb_jax.sim.simulator import Simulator
 
   class CharTokenizer:
@@ -249,7 +250,16 @@ def test_sim_oracle_is_the_simulated_users_like_rate():
     tokens[i, : len(ids)], mask[i, : len(ids)] = ids, True
   tokens[:, -1] = ord("x")  # after EOS: not live, never read
   run = SimpleNamespace(tokenizer=CharTokenizer(), simulator=sim)
-  out = sim_oracle(run, ["unused", query])(tokens, mask, np.array([1, 1]))
+  out = SimOracle(run, ["unused", query])(tokens, mask, np.array([1, 1]))
   want = [sim.expected_rates(query, t)["like"] for t in texts]
   np.testing.assert_allclose(out, want, rtol=1e-6)
   assert out[0] > out[1] + 0.2
+  # mode=online sets the round: the users of that round score (after the drift, another mix).
+  drifting = Simulator(dataclasses.replace(sim.config, drift_round=1), seed=0)
+  run = SimpleNamespace(tokenizer=CharTokenizer(), simulator=drifting)
+  oracle = SimOracle(run, ["unused", query])
+  before = oracle(tokens, mask, np.array([1, 1]))
+  oracle.round = 1
+  after = oracle(tokens, mask, np.array([1, 1]))
+  np.testing.assert_allclose(after, [drifting.expected_rates(query, t, 1)["like"] for t in texts])
+  assert np.abs(after - before).max() > 1e-3

@@ -94,6 +94,7 @@ def test_bootstrap_ratio_of_one_half_is_refused_for_collapse():
     ("ppo.kl_estimator", "k2"),
     ("ppo.reward_transform", "exp"),
     ("sampling.decode_layers", "loop"),
+    ("online.learner", "dpo"),
   ],
 )
 def test_enumerated_options_are_checked(key, value):

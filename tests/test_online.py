@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 import urllib.request
 
 import jax
@@ -19,38 +20,41 @@ from rlhb_jax.serving.policy import from_run, publish
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+# configs/online.py at a tiny budget: the tiny model's shapes, 3 rounds of 12 queries, 1 step each.
+TINY = {
+  "model.embed_dim": 32,
+  "model.num_layers": 1,
+  "model.num_heads": 2,
+  "model.num_kv_heads": 1,
+  "model.head_dim": 16,
+  "model.mlp_dim": 64,
+  "model.vocab_size": 400,
+  "sim.num_records": 300,
+  "sim.drift_round": 1,
+  "sft.steps": 3,
+  "sft.batch_size": 8,
+  "disc.warmup_steps": 2,
+  "disc.batch_size": 8,
+  "ppo.prompts_per_step": 8,
+  "ppo.rollouts_per_prompt": 2,
+  "sampling.max_new_tokens": 8,
+  "eval.num_queries": 8,
+  "eval.batch_size": 8,
+  "log.progress": False,
+  "log.tensorboard": False,
+  "online.rounds": 3,
+  "online.queries_per_round": 12,
+  "online.steps_per_round": 1,
+  "online.sft_steps": 1,
+  "online.sft_rows": "all",
+  "online.client_threads": 4,
+  "serve.sqlite_synchronous": "NORMAL",
+}
+
+
 def tiny_online_config(**changes):
   cfg = config_lib.from_configdict(config_lib.load_configdict(ROOT / "configs/online.py"))
-  tiny = {
-    "model.embed_dim": 32,
-    "model.num_layers": 1,
-    "model.num_heads": 2,
-    "model.num_kv_heads": 1,
-    "model.head_dim": 16,
-    "model.mlp_dim": 64,
-    "model.vocab_size": 400,
-    "sim.num_records": 300,
-    "sim.drift_round": 1,
-    "sft.steps": 3,
-    "sft.batch_size": 8,
-    "disc.warmup_steps": 2,
-    "disc.batch_size": 8,
-    "ppo.prompts_per_step": 8,
-    "ppo.rollouts_per_prompt": 2,
-    "sampling.max_new_tokens": 8,
-    "eval.num_queries": 8,
-    "eval.batch_size": 8,
-    "log.progress": False,
-    "log.tensorboard": False,
-    "online.rounds": 3,
-    "online.queries_per_round": 12,
-    "online.steps_per_round": 1,
-    "online.sft_steps": 1,
-    "online.sft_rows": "all",
-    "online.client_threads": 4,
-    "serve.sqlite_synchronous": "NORMAL",
-  }
-  return config_lib.replace(cfg, **(tiny | changes))
+  return config_lib.replace(cfg, **(TINY | changes))
 
 
 def read_rounds(workdir):
@@ -117,6 +121,28 @@ def test_online_rounds_survive_a_crash_and_consume_every_event_once(tmp_path, mo
     "step": 3,
     "round": 3,
   }
+
+  # Roll the last round back: without its checkpoint the run resumes after round 1 and publishes
+  # that round's model again (a serving replica on step 3 goes back to step 2), then runs round 2
+  # again on its events (read again) and on new ones.
+  replica = from_run(cfg, tmp_path)
+  assert replica.model_step == 3
+  shutil.rmtree(tmp_path / "checkpoints" / "online" / "3")
+  honest, seen = online.simulate_clients, []
+
+  def check_then_clients(url, sim, queries, r, *args):
+    published = json.loads((tmp_path / "models" / "online_actor.json").read_text())
+    seen.append((r, published, replica.maybe_reload(), replica.model_step))
+    return honest(url, sim, queries, r, *args)
+
+  monkeypatch.setattr(online, "simulate_clients", check_then_clients)
+  rolled = online.run(cfg, tmp_path)["rounds"]
+  assert seen == [(2, {"step": 2, "round": 2}, True, 2)]
+  assert rolled[:2] == rounds[:2] and rolled[2]["model_step"] == 2
+  assert rolled[2]["records"] == 24  # round 2's 12 responses read again, and 12 new ones
+  steps = [json.loads(x)["step"] for x in (tmp_path / "online.jsonl").read_text().splitlines()]
+  assert steps == [1, 2, 3]
+  assert replica.maybe_reload() and replica.model_step == 3
 
 
 @pytest.mark.slow

@@ -73,11 +73,22 @@ def test_every_segment_likes_correct_answers_more_than_wrong_ones(sim):
 def test_like_rates_separate_good_and_bad_styles(sim):
   records = sim.records(3000)
   like = {}
+
+  def rate(rows):
+    return sum(b["likes"] for b in rows) / sum(b["impressions"] for b in rows)
+
   for style in STYLES:
-    rows = [r["behavior"] for r in records if r["meta"]["style"] == style]
-    like[style] = sum(b["likes"] for b in rows) / sum(b["impressions"] for b in rows)
+    like[style] = rate([r["behavior"] for r in records if r["meta"]["style"] == style])
+  sourced = [r for r in records if r["meta"]["style"] == "correct_source"]
+  grounded = rate(
+    [r["behavior"] for r in sourced if sim.features(r["query"], r["response"]).source]
+  )
+  fabricated = rate(
+    [r["behavior"] for r in sourced if sim.features(r["query"], r["response"]).fabricated]
+  )
   assert 0.35 <= like["correct_concise"] <= 0.6
-  assert like["correct_source"] > like["correct_concise"] > like["correct_verbose"]
+  assert grounded > like["correct_concise"] > like["correct_verbose"]
+  assert grounded > like["correct_source"] > fabricated
   assert max(like["wrong"], like["off_topic"], like["refusal"]) < 0.03
 
 

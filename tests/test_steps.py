@@ -211,3 +211,26 @@ def test_nan_reward_is_skipped_and_counted():
   ):
     np.testing.assert_array_equal(a, b)
   assert int(state.step) == 1
+
+
+def test_disc_lead_steps_hold_the_actor_while_d_learns():
+  from rlhb_jax.methods.ppo.stages import ppo_config
+
+  base = C.replace(small_config(), **{"rlhb.steps": 4, "rlhb.disc_lead_steps": 2})
+  cfg = ppo_config(base, "disc")
+  assert cfg.ppo.actor_optim.delay_steps == 2 * cfg.ppo.epochs * cfg.ppo.minibatches
+  assert ppo_config(base, "rm").ppo.actor_optim.delay_steps == 0  # no D, nothing to wait for
+  mesh, state, step, _ = build(cfg, jax.devices()[:1])
+  moved = lambda a, b: any(  # noqa: E731
+    not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  )
+  with jax.set_mesh(mesh):
+    actor0, disc0 = jax.device_get((state.actor, state.disc))
+    for i in range(2):  # the lead steps: D only (its warm-up's first update has learning rate 0)
+      state, _ = step(state, make_batch(i), jax.random.key(i))
+    actor1, disc1 = jax.device_get((state.actor, state.disc))
+    assert not moved(actor0, actor1) and moved(disc0, disc1)
+    state, _ = step(state, make_batch(2), jax.random.key(2))
+    assert moved(actor1, jax.device_get(state.actor))  # then the actor follows at once
+  with pytest.raises(ValueError, match="disc_lead_steps"):
+    C.replace(small_config(), **{"rlhb.steps": 4, "rlhb.disc_lead_steps": 4})

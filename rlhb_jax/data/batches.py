@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -22,7 +22,23 @@ class Example:
   query: str
   response: str
   behavior: str  # verbalized logged behavior
-  context: str = ""  # the search result the answer was shown with (optional)
+  context: str = ""  # the search result the answer was shown with, as shown (`search_result`)
+
+
+def search_result(context: str, source: str = "") -> str:
+  """A search result as prompts show it: its site, then its sentence ("Britannica: The capital of
+  Norway is Oslo."); the sentence alone when it names no site."""
+  return f"{source}: {context}" if source and context else context
+
+
+def record_context(record: dict) -> str:
+  """The search result a logged answer was shown with (its "context" and "source" fields)."""
+  return search_result(record.get("context") or "", record.get("source") or "")
+
+
+def simulator_results(simulator) -> Callable[[str], str]:
+  """query -> the simulated platform's search result for it, as prompts show it."""
+  return lambda query: search_result(simulator.context(query), simulator.source(query))
 
 
 def _context(cfg: Config, context: str) -> str:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from rlhb_jax.data.batches import search_result
 from rlhb_jax.data.validate import read_json_objects, text_field
 
 
@@ -26,16 +27,19 @@ class Pair:
 def read_preferences(
   path: str | pathlib.Path, context_fn: Callable[[str], str] | None = None
 ) -> list[Pair]:
-  """Pairs from a JSONL of {"query", "chosen", "rejected", "context"?}; a bad line is an error
-  naming the file, the line and the field."""
+  """Pairs from a JSONL of {"query", "chosen", "rejected", "context"?, "source"?}; a bad line is an
+  error naming the file, the line and the field. Without "context", `context_fn(query)` gives it."""
   pairs = []
   for i, row in read_json_objects(path):
     query, chosen, rejected = (
       text_field(path, i, row, f, True) for f in ("query", "chosen", "rejected")
     )
     context = text_field(path, i, row, "context", False)
+    source = text_field(path, i, row, "source", False)
     if context is None and context_fn is not None:
       context = context_fn(query)
+    elif context is not None:
+      context = search_result(context, source or "")
     pairs.append(Pair(query, chosen, rejected, context or ""))
   if not pairs:
     raise ValueError(f"{path}: no preference pairs")

@@ -102,7 +102,7 @@ def validate_record(obj: Any, behavior: BehaviorConfig, missing_behavior: str = 
   counts = _require(obj, "behavior", (dict,), "object")
   if not query.strip():
     raise FieldError("query", "empty_query", "query is empty")
-  for name in ("timestamp", "context"):
+  for name in ("timestamp", "context", "source"):
     if obj.get(name) is not None and not isinstance(obj[name], str):
       raise FieldError(name, "wrong_type", f"expected string, got {type(obj[name]).__name__}")
   if obj.get("meta") is not None and not isinstance(obj["meta"], dict):

@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from rlhb_jax.config import Config
+from rlhb_jax.data.batches import simulator_results
 from rlhb_jax.eval.judges import LLMJudge, SimulatedUsersJudge, win_tie_loss
 from rlhb_jax.infra import sharding
 from rlhb_jax.infra.report import format_table
@@ -23,6 +24,8 @@ from rlhb_jax.model.sampling import generate_texts
 from rlhb_jax.run import Run
 
 RATE_KEYS = ("like_rate", "dislike_rate", "requery_rate", "click_rate", "accuracy")
+# Shares of answers citing the shown result's site, and citing anything else (sim/judge.py).
+CITE_KEYS = ("grounded_rate", "fabricated_rate")
 
 
 def heldout_queries(run: Run) -> list[str]:
@@ -35,7 +38,8 @@ def heldout_queries(run: Run) -> list[str]:
 def respond(run: Run, model, queries: list[str]) -> list[str]:
   """Greedy responses conditioned on the most preferred behavior."""
   cfg = run.cfg
-  contexts = [run.simulator.context(q) for q in queries] if run.uses_context else None
+  shown = simulator_results(run.simulator)
+  contexts = [shown(q) for q in queries] if run.uses_context else None
   prompts = run.batcher.eval_prompts(queries, run.best_behavior, contexts)
   sampling = dataclasses.replace(cfg.sampling, greedy=True)
   outs = generate_texts(
@@ -50,7 +54,8 @@ def ground_truth(run: Run, queries: list[str], responses: list[str], round: int 
   features = [sim.features(q, r) for q, r in zip(queries, responses, strict=True)]
   out = {f"{k}_rate": float(np.mean([r[k] for r in rates])) for k in rates[0]}
   out["accuracy"] = float(np.mean([f.answer == "correct" for f in features]))
-  out["cite_rate"] = float(np.mean([f.source for f in features]))  # answers citing a source
+  out["grounded_rate"] = float(np.mean([f.source for f in features]))
+  out["fabricated_rate"] = float(np.mean([f.fabricated for f in features]))
   return out
 
 
@@ -75,6 +80,8 @@ def curve_hook(run: Run):
       "eval_loss": wtl["loss"],
       "eval_like_rate": truth["like_rate"],
       "eval_accuracy": truth["accuracy"],
+      "eval_grounded_rate": truth["grounded_rate"],
+      "eval_fabricated_rate": truth["fabricated_rate"],
     }
 
   return hook
@@ -114,7 +121,7 @@ def evaluate(run: Run, methods: dict[str, str]) -> dict:
 
 def print_results(results: dict) -> None:
   rows = [{"method": m, **v} for m, v in results.items()]
-  cols = ["method", *RATE_KEYS, "cite_rate", "win", "tie", "loss"]
+  cols = ["method", *RATE_KEYS, *CITE_KEYS, "win", "tie", "loss"]
   print(format_table(rows, [c for c in cols if any(c in r for r in rows)]))
 
 

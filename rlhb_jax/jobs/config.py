@@ -19,6 +19,11 @@ class OnlineConfig:
   """mode=online: rounds of deploy -> collect -> train (docs/RESULTS.md, "Online alignment")."""
 
   rounds: int = 8
+  # What a round trains (jobs/online_learners.py): "rlhb" = `sft_steps` SFT and `steps_per_round`
+  # PPO steps on the reward of `reward.source` over the last `window_rounds` rounds' records;
+  # "kto" = KTO refit from the SFT generator on every round's records so far, (r + 1) x
+  # `kto.steps` steps after round r (the cheap alternative: retraining offline on the logs).
+  learner: str = "rlhb"
   # sim: the simulator's users act on every served response (through HTTP, like real clients);
   # live: serve on config.serve.port and wait for real clients' feedback in the store.
   source: str = "sim"
@@ -33,16 +38,37 @@ class OnlineConfig:
   sft_optim: OptimConfig = OptimConfig(learning_rate=3e-4, warmup_steps=0)
   window_rounds: int = 2  # the training pool: records of the last W rounds
   client_threads: int = 8  # sim: concurrent simulated clients
+  # sim with serve.auth keys / keys_or_session: each impression is a distinct user of a pool of
+  # this many (more when an answer is shown to more), each with its own API key.
+  sim_users: int = 1000
   min_records: int = 64  # live: wait for this many new records before training
   poll_seconds: float = 5.0  # live: how often to look for them
 
   def __post_init__(self):
     if self.source not in ("sim", "live"):
       raise ValueError(f"config.online.source={self.source!r}: expected sim or live")
+    if self.learner not in ("rlhb", "kto"):
+      raise ValueError(f"config.online.learner={self.learner!r}: expected rlhb or kto")
     if self.sft_rows not in ("best", "all"):
       raise ValueError(f"config.online.sft_rows={self.sft_rows!r}: expected best or all")
     if self.window_rounds < 1 or self.rounds < 1:
       raise ValueError("config.online: rounds and window_rounds must be >= 1")
+    if self.sim_users < 1:
+      raise ValueError(f"config.online.sim_users={self.sim_users}: must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class KeysConfig:
+  """mode=keys: the API keys of the run's feedback store (`serve.store_url`, default
+  DIR/feedback.db) that `serve.auth=keys` / `keys_or_session` accept (docs/SERVING.md)."""
+
+  action: str = "list"  # add (prints the new key once) | list | revoke
+  name: str = ""  # add: who or what holds the key
+  id: str = ""  # revoke: the key's id, as add and list print it
+
+  def __post_init__(self):
+    if self.action not in ("add", "list", "revoke"):
+      raise ValueError(f"config.api_keys.action={self.action!r}: expected add, list or revoke")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,7 @@ import time
 import jax
 
 from rlhb_jax.config import Config
-from rlhb_jax.data.batches import generator_message
+from rlhb_jax.data.batches import generator_message, record_context
 from rlhb_jax.data.validate import read_json_objects, text_field
 from rlhb_jax.model.sampling import generate_texts
 from rlhb_jax.run import Run
@@ -40,7 +40,7 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
   prompts = read_prompts(cfg.generate.prompts_file)
   ids = []
   for p in prompts:
-    msg = generator_message(cfg, p["query"], p.get("behavior"), p.get("context") or "")
+    msg = generator_message(cfg, p["query"], p.get("behavior"), record_context(p))
     ids.append(
       tok.chat_prompt(msg, cfg.prompt.system) if cfg.generate.chat_template else tok.encode(msg)
     )

@@ -5,6 +5,11 @@ mean and bin edges over every record; quantiles, bin shares and sample texts fro
 sample of `_RESERVOIR` records. Writes DIR/inspect.json, DIR/bin_edges.json and, for bad records in
 quarantine mode, DIR/quarantine.jsonl. With data.on_error=fail the first bad record raises
 `BadRecordError`.
+
+When the run has a feedback store (`serve.store_url`, or DIR/feedback.db), its identified events
+are screened too (`serving.ingest`): identities whose volume or agreement is anomalous are reported
+in DIR/inspect_identities.json, and their events quarantined to DIR/quarantine_identities.jsonl
+and counted (with `serve.ingest.quarantine`), like bad lines. The store's events are read whole.
 """
 
 from __future__ import annotations
@@ -21,16 +26,53 @@ import numpy as np
 from rlhb_jax.config import Config
 from rlhb_jax.data.behavior import RangeAccumulator, verbalize
 from rlhb_jax.data.readers import read_records
+from rlhb_jax.serving import ingest, open_store
 
 _RESERVOIR = 10_000
 _SAMPLES = 5
 
 
+def inspect_store(config: Config, workdir: pathlib.Path) -> dict | None:
+  """Screens the identities of the run's feedback store, if it has one; writes and prints what
+  was found, and returns it (None without a store)."""
+  serve = config.serve
+  if not serve.store_url and not (workdir / "feedback.db").exists():
+    return None
+  with open_store(serve.store_url, workdir, serve.sqlite_synchronous) as store:
+    feed, _ = store.read_new()
+    where = store.where
+  screened = ingest.screen(feed.events, serve.ingest, serve.reaction_types)
+  out = {"store": where, "events_read": len(feed.events), **ingest.summary(screened)}
+  out["quarantine_path"] = None
+  if screened.quarantined:
+    path = workdir / "quarantine_identities.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ingest.quarantine_rows(screened)))
+    out["quarantine_path"] = str(path)
+  (workdir / "inspect_identities.json").write_text(json.dumps(out, indent=1) + "\n")
+  print(
+    f"inspect_logs: feedback store {where}: {out['events_read']} events from "
+    f"{out['identities']} identities (median {out['median_events_per_identity']:g} events), "
+    f"{len(out['flagged'])} anomalous, {out['quarantined_events']} events quarantined, "
+    f"{out['not_counted_events']} repeated votes not counted"
+  )
+  for identity, why in out["flagged"].items():
+    print(f"  {identity}: {why['reason']}")
+  if out["quarantine_path"]:
+    print(f"  quarantine: {out['quarantine_path']}")
+  return out
+
+
 def run(config: Config, workdir: pathlib.Path) -> dict:
-  if not config.data.path:
-    raise ValueError("mode=inspect_logs needs --config.data.path=FILE")
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  identities = inspect_store(config, workdir)
+  if not config.data.path:
+    if identities is None:
+      raise ValueError(
+        "mode=inspect_logs needs --config.data.path=FILE, or a feedback store "
+        "(DIR/feedback.db or --config.serve.store_url)"
+      )
+    return {"identities": identities}
   behavior = config.behavior
   names = behavior.names
   reader = read_records(config.data.path, config.data, workdir, behavior)
@@ -102,16 +144,8 @@ def run(config: Config, workdir: pathlib.Path) -> dict:
     ]
   (workdir / "inspect.json").write_text(json.dumps(out, indent=1) + "\n")
   _print(out, names)
-  return {
-    k: out[k]
-    for k in (
-      "records_ok",
-      "records_rejected",
-      "quarantine_path",
-      "records_per_second",
-      "peak_rss_mb",
-    )
-  }
+  keys = ("records_ok", "records_rejected", "quarantine_path", "records_per_second", "peak_rss_mb")
+  return {k: out[k] for k in keys} | ({"identities": identities} if identities else {})
 
 
 def _slim(record: dict) -> dict:

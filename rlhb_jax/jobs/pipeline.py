@@ -42,8 +42,11 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
 
   summary = {
     "methods": {
-      "sft": {k: results["sft"][k] for k in evaluate.RATE_KEYS},
-      "rlhb": {k: results["rlhb"][k] for k in (*evaluate.RATE_KEYS, "win", "tie", "loss")},
+      "sft": {k: results["sft"][k] for k in (*evaluate.RATE_KEYS, *evaluate.CITE_KEYS)},
+      "rlhb": {
+        k: results["rlhb"][k]
+        for k in (*evaluate.RATE_KEYS, *evaluate.CITE_KEYS, "win", "tie", "loss")
+      },
     },
     "disc": {"real_mean": mean("d_real"), "fake_mean": mean("d_fake")},
     "wall_seconds": time.perf_counter() - t0,

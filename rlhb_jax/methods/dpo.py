@@ -15,7 +15,7 @@ import numpy as np
 
 from rlhb_jax.config import Config
 from rlhb_jax.data import preferences
-from rlhb_jax.data.batches import PromptedBatcher
+from rlhb_jax.data.batches import PromptedBatcher, record_context
 from rlhb_jax.data.preferences import Pair
 from rlhb_jax.run import Run
 from rlhb_jax.training import forward, trainable
@@ -66,7 +66,7 @@ def behavior_pairs(records: Iterable[Mapping], cfg: Config) -> tuple[list[Pair],
   n_records = 0
   for r in records:
     n_records += 1
-    key = (r["query"], r.get("context") or "")
+    key = (r["query"], record_context(r))
     counts = pooled[key].setdefault(r["response"], [0.0, 0.0])
     counts[0] += float(r["behavior"].get(d.rate_type, 0))
     counts[1] += float(r["behavior"].get(denom, 0))

@@ -16,7 +16,7 @@ import numpy as np
 from rlhb_jax import config as config_lib
 from rlhb_jax.config import Config
 from rlhb_jax.data import preferences
-from rlhb_jax.data.batches import PromptedBatcher
+from rlhb_jax.data.batches import PromptedBatcher, record_context
 from rlhb_jax.data.behavior import (
   Binner,
   least_preferred_bins,
@@ -102,7 +102,7 @@ def kto_examples(
   good = shown & (to_best <= k.max_distance) & (to_best < to_worst)
   bad = shown & (to_worst <= k.max_distance) & (to_worst < to_best)
   out = [
-    Labeled(r["query"], r["response"], bool(g), r.get("context") or "")
+    Labeled(r["query"], r["response"], bool(g), record_context(r))
     for r, g, b in zip(records, good, bad, strict=True)
     if g or b
   ]

@@ -16,8 +16,9 @@ class Segment:
   share_after: float = 0.5  # share from the drift round on
   correct: float = 3.0  # weight of correctness (+1 right, negative for wrong / no answer)
   concise: float = 1.5  # weight of concision (+1 at <= concise_words words, -1 at >= verbose_words)
-  source: float = 0.3  # weight of a cited source
+  source: float = 0.3  # weight of a grounded citation (names the shown result's site)
   tone: float = 0.2  # weight of tone (+1 friendly, -1 rude)
+  fabricated: float = 0.0  # penalty for a citation of anything else (sim.citations="grounded")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +37,7 @@ class UserModel:
   dislike_mid: float = 0.0
   requery_max: float = 0.6  # requery = requery_max * sigmoid(requery_mid - s)
   requery_mid: float = 1.0
-  click_bias: float = -3.0  # click = sigmoid(click_bias + click_source * source + click_slope * s)
+  click_bias: float = -3.0  # click = sigmoid(click_bias + click_source * cites + click_slope * s)
   click_source: float = 2.0
   click_slope: float = 0.3
   noise_std: float = 0.5  # per-record N(0, std) added to s when sampling logs (unobserved factors)
@@ -71,11 +72,16 @@ class SimConfig:
     ("off_topic", 0.1),
     ("refusal", 0.1),
   )
+  # How users read citations (sim/judge.py): "grounded" = only the shown result's site counts,
+  # anything else is fabricated and put off the users who value sources; "any" = any "source" /
+  # "according to" counts (the users of results before 2026-12-04, reproduced bit for bit).
+  citations: str = "grounded"
+  fabricated_prob: float = 0.25  # grounded: chance a logged citation names another site
   friendly_prob: float = 0.15  # chance an answer gets a friendly phrase
   rude_prob: float = 0.1  # chance an answer gets a rude phrase
   segments: tuple[Segment, ...] = (
-    Segment("hurried", 0.5, 0.2, correct=3.0, concise=1.5, source=0.3, tone=0.2),
-    Segment("thorough", 0.3, 0.3, correct=3.0, concise=-0.5, source=1.5, tone=0.2),
+    Segment("hurried", 0.5, 0.2, correct=3.0, concise=1.5, source=0.3, tone=0.2, fabricated=0.3),
+    Segment("thorough", 0.3, 0.3, correct=3.0, concise=-0.5, source=1.5, tone=0.2, fabricated=2.0),
     Segment("friendly", 0.2, 0.5, correct=2.5, concise=0.5, source=0.0, tone=1.5),
   )
   users: UserModel = UserModel()
@@ -93,3 +99,7 @@ class SimConfig:
       raise ValueError(f"config.sim.style_mix: unknown styles {sorted(unknown)}; known: {STYLES}")
     if not self.segments:
       raise ValueError("config.sim.segments: need at least one segment")
+    if self.citations not in ("grounded", "any"):
+      raise ValueError(
+        f"config.sim.citations={self.citations!r}: expected 'grounded' or 'any' (sim/judge.py)"
+      )

@@ -2,7 +2,14 @@
 
 `judge` turns (query, response) into `Features`: whether the response gives the right answer, a
 wrong one, or none at all (refusal, off-topic, garbage, truncation), its length, whether it cites a
-source, its tone, and how garbled it is. The users' utilities (users.py) are functions of these
+source and whether that citation can be checked, its tone, and how garbled it is.
+
+Citations are read one of two ways (`sim.citations`):
+- "grounded" (the default): a citation is any "according to ..." / "source: ..." or any named site
+  of `kb.SITES`. It is the `source` feature only when it names the site of the search result the
+  answer was shown with and no other site; any other citation is `fabricated`.
+- "any" (the users before 2026-12-04): any "according to" / "source" counts as `source`, and
+  nothing is fabricated. The users' utilities (users.py) are functions of these
 features only, so a policy's decoded output is scored exactly like a logged response.
 """
 
@@ -13,7 +20,7 @@ import functools
 import re
 from collections import Counter
 
-from rlhb_jax.sim.kb import CASE_SENSITIVE, Fact, KnowledgeBase
+from rlhb_jax.sim.kb import CASE_SENSITIVE, SITES, Fact, KnowledgeBase
 
 _NUMBER = re.compile(r"\d+(?:,\d{3})*(?:\.\d+)?")
 _WORD = re.compile(r"[A-Za-z0-9']+")
@@ -66,15 +73,22 @@ class Features:
   answer: str  # correct | wrong | none
   refusal: bool  # no answer, and the response declines
   words: int  # whitespace-separated words
-  source: bool  # cites a source ("according to ...", "source: ...")
+  source: bool  # cites the shown result's site (with citations="any": cites anything)
   tone: int  # +1 friendly, -1 rude, 0 neutral
   garble: float  # 0 (clean text) .. 1 (repeated words or junk characters)
+  fabricated: bool = False  # cites something other than the shown result's site
 
 
 def judge(
-  kb: KnowledgeBase, fact: Fact, query: str, response: str, recall: float = 0.75
+  kb: KnowledgeBase,
+  fact: Fact,
+  query: str,
+  response: str,
+  recall: float = 0.75,
+  citations: str = "grounded",
 ) -> Features:
-  """Features of `response` as an answer to `query` (a phrasing of `fact`)."""
+  """Features of `response` as an answer to `query` (a phrasing of `fact`), shown with the search
+  result of `kb.site(fact)`."""
   text = " ".join(response.split())
   match fact.kind:
     case "number":
@@ -86,14 +100,38 @@ def judge(
     case _:
       raise ValueError(f"unknown fact kind {fact.kind!r}")
   friendly, rude = bool(_FRIENDLY.search(text)), bool(_RUDE.search(text))
+  if citations == "any":
+    source, fabricated = bool(_SOURCE.search(text)), False
+  elif citations == "grounded":
+    source, fabricated = cites(text, kb.site(fact))
+  else:
+    raise ValueError(f"citations={citations!r}: expected 'grounded' or 'any'")
   return Features(
     answer=answer,
     refusal=answer == "none" and bool(_REFUSAL.search(text)),
     words=len(text.split()),
-    source=bool(_SOURCE.search(text)),
+    source=source,
     tone=int(friendly) - int(rude),
     garble=garble(text),
+    fabricated=fabricated,
   )
+
+
+@functools.cache
+def _site_pattern(site: str) -> re.Pattern:
+  """A site's name as users recognise it: without its article, any case, as whole words."""
+  return re.compile(rf"(?<![A-Za-z]){re.escape(site.removeprefix('the '))}(?![A-Za-z])", re.I)
+
+
+_ALL_SITES = tuple(dict.fromkeys(s for sites in SITES.values() for s in sites))
+
+
+def cites(text: str, shown: str) -> tuple[bool, bool]:
+  """(grounded, fabricated) for `text` shown with a result from site `shown`: grounded when it
+  names `shown` and no other site; fabricated when it cites anything else."""
+  named = {s for s in _ALL_SITES if _site_pattern(s).search(text)}
+  grounded = named == {shown}
+  return grounded, not grounded and bool(named or _SOURCE.search(text))
 
 
 def garble(text: str) -> float:

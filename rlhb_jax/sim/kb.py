@@ -9,6 +9,7 @@ fixed `kb_seed`, so the knowledge base and the split do not change with the run'
 from __future__ import annotations
 
 import dataclasses
+import zlib
 
 import numpy as np
 
@@ -43,6 +44,18 @@ class Query:
 
 # Case-sensitive sets are matched as written (symbols, weekday and month names).
 CASE_SENSITIVE = frozenset({"elements", "weekdays", "months"})
+
+# The sites search results come from, per domain (`KnowledgeBase.site`). Names hold no digits, no
+# answer of any fact and no chemical symbol standing alone, so citing one never reads as an answer.
+SITES = {
+  "capitals": ("the World Factbook", "Britannica", "National Geographic"),
+  "elements": ("the Royal Society of Chemistry", "PubChem", "Chemistry LibreTexts"),
+  "definitions": ("the Oxford dictionary", "Merriam-Webster", "the Cambridge Dictionary"),
+  "history": ("Britannica", "the History Channel", "the BBC"),
+  "calendar": ("timeanddate.com", "the Old Farmer's Almanac"),
+  "arithmetic": ("Wolfram Alpha", "Khan Academy"),
+  "units": ("NIST", "the Metric Conversions guide"),
+}
 
 
 class KnowledgeBase:
@@ -83,6 +96,12 @@ class KnowledgeBase:
         [f.fact_id for f in self.facts if f.domain == domain], heldout_fraction, rng
       )
     )
+
+  def site(self, fact: Fact) -> str:
+    """The site the search result for `fact` comes from: one of its domain's `SITES`, fixed per
+    fact (a checksum of its id, so it holds across runs and seeds)."""
+    sites = SITES[fact.domain]
+    return sites[zlib.crc32(fact.fact_id.encode()) % len(sites)]
 
   @property
   def domains(self) -> tuple[str, ...]:

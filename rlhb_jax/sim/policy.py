@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rlhb_jax.sim.kb import Fact, KnowledgeBase
+from rlhb_jax.sim.kb import SITES, Fact, KnowledgeBase
 
 _FILLERS = {
   "capitals": (
@@ -28,6 +28,8 @@ _FILLERS = {
     "You can check it with a conversion table.",
   ),
 }
+# What citations name with sim.citations="any" (the logs before 2026-12-04); "grounded" logs cite
+# the shown result's site (`KnowledgeBase.site`), or another site of the domain (`fabricated_prob`).
 _SOURCES = {
   "capitals": ("the World Factbook", "Britannica", "a world atlas"),
   "elements": ("the periodic table", "a chemistry textbook"),
@@ -93,8 +95,10 @@ def render(
   rng: np.random.Generator,
   friendly_prob: float = 0.0,
   rude_prob: float = 0.0,
+  citations: str = "any",
+  fabricated_prob: float = 0.0,
 ) -> str:
-  """One response to `fact` in `style`."""
+  """One response to `fact` in `style`; a citation is written as `citations` users read it."""
   if style == "off_topic":
     return _pick(_OFF_TOPIC, rng)
   if style == "refusal":
@@ -114,7 +118,8 @@ def render(
     case "verbose":
       text = _pick(_OPENERS, rng) + statement + " " + _pick(_FILLERS[fact.domain], rng)
     case "source":
-      source = _pick(_SOURCES[fact.domain], rng)
+      source = cited_site(kb, fact, rng, fabricated_prob) if citations == "grounded" else None
+      source = source or _pick(_SOURCES[fact.domain], rng)
       if rng.random() < 0.5:
         text = f"According to {source}, {statement[0].lower() + statement[1:]}"
       else:
@@ -133,8 +138,18 @@ def render(
   return before + text + after
 
 
+def cited_site(kb: KnowledgeBase, fact: Fact, rng: np.random.Generator, fabricated: float) -> str:
+  """The site a grounded log's citation names: the shown result's, or with probability
+  `fabricated` another site of the fact's domain."""
+  shown = kb.site(fact)
+  if rng.random() >= fabricated:
+    return shown
+  return _pick([s for s in SITES[fact.domain] if s != shown], rng)
+
+
 def stock_sentences() -> list[tuple[str, ...]]:
   """Every fixed sentence and phrase the policy uses (for tokenizer training)."""
-  pieces = [*_FILLERS.values(), *_SOURCES.values(), _OPENERS, _OFF_TOPIC, _REFUSALS]
+  pieces = [*_FILLERS.values(), *_SOURCES.values(), *SITES.values(), _OPENERS, _OFF_TOPIC]
+  pieces.append(_REFUSALS)
   pieces += [tuple(b + a for b, a in _FRIENDLY), tuple(b + a for b, a in _RUDE)]
   return pieces

@@ -51,9 +51,11 @@ class Simulator:
   def respond(self, query: str, style: str, rng: np.random.Generator) -> str:
     """The logging policy's response to `query` in `style`."""
     cfg = self.config
+    fact = self.lookup(query).fact
     return policy.render(
-      self.kb, self.lookup(query).fact, style, rng, cfg.friendly_prob, cfg.rude_prob
-    )
+      self.kb, fact, style, rng, cfg.friendly_prob, cfg.rude_prob, cfg.citations,
+      cfg.fabricated_prob,
+    )  # fmt: skip
 
   # -- ground truth --------------------------------------------------------------------------------
 
@@ -66,13 +68,23 @@ class Simulator:
     fact = self.lookup(query).fact
     return fact.statement.format(answer=fact.answer)
 
+  def source(self, query: str) -> str:
+    """The site the search result of `query` comes from ("" with sim.citations="any", whose
+    results name no site)."""
+    if self.config.citations == "any":
+      return ""
+    return self.kb.site(self.lookup(query).fact)
+
   def features(self, query: str, response: str) -> Features:
     key = (query, response)
     if key not in self._features:
       if len(self._features) > 200_000:  # bounded cache for long evaluations
         self._features.clear()
       q = self.lookup(query)
-      self._features[key] = judge(self.kb, q.fact, query, response, self.config.definition_recall)
+      cfg = self.config
+      self._features[key] = judge(
+        self.kb, q.fact, query, response, cfg.definition_recall, cfg.citations
+      )
     return self._features[key]
 
   def segment_shares(self, round: int | None = None) -> np.ndarray:
@@ -91,7 +103,7 @@ class Simulator:
     f = self.features(query, response)
     sat = self.satisfaction(query, response)
     return {
-      g.name: users.rates(float(s), f.source, self.config.users)
+      g.name: users.rates(float(s), f, self.config.users)
       for g, s in zip(self.config.segments, sat, strict=True)
     }
 
@@ -133,7 +145,7 @@ class Simulator:
     draw, click and requery are independent Bernoulli draws.
     """
     um = self.config.users
-    source = self.features(query, response).source
+    f = self.features(query, response)
     sat = self.satisfaction(query, response) + rng.normal(0.0, um.noise_std)
     per_segment = rng.multinomial(impressions, self.segment_shares(round))
     counts = {
@@ -146,14 +158,19 @@ class Simulator:
     for n, s in zip(per_segment, sat, strict=True):
       if n == 0:
         continue
-      r = users.rates(float(s), source, um)
+      r = users.rates(float(s), f, um)
       like, dislike, _ = rng.multinomial(
         n, [r["like"], r["dislike"], 1.0 - r["like"] - r["dislike"]]
       )
       counts["likes"] += int(like)
       counts["dislikes"] += int(dislike)
-      counts["clicks"] += int(rng.binomial(n, r["click"]))
-      counts["requeries"] += int(rng.binomial(n, r["requery"]))
+      clicks = int(rng.binomial(n, r["click"]))
+      counts["clicks"] += clicks
+      if f.fabricated:  # every click on a fabricated citation is followed by a re-ask
+        base = um.requery_max * users.sigmoid(um.requery_mid - float(s))
+        counts["requeries"] += clicks + int(rng.binomial(n - clicks, base))
+      else:
+        counts["requeries"] += int(rng.binomial(n, r["requery"]))
     return counts
 
   # -- logs and preferences ------------------------------------------------------------------------
@@ -188,6 +205,7 @@ class Simulator:
         "id": f"sim-{i:07d}",
         "query": q.text,
         "context": self.context(q.text),
+        **({"source": self.source(q.text)} if self.source(q.text) else {}),
         "response": response,
         "behavior": counts,
         "timestamp": when.strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -9,6 +9,7 @@ import dataclasses
 class OptimConfig:
   learning_rate: float = 3e-4
   warmup_steps: int = 10
+  delay_steps: int = 0  # updates at learning rate 0 before the warm-up (the moments still fill)
   weight_decay: float = 0.0
   max_grad_norm: float = 1.0
   b1: float = 0.9

@@ -14,10 +14,16 @@ _NEVER = 2**30
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-  """AdamW after global-norm clipping, its learning rate warmed up linearly from 0; an update whose
-  gradients are not finite leaves parameters and optimizer state as they were."""
+  """AdamW after global-norm clipping, its learning rate held at 0 for `delay_steps` updates, then
+  warmed up linearly from 0; an update whose gradients are not finite leaves parameters and
+  optimizer state as they were."""
   warmup = max(1, min(cfg.warmup_steps, total_steps))
   schedule = optax.warmup_constant_schedule(0.0, cfg.learning_rate, warmup)
+  if cfg.delay_steps > 0:  # update `delay_steps` is the warm-up's first with a learning rate > 0
+    warm = schedule
+    schedule = optax.join_schedules(
+      [optax.constant_schedule(0.0), lambda step: warm(step + 1)], [cfg.delay_steps]
+    )
   return optax.apply_if_finite(
     optax.chain(
       optax.clip_by_global_norm(cfg.max_grad_norm),

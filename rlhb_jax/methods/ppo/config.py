@@ -58,11 +58,21 @@ class PPOConfig:
 @dataclasses.dataclass(frozen=True)
 class RLHBConfig:
   steps: int = 60
+  # The first `disc_lead_steps` of `steps` train only D (on the generator's own rollouts); the
+  # actor's learning rate is 0 until then, so it follows a discriminator that has seen its answers.
+  disc_lead_steps: int = 0
   target_behavior: str = "best"  # best: the most preferred behavior | batch: the logged one
   max_nonfinite_in_row: int = 5  # K skipped updates in a row stop the run
   collapse_high: float = 0.95  # mean D(fake) above this ...
   collapse_low: float = 0.05  # ... or below this ...
   collapse_patience: int = 20  # ... for this many steps raises the collapse alarm
+
+  def __post_init__(self):
+    if not 0 <= self.disc_lead_steps < max(self.steps, 1):
+      raise ValueError(
+        f"config.rlhb.disc_lead_steps={self.disc_lead_steps}: must be in [0, rlhb.steps="
+        f"{self.steps})"
+      )
 
 
 @dataclasses.dataclass(frozen=True)

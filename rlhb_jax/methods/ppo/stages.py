@@ -35,6 +35,9 @@ def ppo_config(cfg: Config, source: str) -> Config:
   changes = {"reward.source": source}
   if not rewards.uses_disc(config_lib.replace(cfg, **changes)):
     changes["disc.updates_per_step"] = 0
+  elif cfg.rlhb.disc_lead_steps > 0:  # the actor waits while D learns its answers
+    updates = cfg.rlhb.disc_lead_steps * cfg.ppo.epochs * cfg.ppo.minibatches
+    changes["ppo.actor_optim.delay_steps"] = updates
   return config_lib.replace(cfg, **changes)
 
 
@@ -44,20 +47,23 @@ def _reward_roles(run: Run, cfg: Config, actor) -> tuple[Any, dict | None]:
   return load(run, cfg, actor) if load is not None else (None, None)
 
 
-def sim_oracle(run: Run, queries: list[str]):
+class SimOracle:
   """reward.source=sim: the host function that scores rollouts with the simulated users' expected
-  like rate (responses decoded exactly as evaluation decodes them)."""
-  tok, sim = run.tokenizer, run.simulator
-  eos = set(tok.eos_ids)
+  like rate of `queries[index]` (responses decoded exactly as evaluation decodes them), under the
+  users of `round` (None: the users before any drift). `mode=online` sets both every round."""
 
-  def oracle(tokens, mask, index):
+  def __init__(self, run: Run, queries: list[str], round: int | None = None):
+    self.tok, self.sim = run.tokenizer, run.simulator
+    self.eos = set(self.tok.eos_ids)
+    self.queries, self.round = list(queries), round
+
+  def __call__(self, tokens, mask, index) -> np.ndarray:
     out = np.zeros(len(index), np.float32)
     for i, (row, live, q) in enumerate(zip(tokens, mask, index, strict=True)):
-      ids = [int(t) for t, m in zip(row, live, strict=True) if m and int(t) not in eos]
-      out[i] = sim.expected_rates(queries[int(q)], tok.decode(ids))["like"]
+      ids = [int(t) for t, m in zip(row, live, strict=True) if m and int(t) not in self.eos]
+      text = self.tok.decode(ids)
+      out[i] = self.sim.expected_rates(self.queries[int(q)], text, self.round)["like"]
     return out
-
-  return oracle
 
 
 def setup_rlhb(
@@ -114,7 +120,7 @@ def ppo(run: Run, name: str, source: str, start: tuple[str, ...]) -> None:
     batcher = Batcher(
       cfg, run.tokenizer, run.examples, run.best_behavior, batcher.worst, extras=reward.batch_fields
     )
-  oracle = sim_oracle(run, batcher.queries) if reward.single_process else None
+  oracle = SimOracle(run, batcher.queries) if reward.single_process else None
   example = batcher.rlhb(0)
   state, step_fn, mesh = setup_rlhb(run, example, cfg, start, oracle)
   rows = cfg.ppo.prompts_per_step * cfg.ppo.rollouts_per_prompt

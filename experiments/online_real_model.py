@@ -1,0 +1,268 @@
+"""Online alignment on a model that reads (issue #25): SmolLM2 following users whose tastes drift,
+online RLHB against the frozen model, online KTO and PPO on the simulated users' own reward.
+
+  python experiments/online_real_model.py --seeds 0,1 [--config configs/smollm2_online.py]
+      [--rounds 8] [--drift-round 3] [--arms rlhb,kto,oracle] [--runs runs/online_real_model]
+      [--out results/online_real_model.json] [--plot results/img/online_real_model.png]
+      [--kto-steps N] [--report] [-- --config.online.steps_per_round=4 ...]
+
+Per seed, one offline stage in RUNS/seed_S/offline (simulated logs, behavior-conditioned SFT, the
+discriminator warm-up), whose outputs are linked into one run directory per arm (RUNS/seed_S/ARM,
+each with its own feedback store). Each arm runs `mode=online`'s loop (`rlhb_jax/jobs/online.py`)
+for --rounds rounds, the users drifting from --drift-round on: every round serves the arm's current
+generator over HTTP to the simulated users, their behaviors go into the store, a fixed training
+budget runs on the logs and the result is deployed for the next round. The arms:
+
+- frozen: the SFT generator, never retrained. Every arm scores it each round on the held-out
+  queries under that round's users (`*_frozen` of its rounds, the same in every arm: the same SFT
+  weights, queries and greedy answers), so it costs no run of its own.
+- rlhb: online RLHB (`online.learner=rlhb`, `reward.source=disc`): `online.sft_steps` SFT steps on
+  the fresh records users liked, then `online.steps_per_round` RLHB steps on the last
+  `online.window_rounds` rounds' records.
+- kto: online KTO (`online.learner=kto`): after round r, KTO refit from the SFT generator on every
+  round's records so far for (r + 1) x `kto.steps` steps, where `kto.steps` (--kto-steps, by
+  default) makes a round's share as many answers as an RLHB round trains on (`sft_steps` x
+  `sft.batch_size` SFT rows plus `steps_per_round` x `ppo.prompts_per_step` x
+  `ppo.rollouts_per_prompt` rollouts), so the deployed KTO model has seen as many answers as the
+  RLHB one.
+- oracle: the rlhb arm with PPO on the simulated users' expected like rate under each round's users
+  (`reward.source=sim`, the ceiling; the SFT steps as in rlhb).
+
+Every arm of a seed starts from the same SFT weights and serves the same queries in the same order
+(drawn from (seed, round)), and each answer's users are drawn from (seed, round, answer index), so
+the arms differ only in what they answer. Per round and arm, on the held-out queries under that
+round's users (greedy, most preferred behavior): like, dislike and re-ask rates, accuracy,
+grounded_rate (the answer cites the shown result's site) and fabricated_rate (it cites another);
+besides them the like rate observed in the served traffic, the records, the model step and the
+round's wall time (serve, score, collect, train, checkpoint, publish).
+
+Resumes: the offline stage is skipped once done; an arm resumes after its last finished round
+(`mode=online`'s checkpoint, a round killed midway runs again) and is skipped once its
+online_summary.json holds every round. `--report` gathers what is finished and trains nothing.
+
+Cost on the 2-core CPU (an estimate from docs/PERFORMANCE.md's step times, not a measurement):
+configs/smollm2_online.py is f32 with rank-8 LoRA, 48 served queries, 4 SFT steps (batch 8) and 4
+RLHB steps (2 prompts x 8 rollouts) a round, 48 held-out queries. One rlhb round: serving 48
+answers about 20 s (24 tokens, 4 concurrent clients), scoring the deployed model about 18 s, SFT
+4 x 4.4 s, RLHB 4 x 27.8 s, checkpoint and publish about 10 s: about 3 min. One oracle round:
+the same without the discriminator's scoring and update (about half of an RLHB step): about 2 min.
+One kto round r: serving, scoring and publishing about 50 s, a compile of about 30 s, then
+6 x (r + 1) KTO steps (16 answers; at an estimated 15 s a step, about 2 SFT steps plus a forward
+of 48 rows): 2.8 min at round 0, 13 min at round 7, about 65 min over 8 rounds. Each arm
+also loads the model and compiles once (about 2 min), and the offline stage (SFT 120 x 4.4 s, the
+warm-up 120 x 7.3 s) takes about 25 min. Per seed: offline 25 min, rlhb 26, oracle 18, kto 67:
+about 2.3 hours, 4.5 hours for 2 seeds (more while another job shares the cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import pathlib
+import shlex
+import sys
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import compare_methods  # noqa: E402
+import real_model  # noqa: E402
+from real_model import stage  # noqa: E402
+
+from rlhb_jax import config as config_lib  # noqa: E402
+from rlhb_jax.infra.report import format_markdown_table, plot_series  # noqa: E402
+from rlhb_jax.jobs import online  # noqa: E402
+from rlhb_jax.methods import disc as disc_lib  # noqa: E402
+from rlhb_jax.methods import sft as sft_lib  # noqa: E402
+from rlhb_jax.run import Run  # noqa: E402
+
+CONFIG = "configs/smollm2_online.py"
+ARMS = ("rlhb", "kto", "oracle")
+# Scored per round on the held-out queries: (key in the JSON, key in mode=online's rounds).
+SCORES = (
+  ("like_rate", "like_rate"),
+  ("dislike_rate", "dislike_rate"),
+  ("requery_rate", "requery_rate"),
+  ("accuracy", "accuracy"),
+  ("grounded_rate", "grounded_rate"),
+  ("fabricated_rate", "fabricated_rate"),
+)
+# Per trained arm only.
+SERVED = ("like_rate_observed", "records", "model_step", "wall_seconds")
+# What the offline stage leaves for the arms (linked, never copied: SmolLM2's weights are large).
+SHARED = (
+  "logs.jsonl",
+  "preferences.jsonl",
+  "bin_edges.json",
+  "tokenizer",
+  "models/sft_actor",
+  "models/disc_warmup",
+)
+READ_ONLY = False  # --report (real_model.stage reads its own flag, set beside this one)
+
+
+def kto_steps_per_round(cfg: config_lib.Config) -> int:
+  """KTO steps whose answers match one RLHB round's: its SFT rows plus its rollouts."""
+  o, p = cfg.online, cfg.ppo
+  answers = o.sft_steps * cfg.sft.batch_size + o.steps_per_round * p.prompts_per_step * (
+    p.rollouts_per_prompt
+  )
+  return max(1, math.ceil(answers / cfg.kto.batch_size))
+
+
+def arm_config(cfg: config_lib.Config, arm: str, kto_steps: int) -> config_lib.Config:
+  changes = {
+    "rlhb": {"online.learner": "rlhb"},
+    "kto": {"online.learner": "kto", "kto.steps": kto_steps},
+    "oracle": {"online.learner": "rlhb", "reward.source": "sim"},
+  }[arm]
+  return config_lib.replace(cfg, **changes)
+
+
+def link_offline(offline: pathlib.Path, workdir: pathlib.Path) -> None:
+  """The offline stage's logs, bin edges, tokenizer and weights, linked into an arm's directory."""
+  for name in SHARED:
+    src, dst = offline / name, workdir / name
+    if src.exists() and not dst.exists():
+      dst.parent.mkdir(parents=True, exist_ok=True)
+      os.symlink(src.absolute(), dst)
+
+
+def run_arm(cfg: config_lib.Config, workdir: pathlib.Path) -> list[dict] | None:
+  """The arm's rounds: read back when all are done, else run (resuming) unless --report."""
+  path = workdir / "online_summary.json"
+  done = json.loads(path.read_text())["rounds"] if path.exists() else []
+  if len(done) >= cfg.online.rounds:
+    return done[: cfg.online.rounds]
+  if READ_ONLY:
+    return done or None
+  return online.run(cfg, workdir)["rounds"]
+
+
+def run_seed(cfg: config_lib.Config, workdir: pathlib.Path, arms: list[str], kto_steps: int):
+  offline = workdir / "offline"
+
+  def prepare():
+    run = Run(cfg, offline).prepare()
+    sft_lib.sft(run)
+    disc_lib.disc_warmup(run)
+
+  done = stage(offline, "offline", prepare)
+  if done is None:
+    return None
+  per_arm = {}
+  for arm in arms:
+    link_offline(offline, workdir / arm)
+    rounds = run_arm(arm_config(cfg, arm, kto_steps), workdir / arm)
+    if rounds:
+      per_arm[arm] = rounds
+  if not per_arm:
+    return None
+  n = min(len(r) for r in per_arm.values())
+  rows = []
+  for i in range(n):
+    first = per_arm[arms[0] if arms[0] in per_arm else next(iter(per_arm))][i]
+    row = {"round": i}
+    for key, src in SCORES:
+      row[key] = {"frozen": first[f"{src}_frozen"]}
+      row[key] |= {arm: rounds[i][f"{src}_online"] for arm, rounds in per_arm.items()}
+    row |= {key: {arm: rounds[i][key] for arm, rounds in per_arm.items()} for key in SERVED}
+    rows.append(row)
+  return {"offline_wall_seconds": done["wall_seconds"], "rounds": rows}
+
+
+def plot(path: pathlib.Path, runs: dict, arms: list[str], drift: int) -> None:
+  """Like rate per round and arm, the mean over seeds, the drift marked."""
+  n = min(len(r["rounds"]) for r in runs.values())
+  series = {}
+  for arm in ["frozen", *arms]:
+    ys = [np.mean([r["rounds"][i]["like_rate"][arm] for r in runs.values()]) for i in range(n)]
+    series[arm] = (list(range(n)), ys)
+  plot_series(
+    path,
+    series,
+    title=f"Expected like rate on held-out queries, per round (mean of {len(runs)} seeds)",
+    xlabel="round",
+    ylabel="like rate",
+    vline=(drift, "users drift") if drift >= 0 else None,
+  )
+
+
+def main(argv: list[str] | None = None) -> dict:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--seeds", default="0,1")
+  ap.add_argument("--config", default=CONFIG)
+  ap.add_argument("--rounds", type=int, default=8)
+  ap.add_argument("--drift-round", type=int, default=3)
+  ap.add_argument("--arms", default=",".join(ARMS), help="of rlhb, kto, oracle (frozen: always)")
+  ap.add_argument("--kto-steps", type=int, default=0, help="KTO steps per round (0: as RLHB's)")
+  ap.add_argument("--runs", default="runs/online_real_model")
+  ap.add_argument("--out", default="results/online_real_model.json")
+  ap.add_argument("--plot", default="results/img/online_real_model.png")
+  ap.add_argument("--report", action="store_true", help="gather finished rounds; train nothing")
+  ap.add_argument("overrides", nargs="*", help="--config.* flags for --config")
+  args = ap.parse_args(argv)
+  global READ_ONLY
+  READ_ONLY = real_model.READ_ONLY = args.report
+  logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
+  logging.getLogger("rlhb_jax").setLevel(logging.INFO)
+  seeds = [int(s) for s in args.seeds.split(",")]
+  arms = args.arms.split(",")
+  if unknown := set(arms) - set(ARMS):
+    raise SystemExit(f"--arms: unknown {sorted(unknown)}; expected some of {ARMS}")
+  fixed = [f"--config.online.rounds={args.rounds}", f"--config.sim.drift_round={args.drift_round}"]
+  runs, kto_steps = {}, 0
+  for seed in seeds:
+    flags = [*fixed, *args.overrides, f"--config.seed={seed}", "--config.log.progress=False"]
+    cfg = compare_methods.load_config(flags, args.config)
+    kto_steps = args.kto_steps or kto_steps_per_round(cfg)
+    out = run_seed(cfg, pathlib.Path(args.runs) / f"seed_{seed}", arms, kto_steps)
+    if out is None:
+      continue
+    runs[str(seed)] = out
+    table = [
+      {"round": r["round"], **{f"like {a}": f"{v:.3f}" for a, v in r["like_rate"].items()}}
+      for r in out["rounds"]
+    ]
+    print(f"seed {seed}")
+    print(format_markdown_table(table, list(table[0])))
+  command = "python experiments/online_real_model.py " + shlex.join(
+    [
+      f"--seeds={args.seeds}",
+      f"--config={args.config}",
+      f"--rounds={args.rounds}",
+      f"--drift-round={args.drift_round}",
+      f"--arms={args.arms}",
+    ]
+    + ([f"--kto-steps={args.kto_steps}"] if args.kto_steps else [])
+    + (["--", *args.overrides] if args.overrides else [])
+  )
+  summary = {
+    "model": "the generator of --config (configs/smollm2_online.py: SmolLM2-135M-Instruct, LoRA)",
+    "config": args.config,
+    "seeds": [int(s) for s in runs],
+    "drift_round": args.drift_round,
+    "rounds": args.rounds,
+    "arms": ["frozen", *arms],
+    "kto_steps_per_round": kto_steps,
+    "command": command,
+    "machine": "CPU, 2 cores",
+    "runs": runs,
+  }
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(summary, indent=2))
+  if runs:
+    plot(pathlib.Path(args.plot), runs, arms, args.drift_round)
+  print(f"wrote {out}")
+  return summary
+
+
+if __name__ == "__main__":
+  main()
