@@ -75,7 +75,8 @@ def get_config():
   c.reward.classifier_batch_size = 8
   c.reward.classifier_optim.learning_rate = 3e-4
 
-  # DPO and KTO from the logs on RLHB's budget in answers seen: 40 steps x 16 answers (8 pairs).
+  # DPO and KTO from the logs on the RLHB budget of configs/smollm2_sim.py in answers seen (40 steps
+  # x 16 rollouts): 40 steps x 16 answers (8 pairs); this config's 20 RLHB steps sample half that.
   c.dpo.steps = 40
   c.dpo.batch_size = 8
   c.kto.steps = 40

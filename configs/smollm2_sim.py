@@ -1,6 +1,6 @@
 """The demo (configs/default.py) in float32 at the budgets of
 results/real_model_citations_any.json (SFT 120 steps, D warm-up 120, RLHB 40; about 45 minutes a
-seed on 2 CPU cores).
+seed on 2 CPU cores); its users are those of `--config.sim.citations=any`.
 
   python -m rlhb_jax.main --config configs/smollm2_sim.py --workdir runs/smollm2_sim
 
@@ -15,7 +15,7 @@ Choices (docs/RESULTS.md, "RLHB on a model that reads"):
 - Prompts: SmolLM2's chat template with a 3-token system message ("Answer briefly.", 13 tokens
   fewer per row than its ~20-token default), a short behavior sentence, the question and the
   search result it was shown with.
-- Critic-free group advantages (n = 4 rollouts per prompt, RLOO baseline scaled by the group's
+- Critic-free group advantages (n = 8 rollouts per prompt, RLOO baseline scaled by the group's
   std): no value model as large as the actor.
 - Reward: f(D(query, response, most preferred behavior)) alone; the contrastive reward
   D(best) - D(least preferred) ranked answers worse than a random pick (issue #11's probe).
@@ -23,7 +23,8 @@ Choices (docs/RESULTS.md, "RLHB on a model that reads"):
   is already the best of its own samples at 4 rollouts and T = 0.7 (PPO on the simulator's own
   reward did not move it in 40 steps); with 8 rollouts at T = 1.0 RLHB finds the answers with a
   cited source that the "thorough" users like and that the discriminator, trained against the
-  generator's bare answers, comes to reward (docs/RESULTS.md, "RLHB on a model that reads").
+  generator's bare answers, comes to reward (docs/RESULTS.md, "RLHB on a model that reads"; on the
+  earlier users, who rewarded any citation, `sim.citations=any`).
 """
 
 import pathlib
