@@ -79,7 +79,9 @@ def stage(workdir: pathlib.Path, name: str, fn) -> dict | None:
 
 
 def run_seed(cfg: config_lib.Config, workdir: pathlib.Path, methods: list[str]) -> dict:
-  run = Run(cfg, workdir).prepare()
+  run = Run(cfg, workdir)
+  if not READ_ONLY:  # --report reads stage files only (no logs simulated, no model loaded)
+    run.prepare()
   temp = cfg.sampling.temperature
 
   def evaluation(name: str) -> dict:
