@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from shapes import TINY_MODEL
 
 from rlhb_jax import config as C
 from rlhb_jax.data import preferences
@@ -37,12 +38,7 @@ class ByteTokenizer:
 
 def tiny_config(**changes):
   base = {
-    "model.embed_dim": 32,
-    "model.num_layers": 1,
-    "model.num_heads": 2,
-    "model.num_kv_heads": 1,
-    "model.head_dim": 16,
-    "model.mlp_dim": 64,
+    **TINY_MODEL,
     "sampling.max_new_tokens": 8,
     "reward.rm_optim.learning_rate": 3e-3,
     "reward.rm_optim.warmup_steps": 5,

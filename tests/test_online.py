@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from shapes import TINY_MODEL
 
 from rlhb_jax import config as config_lib
 from rlhb_jax.jobs import online
@@ -22,12 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # configs/online.py at a tiny budget: the tiny model's shapes, 3 rounds of 12 queries, 1 step each.
 TINY = {
-  "model.embed_dim": 32,
-  "model.num_layers": 1,
-  "model.num_heads": 2,
-  "model.num_kv_heads": 1,
-  "model.head_dim": 16,
-  "model.mlp_dim": 64,
+  **TINY_MODEL,
   "model.vocab_size": 400,
   "sim.num_records": 300,
   "sim.drift_round": 1,
