@@ -2,14 +2,15 @@
 
   python -m rlhb_jax.main --config configs/smollm2_online.py --workdir runs/smollm2_online
 
-The offline stages are those of configs/smollm2_sim.py (simulated logs, SFT and the discriminator
-warm-up, each with rank-8 LoRA adapters on the pretrained instruct model). Then `online.rounds`
-rounds serve the merged generator over HTTP, let the simulator's users act on its answers (from
-round `sim.drift_round` on, the user mix drifts), and train adapters on what they did: a few SFT
-steps on the answers users liked, then RLHB steps with critic-free group advantages. Every round
-publishes the merged generator to `models/online_actor` (hot-reloaded by a `mode=serve` process)
-and scores it against the frozen starting policy on held-out queries. Sized for a 2-core CPU;
-raise `online.queries_per_round` and `online.steps_per_round` on an accelerator.
+The offline stages are those of configs/default.py (the demo: simulated logs, SFT 50 steps and the
+discriminator warm-up 50 steps, each with rank-8 LoRA adapters on the pretrained instruct model,
+training matmuls in bfloat16 summed in float32). Then `online.rounds` rounds serve the merged
+generator over HTTP, let the simulator's users act on its answers (from round `sim.drift_round`
+on, the user mix drifts), and train adapters on what they did: a few SFT steps on the answers
+users liked, then RLHB steps with critic-free group advantages. Every round publishes the merged
+generator to `models/online_actor` (hot-reloaded by a `mode=serve` process) and scores it against
+the frozen starting policy on held-out queries. Sized for a 2-core CPU; raise
+`online.queries_per_round` and `online.steps_per_round` on an accelerator.
 """
 
 import pathlib
@@ -18,7 +19,7 @@ from rlhb_jax import config as config_lib
 
 
 def get_config():
-  c = config_lib.load_configdict(pathlib.Path(__file__).with_name("smollm2_sim.py"))
+  c = config_lib.load_configdict(pathlib.Path(__file__).with_name("default.py"))
   c.mode = "online"
   c.sim.drift_round = 2
   c.online.rounds = 5

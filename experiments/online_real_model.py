@@ -4,7 +4,8 @@ online RLHB against the frozen model, online KTO and PPO on the simulated users'
   python experiments/online_real_model.py --seeds 0,1 [--config configs/smollm2_online.py]
       [--rounds 8] [--drift-round 3] [--arms rlhb,kto,oracle] [--runs runs/online_real_model]
       [--out results/online_real_model.json] [--plot results/img/online_real_model.png]
-      [--kto-steps N] [--report] [-- --config.online.steps_per_round=4 ...]
+      [--kto-steps N] [--kto-refit continue|scratch] [--report]
+      [-- --config.online.steps_per_round=4 ...]
 
 Per seed, one offline stage in RUNS/seed_S/offline (simulated logs, behavior-conditioned SFT, the
 discriminator warm-up), whose outputs are linked into one run directory per arm (RUNS/seed_S/ARM,
@@ -19,12 +20,15 @@ budget runs on the logs and the result is deployed for the next round. The arms:
 - rlhb: online RLHB (`online.learner=rlhb`, `reward.source=disc`): `online.sft_steps` SFT steps on
   the fresh records users liked, then `online.steps_per_round` RLHB steps on the last
   `online.window_rounds` rounds' records.
-- kto: online KTO (`online.learner=kto`): after round r, KTO refit from the SFT generator on every
-  round's records so far for (r + 1) x `kto.steps` steps, where `kto.steps` (--kto-steps, by
-  default) makes a round's share as many answers as an RLHB round trains on (`sft_steps` x
+- kto: online KTO (`online.learner=kto`): after round r, KTO on every round's records so far,
+  against the SFT generator as the reference. With --kto-refit continue (the default,
+  `online.kto_refit=continue`) it trains the deployed KTO generator (round 0: the SFT one)
+  `kto.steps` steps further on them, fresh adapters on its merged weights; with scratch it refits
+  from the SFT generator for (r + 1) x `kto.steps` steps. `kto.steps` (--kto-steps, by default)
+  makes a round's share as many answers as an RLHB round trains on (`sft_steps` x
   `sft.batch_size` SFT rows plus `steps_per_round` x `ppo.prompts_per_step` x
-  `ppo.rollouts_per_prompt` rollouts), so the deployed KTO model has seen as many answers as the
-  RLHB one.
+  `ppo.rollouts_per_prompt` rollouts), so either way the deployed KTO model has seen as many
+  answers as the RLHB one.
 - oracle: the rlhb arm with PPO on the simulated users' expected like rate under each round's users
   (`reward.source=sim`, the ceiling; the SFT steps as in rlhb).
 
@@ -40,18 +44,20 @@ Resumes: the offline stage is skipped once done; an arm resumes after its last f
 (`mode=online`'s checkpoint, a round killed midway runs again) and is skipped once its
 online_summary.json holds every round. `--report` gathers what is finished and trains nothing.
 
-Cost on the 2-core CPU (an estimate from docs/PERFORMANCE.md's step times, not a measurement):
-configs/smollm2_online.py is f32 with rank-8 LoRA, 48 served queries, 4 SFT steps (batch 8) and 4
-RLHB steps (2 prompts x 8 rollouts) a round, 48 held-out queries. One rlhb round: serving 48
-answers about 20 s (24 tokens, 4 concurrent clients), scoring the deployed model about 18 s, SFT
-4 x 4.4 s, RLHB 4 x 27.8 s, checkpoint and publish about 10 s: about 3 min. One oracle round:
-the same without the discriminator's scoring and update (about half of an RLHB step): about 2 min.
-One kto round r: serving, scoring and publishing about 50 s, a compile of about 30 s, then
-6 x (r + 1) KTO steps (16 answers; at an estimated 15 s a step, about 2 SFT steps plus a forward
-of 48 rows): 2.8 min at round 0, 13 min at round 7, about 65 min over 8 rounds. Each arm
-also loads the model and compiles once (about 2 min), and the offline stage (SFT 120 x 4.4 s, the
-warm-up 120 x 7.3 s) takes about 25 min. Per seed: offline 25 min, rlhb 26, oracle 18, kto 67:
-about 2.3 hours, 4.5 hours for 2 seeds (more while another job shares the cores).
+Cost on the 2-core CPU (an estimate from docs/PERFORMANCE.md's step times with bf16 matmuls, SFT
+2.2 s, D warm-up 4.1 s and RLHB 16 s a step; not a measurement): configs/smollm2_online.py is
+configs/default.py's model (rank-8 LoRA, bf16 training matmuls, f32 decoding) with 48 served
+queries, 4 SFT steps (batch 8) and 4 RLHB steps (2 prompts x 8 rollouts) a round, 48 held-out
+queries. One rlhb round: serving 48 answers about 20 s (24 tokens, 4 concurrent clients), scoring
+the deployed model about 18 s, SFT 4 x 2.2 s, RLHB 4 x 16 s, checkpoint and publish about 10 s:
+about 2 min. One oracle round: the same without the discriminator's scoring and update (about
+half of an RLHB step): about 1.5 min. One kto round: serving, scoring and publishing about 50 s, a
+compile of about 30 s, then 6 KTO steps (16 answers; at an estimated 8 s a step, about 2 SFT steps
+plus a forward of 48 rows): about 2 min, 17 min over 8 rounds (with --kto-refit scratch,
+6 x (r + 1) steps: 2 min at round 0, 8 min at round 7, about 40 min). Each arm also loads the
+model and compiles once (about 2 min), and the offline stage (SFT 50 x 2.2 s, the warm-up
+50 x 4.1 s, simulating and loading) takes about 6 min. Per seed: offline 6 min, rlhb 18, oracle
+14, kto 19: about 1 hour, 2 hours for 2 seeds (more while another job shares the cores).
 """
 
 from __future__ import annotations
@@ -116,10 +122,12 @@ def kto_steps_per_round(cfg: config_lib.Config) -> int:
   return max(1, math.ceil(answers / cfg.kto.batch_size))
 
 
-def arm_config(cfg: config_lib.Config, arm: str, kto_steps: int) -> config_lib.Config:
+def arm_config(
+  cfg: config_lib.Config, arm: str, kto_steps: int, kto_refit: str = "continue"
+) -> config_lib.Config:
   changes = {
     "rlhb": {"online.learner": "rlhb"},
-    "kto": {"online.learner": "kto", "kto.steps": kto_steps},
+    "kto": {"online.learner": "kto", "kto.steps": kto_steps, "online.kto_refit": kto_refit},
     "oracle": {"online.learner": "rlhb", "reward.source": "sim"},
   }[arm]
   return config_lib.replace(cfg, **changes)
@@ -145,7 +153,13 @@ def run_arm(cfg: config_lib.Config, workdir: pathlib.Path) -> list[dict] | None:
   return online.run(cfg, workdir)["rounds"]
 
 
-def run_seed(cfg: config_lib.Config, workdir: pathlib.Path, arms: list[str], kto_steps: int):
+def run_seed(
+  cfg: config_lib.Config,
+  workdir: pathlib.Path,
+  arms: list[str],
+  kto_steps: int,
+  kto_refit: str = "continue",
+):
   offline = workdir / "offline"
 
   def prepare():
@@ -159,7 +173,7 @@ def run_seed(cfg: config_lib.Config, workdir: pathlib.Path, arms: list[str], kto
   per_arm = {}
   for arm in arms:
     link_offline(offline, workdir / arm)
-    rounds = run_arm(arm_config(cfg, arm, kto_steps), workdir / arm)
+    rounds = run_arm(arm_config(cfg, arm, kto_steps, kto_refit), workdir / arm)
     if rounds:
       per_arm[arm] = rounds
   if not per_arm:
@@ -202,6 +216,12 @@ def main(argv: list[str] | None = None) -> dict:
   ap.add_argument("--drift-round", type=int, default=3)
   ap.add_argument("--arms", default=",".join(ARMS), help="of rlhb, kto, oracle (frozen: always)")
   ap.add_argument("--kto-steps", type=int, default=0, help="KTO steps per round (0: as RLHB's)")
+  ap.add_argument(
+    "--kto-refit",
+    choices=("continue", "scratch"),
+    default="continue",
+    help="kto arm: train the deployed model further, or refit from SFT (online.kto_refit)",
+  )
   ap.add_argument("--runs", default="runs/online_real_model")
   ap.add_argument("--out", default="results/online_real_model.json")
   ap.add_argument("--plot", default="results/img/online_real_model.png")
@@ -222,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
     flags = [*fixed, *args.overrides, f"--config.seed={seed}", "--config.log.progress=False"]
     cfg = compare_methods.load_config(flags, args.config)
     kto_steps = args.kto_steps or kto_steps_per_round(cfg)
-    out = run_seed(cfg, pathlib.Path(args.runs) / f"seed_{seed}", arms, kto_steps)
+    out = run_seed(cfg, pathlib.Path(args.runs) / f"seed_{seed}", arms, kto_steps, args.kto_refit)
     if out is None:
       continue
     runs[str(seed)] = out
@@ -239,6 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
       f"--rounds={args.rounds}",
       f"--drift-round={args.drift_round}",
       f"--arms={args.arms}",
+      f"--kto-refit={args.kto_refit}",
     ]
     + ([f"--kto-steps={args.kto_steps}"] if args.kto_steps else [])
     + (["--", *args.overrides] if args.overrides else [])
@@ -251,6 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
     "rounds": args.rounds,
     "arms": ["frozen", *arms],
     "kto_steps_per_round": kto_steps,
+    "kto_refit": args.kto_refit,
     "command": command,
     "machine": "CPU, 2 cores",
     "runs": runs,

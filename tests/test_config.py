@@ -95,6 +95,7 @@ def test_bootstrap_ratio_of_one_half_is_refused_for_collapse():
     ("ppo.reward_transform", "exp"),
     ("sampling.decode_layers", "loop"),
     ("online.learner", "dpo"),
+    ("online.kto_refit", "resume"),
   ],
 )
 def test_enumerated_options_are_checked(key, value):

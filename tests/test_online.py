@@ -1,4 +1,5 @@
-"""mode=online end to end (tiny budget), the model-backed serving policy and its hot reload."""
+"""mode=online end to end (tiny budget), the KTO learner's refits, the model-backed serving policy
+and its hot reload."""
 
 import json
 import pathlib
@@ -12,7 +13,8 @@ import pytest
 from shapes import TINY_MODEL
 
 from rlhb_jax import config as config_lib
-from rlhb_jax.jobs import online
+from rlhb_jax.jobs import online, online_learners
+from rlhb_jax.methods import sft as sft_lib
 from rlhb_jax.model import build as build_lib
 from rlhb_jax.run import Run
 from rlhb_jax.serving import ServeConfig, make_server, open_store
@@ -162,6 +164,52 @@ def test_online_with_lora_publishes_merged_weights_and_resumes(tmp_path):
   resumed = online.run(tiny_online_config(**(lora | {"online.rounds": 3})), tmp_path)["rounds"]
   assert resumed[:2] == first and [e["model_step"] for e in resumed] == [0, 1, 2]
   assert json.loads((tmp_path / "models" / "online_actor.json").read_text())["step"] == 3
+
+
+def _max_diff(a, b) -> float:
+  pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  return max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in pairs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [0, 2])
+def test_kto_continue_trains_the_deployed_model_further_against_sft(tmp_path, rank):
+  """online.kto_refit=continue: round 1 starts from round 0's deployed weights, so at learning
+  rate 0 it deploys them again (scratch gives the SFT generator back), and its reference is still
+  the SFT generator (the implicit rewards of round 0's weights are not 0)."""
+  cfg = tiny_online_config(
+    **{
+      "online.learner": "kto",
+      "lora.rank": rank,
+      "kto.steps": 2,
+      "kto.batch_size": 8,
+      "kto.optim.learning_rate": 1e-3,
+      "kto.optim.warmup_steps": 1,
+    }
+  )
+  run = Run(cfg, tmp_path).prepare()
+  sft_lib.sft(run)
+  sft = run.load_params("sft_actor", run.base_actor())
+  rounds = [run.records[:150], run.records[150:]]
+  out = {}
+  for refit in ("scratch", "continue"):
+    learner = online_learners.KTOLearner(
+      Run(config_lib.replace(cfg, **{"online.kto_refit": refit}), tmp_path).prepare()
+    )
+    learner.train(0, rounds[:1], None)
+    first = learner.generator()
+    learner.cfg = config_lib.replace(learner.cfg, **{"kto.optim.learning_rate": 0.0})
+    assert learner.train(1, rounds, None)["kto_steps"] == (4 if refit == "scratch" else 2)
+    logged = [json.loads(x) for x in (tmp_path / "online_kto_001.jsonl").read_text().splitlines()]
+    rewards = [abs(x[k]) for x in logged for k in ("desirable_reward", "undesirable_reward")]
+    out[refit] = (first, learner.generator(), learner.step, max(rewards))
+  (first, scratch, steps, scratch_reward), (first_c, cont, steps_c, cont_reward) = out.values()
+  assert _max_diff(first, first_c) == 0  # round 0 trains from SFT either way
+  assert _max_diff(first, sft) > 0
+  # The implicit rewards: rounding of two differently batched forwards, or a trained policy's.
+  assert _max_diff(scratch, sft) == 0 and scratch_reward < 1e-4
+  assert _max_diff(cont, first) == 0 and cont_reward > 1e-2
+  assert (steps, steps_c) == (2 + 4, 2 + 2)  # the model step counts every refit's steps
 
 
 def _post(url, body):

@@ -52,6 +52,7 @@ def test_online_real_model_runs_every_arm_on_the_same_users_and_resumes(tmp_path
   assert json.loads((tmp_path / "out.json").read_text()) == out
   assert out["seeds"] == [0] and out["drift_round"] == 1 and out["arms"] == ["frozen", *ARMS]
   assert "--rounds=2" in out["command"] and "--config.kto.balance=False" in out["command"]
+  assert "--kto-refit=continue" in out["command"] and out["kto_refit"] == "continue"
   # KTO's share of a round: (1 SFT step x 8 rows + 1 RLHB step x 8 prompts x 2 rollouts) / 8.
   assert out["kto_steps_per_round"] == 3
   rounds = out["runs"]["0"]["rounds"]

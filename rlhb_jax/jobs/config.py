@@ -21,9 +21,13 @@ class OnlineConfig:
   rounds: int = 8
   # What a round trains (jobs/online_learners.py): "rlhb" = `sft_steps` SFT and `steps_per_round`
   # PPO steps on the reward of `reward.source` over the last `window_rounds` rounds' records;
-  # "kto" = KTO refit from the SFT generator on every round's records so far, (r + 1) x
-  # `kto.steps` steps after round r (the cheap alternative: retraining offline on the logs).
+  # "kto" = KTO on every round's records so far after each round, against the SFT generator (the
+  # cheap alternative: retraining offline on the logs), started as `kto_refit` says.
   learner: str = "rlhb"
+  # learner=kto: "scratch" = from the SFT generator, (r + 1) x `kto.steps` steps after round r;
+  # "continue" = from the deployed KTO generator, `kto.steps` more steps (as many answers seen at a
+  # constant cost per round; the optimizer starts afresh and warms up in round 0 only).
+  kto_refit: str = "scratch"
   # sim: the simulator's users act on every served response (through HTTP, like real clients);
   # live: serve on config.serve.port and wait for real clients' feedback in the store.
   source: str = "sim"
@@ -49,6 +53,8 @@ class OnlineConfig:
       raise ValueError(f"config.online.source={self.source!r}: expected sim or live")
     if self.learner not in ("rlhb", "kto"):
       raise ValueError(f"config.online.learner={self.learner!r}: expected rlhb or kto")
+    if self.kto_refit not in ("scratch", "continue"):
+      raise ValueError(f"config.online.kto_refit={self.kto_refit!r}: expected scratch or continue")
     if self.sft_rows not in ("best", "all"):
       raise ValueError(f"config.online.sft_rows={self.sft_rows!r}: expected best or all")
     if self.window_rounds < 1 or self.rounds < 1:

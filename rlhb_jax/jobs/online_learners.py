@@ -11,11 +11,15 @@ checkpoint holds.
   `online.window_rounds` rounds. With the discriminator (`disc`), D learns from the fresh real
   triplets; with `sim` (simulated users only; experiments/online_real_model.py's ceiling), the
   reward is the simulated users' expected like rate under that round's users.
-- `KTOLearner` ("kto"): after round r, KTO (`methods/kto.py`) from the SFT generator on every
-  round's records so far, each marked desirable or undesirable by its behavior bins, for
-  (r + 1) x `kto.steps` steps: the deployed model has seen as many answers as one that trained
-  `kto.steps` x `kto.batch_size` answers a round. A round whose records hold no desirable or no
-  undesirable answer keeps the deployed model.
+- `KTOLearner` ("kto"): after round r, KTO (`methods/kto.py`) on every round's records so far,
+  each marked desirable or undesirable by its behavior bins, against the SFT generator as the
+  reference. `online.kto_refit` says where it starts: "scratch" refits from the SFT generator for
+  (r + 1) x `kto.steps` steps; "continue" trains the deployed KTO generator (round 0: the SFT
+  one) `kto.steps` steps further, with fresh adapters under LoRA and fresh optimizer state, the
+  warm-up of `kto.optim` in the first refit only. Either way the deployed model has seen as many
+  answers as one that trained `kto.steps` x `kto.batch_size` answers a round; "continue" costs the
+  same each round. A round whose records hold no desirable or no undesirable answer keeps the
+  deployed model (and "continue"'s next refit makes up its steps).
 """
 
 from __future__ import annotations
@@ -174,7 +178,15 @@ class KTOLearner:
     run, cfg = self.run, self.cfg
     items, report = kto_lib.kto_examples([x for recs in rounds for x in recs], run.binner, cfg)
     entry = {"kto_desirable": report["desirable"], "kto_undesirable": report["undesirable"]}
-    changes = {"kto.steps": (r + 1) * cfg.kto.steps}
+    # Either way the deployed model has (r + 1) x kto.steps steps behind it after round r: a
+    # continued refit adds the missing ones (kto.steps, unless a round kept its model) at the
+    # rate the first refit warmed up to (after make_optimizer's first update, at rate 0).
+    init, done = None, 0
+    if cfg.online.kto_refit == "continue" and self.steps > 0:
+      init, done = self.params, int(self.steps)
+    changes = {"kto.steps": max((r + 1) * cfg.kto.steps - done, cfg.kto.steps)}
+    if init is not None:
+      changes["kto.optim.warmup_steps"] = 0
     try:
       if cfg.kto.balance:
         w_good, w_bad = kto_lib.balanced_weights(items)
@@ -198,6 +210,7 @@ class KTOLearner:
       lambda graphdef, tx, sh: kto_lib.compile_kto(graphdef, tx, kcfg, sh),
       batcher,
       ("loss", "kl"),
+      init_params=init,
     )
     shutil.rmtree(checkpoints, ignore_errors=True)  # the round's own checkpoint holds the result
     self.params, self.steps = params, self.steps + k.steps

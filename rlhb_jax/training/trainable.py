@@ -24,9 +24,9 @@ from rlhb_jax.training import loop, optim
 @struct.dataclass
 class SupervisedState:
   """One model in training: its trainable params (all, or LoRA adapters and head) and optimizer
-  state; `frozen` holds the rest of the model ({} without LoRA). `ref` is a frozen copy of the
-  starting params for the offline preference steps without LoRA ({} otherwise: under LoRA the
-  reference is the base with adapters off)."""
+  state; `frozen` holds the rest of the model ({} without LoRA). `ref` is the offline preference
+  steps' frozen reference when it is not the base with adapters off: a copy of the starting params
+  without LoRA, or a given model (a full tree, adapters at zero under LoRA); {} otherwise."""
 
   step: jax.Array
   params: Any
@@ -120,13 +120,23 @@ def opt_shardings(tx, opt_state, param_sh, mesh: Mesh):
   )
 
 
-def supervised(p: Prepared, reference: bool = False) -> tuple[SupervisedState, SupervisedState]:
+def supervised(
+  p: Prepared, reference: bool = False, ref_params: Any = None
+) -> tuple[SupervisedState, SupervisedState]:
   """A supervised state of `p` and its shardings. `reference` keeps a frozen copy of the starting
-  weights when there are no adapters (the offline preference stages' reference)."""
-  ref = jax.tree.map(jnp.copy, p.params) if reference and not p.frozen else {}
+  weights when there are no adapters (the offline preference stages' reference); `ref_params`, a
+  plain model's params, is the reference instead, with or without adapters (under LoRA it gets
+  `p`'s fresh adapters, which compute nothing: B = 0)."""
+  ref, ref_sh = {}, {}
+  if ref_params is not None:
+    ref = lora.join(p.params, ref_params) if p.frozen else ref_params
+    ref_sh = lora.join(p.params_sh, p.frozen_sh) if p.frozen else p.params_sh
+  elif reference and not p.frozen:
+    ref, ref_sh = p.params, p.params_sh
+  ref = jax.tree.map(jnp.copy, ref)  # the step donates the state: no buffer shared with params
   state = SupervisedState(jnp.zeros((), jnp.int32), p.params, p.opt, p.frozen, ref)
   rep = sharding.replicated(jax.tree.leaves(p.params_sh)[0].mesh)
-  state_sh = SupervisedState(rep, p.params_sh, p.opt_sh, p.frozen_sh, p.params_sh if ref else {})
+  state_sh = SupervisedState(rep, p.params_sh, p.opt_sh, p.frozen_sh, ref_sh)
   return state, state_sh
 
 
@@ -147,18 +157,29 @@ def _meta(run: Run, stage: str) -> dict:
 
 
 def train_model(
-  run: Run, name: str, model, spec, tx, compile_fn, batch_fn, num_steps, show, reference=False
+  run: Run,
+  name: str,
+  model,
+  spec,
+  tx,
+  compile_fn,
+  batch_fn,
+  num_steps,
+  show,
+  reference=False,
+  ref_params=None,
 ):
   """A supervised stage: attaches `spec`'s adapters to `model` (rank 0: trains every weight),
   runs the resumable loop on the mesh (the batch split over its data axes, the parameters placed
   by the rules table) and returns (graphdef, params) of the plain model with the adapters merged
   in, ready to save under models/<name>. `reference` keeps a frozen copy of the starting weights
-  in the state when there are no adapters (the offline preference stages' reference)."""
+  in the state when there are no adapters (the offline preference stages' reference);
+  `ref_params` (a plain model's params) is the reference instead (`supervised`)."""
   cfg = run.cfg
   plain = nnx.graphdef(model)
   mesh = sharding.make_mesh(cfg.mesh)
   p = prepare(model, spec, cfg.seed, mesh, cfg.mesh.rules, tx)
-  state, state_sh = supervised(p, reference)
+  state, state_sh = supervised(p, reference, ref_params)
   rep = sharding.replicated(mesh)
   batch_sh = batch_shardings(batch_fn(0), mesh)
   with jax.set_mesh(mesh):
@@ -185,12 +206,20 @@ def start_params(run: Run, plain_model) -> Any:
   return params if params is not None else build_lib.params_of(run.base_actor())
 
 
-def train_from_sft(run: Run, name: str, optim_cfg, steps: int, compile_fn, batcher, show):
+def train_from_sft(
+  run: Run, name: str, optim_cfg, steps: int, compile_fn, batcher, show, init_params=None
+):
   """An offline stage on the generator (DPO, KTO): `lora` adapters on the SFT generator, trained
-  against it as the frozen reference. Returns (graphdef, merged params, the reference's params)."""
+  against it as the frozen reference. `init_params` (a plain generator's params, e.g. an earlier
+  result of the stage) are the weights to train instead, the adapters on them under LoRA, the
+  reference still the SFT generator. Returns (graphdef, merged params, the reference's params)."""
   tx = optim.make_optimizer(optim_cfg, steps)
   model = run.actor_model(prefer=("sft_actor",))
+  ref = None
+  if init_params is not None:
+    ref = build_lib.params_of(model)
+    nnx.update(model, jax.tree.map(jnp.copy, init_params))  # the step donates what it trains
   graphdef, params = train_model(
-    run, name, model, run.cfg.lora, tx, compile_fn, batcher, steps, show, reference=True
+    run, name, model, run.cfg.lora, tx, compile_fn, batcher, steps, show, True, ref
   )
   return graphdef, params, start_params(run, params)
