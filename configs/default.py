@@ -20,6 +20,7 @@ The other choices, and why (docs/RESULTS.md, "RLHB on a model that reads"):
   large as the actor.
 - Reward: f(D(query, response, most preferred behavior)) alone.
 - Exploration: 2 prompts x 8 rollouts per step at temperature 1.0.
+- RLHB: 30 steps, the first 10 training D alone; actor learning rate 3e-5 (results/demo_seeds.json).
 """
 
 from rlhb_jax import config as config_lib
@@ -63,10 +64,15 @@ def get_config():
   c.ppo.epochs = 1  # on-policy: one update per batch (RLOO); more epochs cost a pass each
   c.ppo.minibatches = 1
   c.ppo.kl_coef = 0.05
-  c.ppo.actor_optim.learning_rate = 1e-4
+  # 3e-5: at 1e-4 (results/real_model.json) seed 1 loses 21 % of queries to SFT, padding sums
+  # with the logging policy's stock sentence ("This is easy to verify."), which D scores as real.
+  c.ppo.actor_optim.learning_rate = 3e-5
   c.ppo.actor_optim.warmup_steps = 2
   c.disc.optim.warmup_steps = 10
-  c.rlhb.steps = 20
+  # The first 10 steps train D alone on the generator's own rollouts (the actor's lr is 0): without
+  # this lead, 20 RLHB steps tied SFT on the users who check citations (docs/RESULTS.md).
+  c.rlhb.steps = 30
+  c.rlhb.disc_lead_steps = 10
 
   c.reward.rm_steps = 120
   c.reward.rm_batch_size = 8
@@ -76,7 +82,8 @@ def get_config():
   c.reward.classifier_optim.learning_rate = 3e-4
 
   # DPO and KTO from the logs on the RLHB budget of configs/smollm2_sim.py in answers seen (40 steps
-  # x 16 rollouts): 40 steps x 16 answers (8 pairs); this config's 20 RLHB steps sample half that.
+  # x 16 rollouts): 40 steps x 16 answers (8 pairs); this config's 30 RLHB steps sample 480
+  # (320 of them after D's lead).
   c.dpo.steps = 40
   c.dpo.batch_size = 8
   c.kto.steps = 40

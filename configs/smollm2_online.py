@@ -29,4 +29,8 @@ def get_config():
   c.online.sft_optim.learning_rate = 1e-4
   c.online.window_rounds = 2
   c.online.client_threads = 4
+  # A round's 4 RLHB steps follow the users at the learning rate of results/real_model.json (the
+  # demo's 3e-5 is for 20 actor steps in one go); the demo's D-only lead is an offline stage's.
+  c.ppo.actor_optim.learning_rate = 1e-4
+  c.rlhb.disc_lead_steps = 0
   return c

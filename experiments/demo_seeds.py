@@ -12,14 +12,25 @@ summary.json.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import pathlib
+import shlex
 import subprocess
 import sys
 
 import numpy as np
 
-KEYS = ("like_rate", "dislike_rate", "requery_rate", "accuracy")
+KEYS = (
+  "like_rate",
+  "dislike_rate",
+  "requery_rate",
+  "click_rate",
+  "accuracy",
+  "grounded_rate",  # the simulators that check citations report these two
+  "fabricated_rate",
+)
+MAX_LOSS = 0.10  # issue #23: RLHB at or above SFT's like rate, at most 10 % losses, every seed
 
 
 def main() -> None:
@@ -51,7 +62,8 @@ def main() -> None:
     summaries.append(json.loads((workdir / "summary.json").read_text()))
   out: dict = {"config": args.config, "seeds": seeds, "methods": {}, "disc": {}, "wall_seconds": []}
   for method in ("sft", "rlhb"):
-    keys = KEYS + (("win", "tie", "loss") if method == "rlhb" else ())
+    keys = [k for k in KEYS if all(k in s["methods"][method] for s in summaries)]
+    keys += ["win", "tie", "loss"] if method == "rlhb" else []
     out["methods"][method] = {
       k: {
         "mean": float(np.mean([s["methods"][method][k] for s in summaries])),
@@ -65,9 +77,19 @@ def main() -> None:
   for k in ("real_mean", "fake_mean"):
     out["disc"][k] = [s["disc"][k] for s in summaries]
   out["wall_seconds"] = [s["wall_seconds"] for s in summaries]
+  out["targets"] = {
+    str(seed): {
+      "rlhb_like_at_least_sft": s["methods"]["rlhb"]["like_rate"]
+      >= s["methods"]["sft"]["like_rate"],
+      f"loss_at_most_{MAX_LOSS}": s["methods"]["rlhb"]["loss"] <= MAX_LOSS,
+    }
+    for seed, s in zip(seeds, summaries, strict=True)
+  }
+  out["command"] = "python experiments/demo_seeds.py " + shlex.join(sys.argv[1:])
+  out["date"] = datetime.date.today().isoformat()
   pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   pathlib.Path(args.out).write_text(json.dumps(out, indent=2))
-  print(json.dumps(out["like_rate_gain"]))
+  print(json.dumps({"like_rate_gain": out["like_rate_gain"], "targets": out["targets"]}))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ online RLHB against the frozen model, online KTO and PPO on the simulated users'
   python experiments/online_real_model.py --seeds 0,1 [--config configs/smollm2_online.py]
       [--rounds 8] [--drift-round 3] [--arms rlhb,kto,oracle] [--runs runs/online_real_model]
       [--out results/online_real_model.json] [--plot results/img/online_real_model.png]
-      [--kto-steps N] [--kto-refit continue|scratch] [--report]
+      [--kto-steps N] [--kto-refit continue|scratch] [--saved results/online_real_model_stages]
+      [--report]
       [-- --config.online.steps_per_round=4 ...]
 
 Per seed, one offline stage in RUNS/seed_S/offline (simulated logs, behavior-conditioned SFT, the
@@ -42,7 +43,10 @@ round's wall time (serve, score, collect, train, checkpoint, publish).
 
 Resumes: the offline stage is skipped once done; an arm resumes after its last finished round
 (`mode=online`'s checkpoint, a round killed midway runs again) and is skipped once its
-online_summary.json holds every round. `--report` gathers what is finished and trains nothing.
+online_summary.json holds every round. A finished arm's rounds are also copied to
+SAVED/seed_S/ARM.json (with the offline stage's wall time in offline.json; committed), so seeds run
+in different sessions gather without their run directories; a saved arm run with other flags stops
+the script rather than mix. `--report` gathers what is finished and trains nothing.
 
 Cost on the 2-core CPU (an estimate from docs/PERFORMANCE.md's step times with bf16 matmuls, SFT
 2.2 s, D warm-up 4.1 s and RLHB 16 s a step; not a measurement): configs/smollm2_online.py is
@@ -110,6 +114,7 @@ SHARED = (
   "models/sft_actor",
   "models/disc_warmup",
 )
+CONFIG_KEY = ""  # what a saved arm was run with: --config, its flags and the arm flags, no seed
 READ_ONLY = False  # --report (real_model.stage reads its own flag, set beside this one)
 
 
@@ -142,15 +147,28 @@ def link_offline(offline: pathlib.Path, workdir: pathlib.Path) -> None:
       os.symlink(src.absolute(), dst)
 
 
-def run_arm(cfg: config_lib.Config, workdir: pathlib.Path) -> list[dict] | None:
-  """The arm's rounds: read back when all are done, else run (resuming) unless --report."""
+def run_arm(cfg: config_lib.Config, workdir: pathlib.Path, saved: pathlib.Path | None):
+  """The arm's rounds: read back when all are done (from `saved`, the committed copy, or the run
+  directory), else run (resuming) unless --report. A finished arm is copied to `saved`, so that
+  seeds run in different sessions (their run directories gone) still gather."""
+  rounds = cfg.online.rounds
+  key = {"config": CONFIG_KEY}
+  if saved is not None and saved.exists():
+    kept = json.loads(saved.read_text())
+    if kept.get("config") != CONFIG_KEY:
+      raise SystemExit(f"{saved}: saved for {kept.get('config')}, not {CONFIG_KEY}; move it away")
+    if len(kept["rounds"]) >= rounds:
+      return kept["rounds"][:rounds]
   path = workdir / "online_summary.json"
   done = json.loads(path.read_text())["rounds"] if path.exists() else []
-  if len(done) >= cfg.online.rounds:
-    return done[: cfg.online.rounds]
-  if READ_ONLY:
-    return done or None
-  return online.run(cfg, workdir)["rounds"]
+  if len(done) < rounds:
+    if READ_ONLY:
+      return done or None
+    done = online.run(cfg, workdir)["rounds"]
+  if saved is not None:
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(key | {"rounds": done[:rounds]}, indent=1))
+  return done[:rounds]
 
 
 def run_seed(
@@ -159,21 +177,31 @@ def run_seed(
   arms: list[str],
   kto_steps: int,
   kto_refit: str = "continue",
+  saved: pathlib.Path | None = None,
 ):
   offline = workdir / "offline"
+  kept = saved / "offline.json" if saved is not None else None
 
   def prepare():
     run = Run(cfg, offline).prepare()
     sft_lib.sft(run)
     disc_lib.disc_warmup(run)
 
-  done = stage(offline, "offline", prepare)
-  if done is None:
-    return None
+  every = kept is not None and all((saved / f"{arm}.json").exists() for arm in arms)
+  if kept is not None and kept.exists() and (every or READ_ONLY):  # nothing left to train
+    done = json.loads(kept.read_text())
+  else:
+    done = stage(offline, "offline", prepare)
+    if done is None:
+      return None
+    if kept is not None:
+      kept.parent.mkdir(parents=True, exist_ok=True)
+      kept.write_text(json.dumps(done, indent=1))
   per_arm = {}
   for arm in arms:
     link_offline(offline, workdir / arm)
-    rounds = run_arm(arm_config(cfg, arm, kto_steps, kto_refit), workdir / arm)
+    arm_saved = saved / f"{arm}.json" if saved is not None else None
+    rounds = run_arm(arm_config(cfg, arm, kto_steps, kto_refit), workdir / arm, arm_saved)
     if rounds:
       per_arm[arm] = rounds
   if not per_arm:
@@ -223,12 +251,17 @@ def main(argv: list[str] | None = None) -> dict:
     help="kto arm: train the deployed model further, or refit from SFT (online.kto_refit)",
   )
   ap.add_argument("--runs", default="runs/online_real_model")
+  ap.add_argument(
+    "--saved",
+    default="results/online_real_model_stages",
+    help="finished arms are copied here per seed (commit it; '' for none)",
+  )
   ap.add_argument("--out", default="results/online_real_model.json")
   ap.add_argument("--plot", default="results/img/online_real_model.png")
   ap.add_argument("--report", action="store_true", help="gather finished rounds; train nothing")
   ap.add_argument("overrides", nargs="*", help="--config.* flags for --config")
   args = ap.parse_args(argv)
-  global READ_ONLY
+  global READ_ONLY, CONFIG_KEY
   READ_ONLY = real_model.READ_ONLY = args.report
   logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
   logging.getLogger("rlhb_jax").setLevel(logging.INFO)
@@ -237,12 +270,18 @@ def main(argv: list[str] | None = None) -> dict:
   if unknown := set(arms) - set(ARMS):
     raise SystemExit(f"--arms: unknown {sorted(unknown)}; expected some of {ARMS}")
   fixed = [f"--config.online.rounds={args.rounds}", f"--config.sim.drift_round={args.drift_round}"]
+  CONFIG_KEY = shlex.join(
+    [args.config, *fixed, *args.overrides, f"--kto-steps={args.kto_steps}", args.kto_refit]
+  )
   runs, kto_steps = {}, 0
   for seed in seeds:
     flags = [*fixed, *args.overrides, f"--config.seed={seed}", "--config.log.progress=False"]
     cfg = compare_methods.load_config(flags, args.config)
     kto_steps = args.kto_steps or kto_steps_per_round(cfg)
-    out = run_seed(cfg, pathlib.Path(args.runs) / f"seed_{seed}", arms, kto_steps, args.kto_refit)
+    saved = pathlib.Path(args.saved) / f"seed_{seed}" if args.saved else None
+    out = run_seed(
+      cfg, pathlib.Path(args.runs) / f"seed_{seed}", arms, kto_steps, args.kto_refit, saved
+    )
     if out is None:
       continue
     runs[str(seed)] = out

@@ -5,6 +5,7 @@ import collections
 import importlib.util
 import json
 import pathlib
+import shutil
 
 import pytest
 from test_online import TINY
@@ -43,6 +44,7 @@ def test_online_real_model_runs_every_arm_on_the_same_users_and_resumes(tmp_path
     "--rounds=2",
     "--drift-round=1",
     f"--runs={tmp_path / 'runs'}",
+    f"--saved={tmp_path / 'saved'}",
     f"--out={tmp_path / 'out.json'}",
     f"--plot={tmp_path / 'plot.png'}",
     "--",
@@ -84,6 +86,14 @@ def test_online_real_model_runs_every_arm_on_the_same_users_and_resumes(tmp_path
   kto = tmp_path / "runs" / "seed_0" / "kto" / "online_summary.json"
   cut = json.loads(kto.read_text())
   kto.write_text(json.dumps(cut | {"rounds": cut["rounds"][:1]}))
+  saved = tmp_path / "saved" / "seed_0"
+  assert sorted(p.name for p in saved.iterdir()) == [
+    "kto.json",
+    "offline.json",
+    "oracle.json",
+    "rlhb.json",
+  ]
+  (saved / "kto.json").unlink()
   calls = []
   run = online.run
 
@@ -95,3 +105,12 @@ def test_online_real_model_runs_every_arm_on_the_same_users_and_resumes(tmp_path
   again = _script().main(argv)
   assert calls == ["kto"]
   assert again["runs"] == out["runs"]
+
+  # Another session: the run directories are gone; the saved arms gather alone, nothing trains.
+  shutil.rmtree(tmp_path / "runs")
+  calls.clear()
+  assert (
+    _script().main([*argv[: -1 - len(tiny)], "--report", *argv[-1 - len(tiny) :]])["runs"]
+    == out["runs"]
+  )
+  assert calls == []
