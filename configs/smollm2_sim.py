@@ -38,4 +38,6 @@ def get_config():
   c.sft.steps = 120
   c.disc.warmup_steps = 120
   c.rlhb.steps = 40
+  c.rlhb.disc_lead_steps = 0  # the demo's D-only lead and lower actor lr came later (issue #23)
+  c.ppo.actor_optim.learning_rate = 1e-4
   return c
