@@ -219,6 +219,22 @@ def run_seed(
   return {"offline_wall_seconds": done["wall_seconds"], "rounds": rows}
 
 
+def targets(rounds: list[dict], drift: int) -> dict:
+  """Issue #25's two checks on one seed's rounds: online RLHB's like rate above the frozen model's
+  in every round from the second after the drift on (rounds drift + 1, ...), and its mean over the
+  post-drift rounds (drift, ...) at least online KTO's."""
+  like = [r["like_rate"] for r in rounds]
+  after = like[drift:]
+  out = {"above_frozen_from_round": drift + 1}
+  if "rlhb" in like[0]:
+    out["rlhb_above_frozen"] = all(r["rlhb"] > r["frozen"] for r in like[drift + 1 :])
+  means = {a: float(np.mean([r[a] for r in after])) for a in like[0]} if after else {}
+  out["post_drift_mean"] = means
+  if after and {"rlhb", "kto"} <= set(means):
+    out["rlhb_mean_at_least_kto"] = means["rlhb"] >= means["kto"]
+  return out
+
+
 def plot(path: pathlib.Path, runs: dict, arms: list[str], drift: int) -> None:
   """Like rate per round and arm, the mean over seeds, the drift marked."""
   n = min(len(r["rounds"]) for r in runs.values())
@@ -284,6 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if out is None:
       continue
+    out["targets"] = targets(out["rounds"], args.drift_round)
     runs[str(seed)] = out
     table = [
       {"round": r["round"], **{f"like {a}": f"{v:.3f}" for a, v in r["like_rate"].items()}}
@@ -291,6 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     print(f"seed {seed}")
     print(format_markdown_table(table, list(table[0])))
+    print(f"targets: {out['targets']}")
   command = "python experiments/online_real_model.py " + shlex.join(
     [
       f"--seeds={args.seeds}",

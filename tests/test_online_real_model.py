@@ -114,3 +114,24 @@ def test_online_real_model_runs_every_arm_on_the_same_users_and_resumes(tmp_path
     == out["runs"]
   )
   assert calls == []
+
+
+def test_targets_checks_rlhb_against_frozen_and_kto_after_the_drift():
+  script = _script()
+  like = [  # (frozen, rlhb, kto) per round; the drift at round 2
+    (0.5, 0.5, 0.5),
+    (0.5, 0.4, 0.6),  # before the drift: not checked
+    (0.3, 0.2, 0.4),  # the drift round itself: in the mean, not in the per-round check
+    (0.3, 0.5, 0.3),
+    (0.3, 0.4, 0.3),
+  ]
+  rounds = [{"like_rate": {"frozen": f, "rlhb": r, "kto": k}} for f, r, k in like]
+  out = script.targets(rounds, drift=2)
+  assert out["above_frozen_from_round"] == 3 and out["rlhb_above_frozen"] is True
+  assert out["post_drift_mean"]["rlhb"] == pytest.approx((0.2 + 0.5 + 0.4) / 3)
+  assert out["post_drift_mean"]["kto"] == pytest.approx(1.0 / 3)
+  assert out["rlhb_mean_at_least_kto"] is True
+  rounds[4]["like_rate"]["rlhb"] = 0.3  # equal to frozen is not above it
+  rounds[3]["like_rate"]["kto"] = 0.6
+  out = script.targets(rounds, drift=2)
+  assert out["rlhb_above_frozen"] is False and out["rlhb_mean_at_least_kto"] is False
