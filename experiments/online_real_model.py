@@ -86,6 +86,7 @@ import real_model  # noqa: E402
 from real_model import stage  # noqa: E402
 
 from rlhb_jax import config as config_lib  # noqa: E402
+from rlhb_jax.infra.metrics import read_jsonl  # noqa: E402
 from rlhb_jax.infra.report import format_markdown_table, plot_series  # noqa: E402
 from rlhb_jax.jobs import online  # noqa: E402
 from rlhb_jax.methods import disc as disc_lib  # noqa: E402
@@ -105,6 +106,9 @@ SCORES = (
 )
 # Per trained arm only.
 SERVED = ("like_rate_observed", "records", "model_step", "wall_seconds")
+# The training steps' curves (mode=online's online.jsonl), kept per step with each saved arm and
+# averaged per round in the JSON: D on the round's real and generated triplets, and the reward.
+CURVES = ("d_real", "d_fake", "d_swap", "reward_mean", "kl")
 # What the offline stage leaves for the arms (linked, never copied: SmolLM2's weights are large).
 SHARED = (
   "logs.jsonl",
@@ -147,6 +151,21 @@ def link_offline(offline: pathlib.Path, workdir: pathlib.Path) -> None:
       os.symlink(src.absolute(), dst)
 
 
+def train_curves(workdir: pathlib.Path) -> list[dict]:
+  """Each training step's round and CURVES (those the arm's learner logs) from online.jsonl."""
+  path = workdir / "online.jsonl"
+  rows = read_jsonl(path) if path.exists() else []
+  keep = ("step", "round", *CURVES)
+  return [{k: r[k] for k in keep if r.get(k) is not None} for r in rows]
+
+
+def round_means(steps: list[dict], round: int) -> dict:
+  """CURVES averaged over the training steps of `round` (those logged)."""
+  mine = [s for s in steps if s.get("round") == round]
+  keys = [k for k in CURVES if any(k in s for s in mine)]
+  return {k: float(np.mean([s[k] for s in mine if k in s])) for k in keys}
+
+
 def run_arm(cfg: config_lib.Config, workdir: pathlib.Path, saved: pathlib.Path | None):
   """The arm's rounds: read back when all are done (from `saved`, the committed copy, or the run
   directory), else run (resuming) unless --report. A finished arm is copied to `saved`, so that
@@ -158,17 +177,18 @@ def run_arm(cfg: config_lib.Config, workdir: pathlib.Path, saved: pathlib.Path |
     if kept.get("config") != CONFIG_KEY:
       raise SystemExit(f"{saved}: saved for {kept.get('config')}, not {CONFIG_KEY}; move it away")
     if len(kept["rounds"]) >= rounds:
-      return kept["rounds"][:rounds]
+      return kept["rounds"][:rounds], kept.get("steps", [])
   path = workdir / "online_summary.json"
   done = json.loads(path.read_text())["rounds"] if path.exists() else []
   if len(done) < rounds:
     if READ_ONLY:
-      return done or None
+      return (done, train_curves(workdir)) if done else (None, [])
     done = online.run(cfg, workdir)["rounds"]
+  steps = train_curves(workdir)
   if saved is not None:
     saved.parent.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(key | {"rounds": done[:rounds]}, indent=1))
-  return done[:rounds]
+    saved.write_text(json.dumps(key | {"rounds": done[:rounds], "steps": steps}, indent=1))
+  return done[:rounds], steps
 
 
 def run_seed(
@@ -197,13 +217,13 @@ def run_seed(
     if kept is not None:
       kept.parent.mkdir(parents=True, exist_ok=True)
       kept.write_text(json.dumps(done, indent=1))
-  per_arm = {}
+  per_arm, per_arm_steps = {}, {}
   for arm in arms:
     link_offline(offline, workdir / arm)
     arm_saved = saved / f"{arm}.json" if saved is not None else None
-    rounds = run_arm(arm_config(cfg, arm, kto_steps, kto_refit), workdir / arm, arm_saved)
+    rounds, steps = run_arm(arm_config(cfg, arm, kto_steps, kto_refit), workdir / arm, arm_saved)
     if rounds:
-      per_arm[arm] = rounds
+      per_arm[arm], per_arm_steps[arm] = rounds, steps
   if not per_arm:
     return None
   n = min(len(r) for r in per_arm.values())
@@ -215,8 +235,9 @@ def run_seed(
       row[key] = {"frozen": first[f"{src}_frozen"]}
       row[key] |= {arm: rounds[i][f"{src}_online"] for arm, rounds in per_arm.items()}
     row |= {key: {arm: rounds[i][key] for arm, rounds in per_arm.items()} for key in SERVED}
+    row["train"] = {arm: round_means(per_arm_steps[arm], i) for arm in per_arm}
     rows.append(row)
-  return {"offline_wall_seconds": done["wall_seconds"], "rounds": rows}
+  return {"offline_wall_seconds": done["wall_seconds"], "rounds": rows, "steps": per_arm_steps}
 
 
 def targets(rounds: list[dict], drift: int) -> dict:
@@ -250,6 +271,30 @@ def plot(path: pathlib.Path, runs: dict, arms: list[str], drift: int) -> None:
     ylabel="like rate",
     vline=(drift, "users drift") if drift >= 0 else None,
   )
+
+
+def plot_curves(path: pathlib.Path, runs: dict, drift: int) -> None:
+  """Online RLHB's D(real), D(fake) and reward per training step, per seed, the drift marked."""
+  series = {}
+  for seed, r in runs.items():
+    steps = r["steps"].get("rlhb", [])
+    for key, name in (("d_real", "D(real)"), ("d_fake", "D(fake)"), ("reward_mean", "reward")):
+      pts = [(s["step"], s[key]) for s in steps if key in s]
+      if pts:
+        series[f"seed {seed} {name}"] = ([x for x, _ in pts], [y for _, y in pts])
+  first = [
+    s["step"] for r in runs.values() for s in r["steps"].get("rlhb", []) if s["round"] >= drift
+  ]
+  if series:
+    plot_series(
+      path,
+      series,
+      title="Online RLHB: the discriminator and the reward per training step",
+      xlabel="training step (rounds in order)",
+      ylabel="D score / reward",
+      hline=0.5,
+      vline=(min(first) - 0.5, "users drift") if first else None,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -339,6 +384,8 @@ def main(argv: list[str] | None = None) -> dict:
   out.write_text(json.dumps(summary, indent=2))
   if runs:
     plot(pathlib.Path(args.plot), runs, arms, args.drift_round)
+    curves = pathlib.Path(args.plot)
+    plot_curves(curves.with_name(curves.stem + "_curves.png"), runs, args.drift_round)
   print(f"wrote {out}")
   return summary
 

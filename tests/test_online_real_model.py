@@ -68,6 +68,13 @@ def test_online_real_model_runs_every_arm_on_the_same_users_and_resumes(tmp_path
   for key, _ in script.SCORES:
     assert set(rounds[0][key].values()) == {rounds[0][key]["frozen"]}
   assert rounds[1]["model_step"] == {"rlhb": 1, "kto": 3, "oracle": 1}
+  # The RLHB arm's D and reward per training step (one a round here), and their round means.
+  steps = out["runs"]["0"]["steps"]["rlhb"]
+  assert [s["round"] for s in steps] == [0, 1]
+  for i, r in enumerate(rounds):
+    for key in ("d_real", "d_fake", "reward_mean"):
+      assert r["train"]["rlhb"][key] == pytest.approx(steps[i][key])
+      assert 0.0 <= steps[i][key] <= 1.0
   # The same users: every arm scores the same frozen policy, and serves the same queries, each
   # shown to as many users, in every round (the frozen like rate moves with the drift).
   summaries = {
