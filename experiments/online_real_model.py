@@ -274,11 +274,12 @@ def plot(path: pathlib.Path, runs: dict, arms: list[str], drift: int) -> None:
 
 
 def plot_curves(path: pathlib.Path, runs: dict, drift: int) -> None:
-  """Online RLHB's D(real), D(fake) and reward per training step, per seed, the drift marked."""
+  """Online RLHB's D on the logged (real) triplets and its reward, D on the generated ones (the
+  same as D(fake)), per training step and seed, the drift marked."""
   series = {}
   for seed, r in runs.items():
     steps = r["steps"].get("rlhb", [])
-    for key, name in (("d_real", "D(real)"), ("d_fake", "D(fake)"), ("reward_mean", "reward")):
+    for key, name in (("d_real", "D(real)"), ("reward_mean", "reward = D(generated)")):
       pts = [(s["step"], s[key]) for s in steps if key in s]
       if pts:
         series[f"seed {seed} {name}"] = ([x for x, _ in pts], [y for _, y in pts])
