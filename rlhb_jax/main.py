@@ -169,6 +169,7 @@ def main(argv: list[str]) -> None:
     print(f"config error: {problem}", file=sys.stderr)
     sys.exit(2)
   from rlhb_jax.data import BadRecordError
+  from rlhb_jax.eval.evaluate import MissingModelError
   from rlhb_jax.jobs.export import ExportError
   from rlhb_jax.jobs.keys import KeysError
 
@@ -182,6 +183,9 @@ def main(argv: list[str]) -> None:
     sys.exit(2)
   except KeysError as e:
     print(f"keys error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except MissingModelError as e:
+    print(f"eval error: {e}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -387,3 +387,25 @@ def test_smollm2_judge_reads_its_answer_tokens():
   flip = {"win": "loss", "loss": "win", "tie": "tie"}
   assert judge.compare_many(queries, b, a) == [flip[v] for v in verdicts]
   assert judge.compare_many(queries, a, a) == ["tie"] * 3
+
+
+def test_heldout_queries_are_a_seeded_subset_and_zero_means_every_one():
+  import types
+
+  from rlhb_jax import config as config_lib
+  from rlhb_jax.eval.evaluate import heldout_queries
+  from rlhb_jax.sim import Simulator
+
+  sim = Simulator(seed=0)
+  every = sim.queries("heldout")
+
+  def run(n: int, seed: int = 0):
+    cfg = config_lib.replace(config_lib.Config(), **{"eval.num_queries": n, "seed": seed})
+    return types.SimpleNamespace(simulator=sim, cfg=cfg)
+
+  assert heldout_queries(run(0)) == every and len(every) > 200
+  some = heldout_queries(run(48))
+  assert len(some) == 48 and some == [q for q in every if q in set(some)]  # in the list's order
+  assert heldout_queries(run(48)) == some and heldout_queries(run(48, seed=1)) != some
+  with pytest.raises(ValueError, match="num_queries=-1"):
+    config_lib.replace(config_lib.Config(), **{"eval.num_queries": -1})

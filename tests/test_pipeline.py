@@ -172,6 +172,15 @@ def test_smollm2_sim_pipeline_end_to_end(tmp_path):
   assert moved > 0  # RLHB changed the generator (through its merged adapters)
 
 
+def test_eval_without_an_sft_generator_says_so(tmp_path):
+  """mode=eval on a run with no models/sft_actor stops and names it (the base weights would
+  otherwise be scored as SFT)."""
+  out = subprocess.run(cli(tmp_path, mode="eval"), capture_output=True, text=True, env=env())
+  assert out.returncode == 2, why(out.stderr)
+  assert f"eval error: {tmp_path / 'models' / 'sft_actor'} is missing" in out.stderr
+  assert not (tmp_path / "eval.json").exists()
+
+
 @pytest.mark.slow
 def test_dpo_and_kto_modes_then_eval(tmp_path):
   """mode=dpo and mode=kto on the embedded default write their generators and data reports;

@@ -9,7 +9,7 @@ from rlhb_jax.model.config import ModelSpec
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-  num_queries: int = 200  # held-out simulator queries
+  num_queries: int = 200  # held-out simulator queries (0: every one)
   batch_size: int = 50
   # Who decides Win / Tie / Loss: "sim" (the simulated users' ground truth) or "llm" (judge_model
   # asked both orders, inconsistent verdicts are ties; docs/JUDGES.md).
@@ -21,5 +21,7 @@ class EvalConfig:
   curve_queries: int = 48
 
   def __post_init__(self):
+    if self.num_queries < 0:
+      raise ValueError(f"config.eval.num_queries={self.num_queries}: expected >= 0 (0: every one)")
     if self.judge not in ("sim", "llm"):
       raise ValueError(f"config.eval.judge={self.judge!r}: expected sim or llm")

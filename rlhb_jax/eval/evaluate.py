@@ -31,7 +31,7 @@ CITE_KEYS = ("grounded_rate", "fabricated_rate")
 def heldout_queries(run: Run) -> list[str]:
   queries = run.simulator.queries("heldout")
   rng = np.random.default_rng([run.cfg.seed, 7])
-  n = min(run.cfg.eval.num_queries, len(queries))
+  n = min(run.cfg.eval.num_queries or len(queries), len(queries))
   return [queries[i] for i in sorted(rng.choice(len(queries), n, replace=False))]
 
 
@@ -125,7 +125,16 @@ def print_results(results: dict) -> None:
   print(format_table(rows, [c for c in cols if any(c in r for r in rows)]))
 
 
+class MissingModelError(Exception):
+  """mode=eval found no SFT generator to score the others against."""
+
+
 def run(cfg: Config, workdir: pathlib.Path) -> dict:
+  if not (workdir / "models" / "sft_actor").exists():  # else the base weights would pass as SFT
+    raise MissingModelError(
+      f"{workdir / 'models' / 'sft_actor'} is missing: mode=eval scores every trained generator "
+      "against the SFT one; train it first (config.mode=sft, or the pipeline)"
+    )
   run_ = Run(cfg, workdir).prepare()
   methods = {"sft": "sft_actor"}
   for name in ("rlhf", "rlhbc", "rlhb", "rlhf_rlhb", "dpo", "dpo_annotators", "kto", "online"):
