@@ -48,20 +48,18 @@ SAVED/seed_S/ARM.json (with the offline stage's wall time in offline.json; commi
 in different sessions gather without their run directories; a saved arm run with other flags stops
 the script rather than mix. `--report` gathers what is finished and trains nothing.
 
-Cost on the 2-core CPU (an estimate from docs/PERFORMANCE.md's step times with bf16 matmuls, SFT
-2.2 s, D warm-up 4.1 s and RLHB 16 s a step; not a measurement): configs/smollm2_online.py is
-configs/default.py's model (rank-8 LoRA, bf16 training matmuls, f32 decoding) with 48 served
-queries, 4 SFT steps (batch 8) and 4 RLHB steps (2 prompts x 8 rollouts) a round, 48 held-out
-queries. One rlhb round: serving 48 answers about 20 s (24 tokens, 4 concurrent clients), scoring
-the deployed model about 18 s, SFT 4 x 2.2 s, RLHB 4 x 16 s, checkpoint and publish about 10 s:
-about 2 min. One oracle round: the same without the discriminator's scoring and update (about
-half of an RLHB step): about 1.5 min. One kto round: serving, scoring and publishing about 50 s, a
-compile of about 30 s, then 6 KTO steps (16 answers; at an estimated 8 s a step, about 2 SFT steps
-plus a forward of 48 rows): about 2 min, 17 min over 8 rounds (with --kto-refit scratch,
-6 x (r + 1) steps: 2 min at round 0, 8 min at round 7, about 40 min). Each arm also loads the
-model and compiles once (about 2 min), and the offline stage (SFT 50 x 2.2 s, the warm-up
-50 x 4.1 s, simulating and loading) takes about 6 min. Per seed: offline 6 min, rlhb 18, oracle
-14, kto 19: about 1 hour, 2 hours for 2 seeds (more while another job shares the cores).
+Cost on the 2-core CPU (measured 2026-12-04, results/online_real_model.json, docs/PERFORMANCE.md):
+configs/smollm2_online.py is configs/default.py's model (rank-8 LoRA, bf16 training matmuls, f32
+decoding) with 48 served queries, 4 SFT steps (batch 8) and 4 RLHB steps (2 prompts x 8
+rollouts) a round, 48 held-out queries. The offline stage took 244-247 s a seed; the median round
+77-82 s for rlhb, 65-70 s for kto (about 30 s of it a compile: a fresh KTO learner each round;
+with --kto-refit scratch a round's steps grow with the round) and 60-61 s for oracle. With each
+arm's loading and compile, about 35 minutes a seed for the three arms.
+
+The JSON's per-seed "targets" are issue #25's checks: online RLHB above the frozen model in every
+round from the second after the drift, and its post-drift mean at least online KTO's. Each round's
+training curves (D on the logged and the generated triplets, the reward, the KL) are saved per
+step with the arms and drawn, for online RLHB, into PLOT's *_curves.png.
 """
 
 from __future__ import annotations
