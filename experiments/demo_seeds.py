@@ -9,8 +9,8 @@ Each seed runs `python -m rlhb_jax.main --config CONFIG --config.seed=S` in its 
 summary.json: the demo's own evaluation (config.eval.num_queries held-out queries, 48 in
 configs/default.py). Then, with --heldout N (default 0: every held-out query, 349 for the built-in
 simulator), `mode=eval` scores the same two generators again on N held-out queries
-(RUNS/demo_seed_S/eval_heldout.json): the demo's 48 queries leave a loss share with a standard
-error of about 4 points, as large as the margins it is judged by. The JSON holds both
+(RUNS/demo_seed_S/eval_heldout_N.json, N "all" for 0): the demo's 48 queries leave a loss share
+with a standard error of 3-5 points, as large as the margins it is judged by. The JSON holds both
 ("methods", "targets": the demo's; "heldout": the larger evaluation's).
 """
 
@@ -50,6 +50,7 @@ def main() -> None:
     default=0,
     help="held-out queries of the second evaluation (0: every one; -1: none)",
   )
+  ap.add_argument("--note", default="", help="a remark kept in the JSON (how a run was made)")
   ap.add_argument("overrides", nargs="*", help="extra --config.* flags")
   args = ap.parse_args()
   seeds = [int(s) for s in args.seeds.split(",")]
@@ -72,7 +73,7 @@ def main() -> None:
       subprocess.run(cmd, check=True)
     summaries.append(json.loads((workdir / "summary.json").read_text()))
     if args.heldout >= 0:
-      path = workdir / "eval_heldout.json"
+      path = workdir / f"eval_heldout_{args.heldout or 'all'}.json"
       if not path.exists():  # mode=eval writes eval.json; kept under its own name
         queries = f"--config.eval.num_queries={args.heldout}"
         subprocess.run([*cmd, "--config.mode=eval", queries], check=True)
@@ -82,6 +83,8 @@ def main() -> None:
   out |= aggregate(seeds, summaries)
   out["disc"] = {k: [s["disc"][k] for s in summaries] for k in ("real_mean", "fake_mean")}
   out["wall_seconds"] = [s["wall_seconds"] for s in summaries]
+  if args.note:
+    out["note"] = args.note
   if heldout:
     out["heldout"] = {"num_queries": args.heldout or "every held-out query"}
     out["heldout"] |= aggregate(seeds, heldout)

@@ -53,13 +53,16 @@ configs/smollm2_online.py is configs/default.py's model (rank-8 LoRA, bf16 train
 decoding) with 48 served queries, 4 SFT steps (batch 8) and 4 RLHB steps (2 prompts x 8
 rollouts) a round, 48 held-out queries. The offline stage took 244-247 s a seed; the median round
 77-82 s for rlhb, 65-70 s for kto (about 30 s of it a compile: a fresh KTO learner each round;
-with --kto-refit scratch a round's steps grow with the round) and 60-61 s for oracle. With each
-arm's loading and compile, about 35 minutes a seed for the three arms.
+with --kto-refit scratch a round's steps grow with the round) and 60-62 s for oracle. The three
+arms' rounds add up to 28-29 minutes a seed; with the offline stage and each arm's loading and
+compile, about 35 minutes.
 
 The JSON's per-seed "targets" are issue #25's checks: online RLHB above the frozen model in every
-round from the second after the drift, and its post-drift mean at least online KTO's. Each round's
-training curves (D on the logged and the generated triplets, the reward, the KL) are saved per
-step with the arms and drawn, for online RLHB, into PLOT's *_curves.png.
+round from the second after the drift, and its post-drift mean at least online KTO's. The
+training curves of the rlhb and oracle arms (D on the logged and the generated triplets, the
+reward, the KL; the oracle has no D) are saved per step with the arms, averaged per round in the
+JSON and drawn, for online RLHB, into PLOT's *_curves.png. The kto arm logs its steps apart
+(online_kto_RRR.jsonl in its run directory); they are not gathered.
 """
 
 from __future__ import annotations
@@ -241,15 +244,17 @@ def run_seed(
 def targets(rounds: list[dict], drift: int) -> dict:
   """Issue #25's two checks on one seed's rounds: online RLHB's like rate above the frozen model's
   in every round from the second after the drift on (rounds drift + 1, ...), and its mean over the
-  post-drift rounds (drift, ...) at least online KTO's."""
+  post-drift rounds (drift, ...) at least online KTO's. A check with no round to judge (no drift,
+  or too few rounds gathered) is None."""
   like = [r["like_rate"] for r in rounds]
-  after = like[drift:]
-  out = {"above_frozen_from_round": drift + 1}
-  if "rlhb" in like[0]:
-    out["rlhb_above_frozen"] = all(r["rlhb"] > r["frozen"] for r in like[drift + 1 :])
-  means = {a: float(np.mean([r[a] for r in after])) for a in like[0]} if after else {}
+  after = like[drift:] if drift >= 0 else []
+  checked = like[drift + 1 :] if drift >= 0 else []
+  out: dict = {"above_frozen_from_round": drift + 1 if drift >= 0 else None}
+  if like and "rlhb" in like[0]:
+    out["rlhb_above_frozen"] = all(r["rlhb"] > r["frozen"] for r in checked) if checked else None
+  means = {a: float(np.mean([r[a] for r in after])) for a in after[0]} if after else {}
   out["post_drift_mean"] = means
-  if after and {"rlhb", "kto"} <= set(means):
+  if {"rlhb", "kto"} <= set(means):
     out["rlhb_mean_at_least_kto"] = means["rlhb"] >= means["kto"]
   return out
 

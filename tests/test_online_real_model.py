@@ -7,6 +7,7 @@ import json
 import pathlib
 import shutil
 
+import numpy as np
 import pytest
 from test_online import TINY
 
@@ -38,6 +39,7 @@ def test_online_real_model_runs_every_arm_on_the_same_users_and_resumes(tmp_path
   tiny = {k: v for k, v in TINY.items() if k not in ("online.rounds", "sim.drift_round")}
   # The untrained tiny model's answers are all undesirable: KTO trains on them unbalanced.
   tiny |= {"kto.balance": False, "kto.batch_size": 8}
+  tiny["online.steps_per_round"] = 2  # two RLHB steps a round: the curves' round means average
   argv = [
     "--seeds=0",
     "--config=configs/online.py",
@@ -55,8 +57,8 @@ def test_online_real_model_runs_every_arm_on_the_same_users_and_resumes(tmp_path
   assert out["seeds"] == [0] and out["drift_round"] == 1 and out["arms"] == ["frozen", *ARMS]
   assert "--rounds=2" in out["command"] and "--config.kto.balance=False" in out["command"]
   assert "--kto-refit=continue" in out["command"] and out["kto_refit"] == "continue"
-  # KTO's share of a round: (1 SFT step x 8 rows + 1 RLHB step x 8 prompts x 2 rollouts) / 8.
-  assert out["kto_steps_per_round"] == 3
+  # KTO's share of a round: (1 SFT step x 8 rows + 2 RLHB steps x 8 prompts x 2 rollouts) / 8.
+  assert out["kto_steps_per_round"] == 5
   rounds = out["runs"]["0"]["rounds"]
   assert [r["round"] for r in rounds] == [0, 1]
   for r in rounds:
@@ -67,14 +69,22 @@ def test_online_real_model_runs_every_arm_on_the_same_users_and_resumes(tmp_path
   # Round 0 serves the SFT generator in every arm; then each arm deploys what it trained.
   for key, _ in script.SCORES:
     assert set(rounds[0][key].values()) == {rounds[0][key]["frozen"]}
-  assert rounds[1]["model_step"] == {"rlhb": 1, "kto": 3, "oracle": 1}
-  # The RLHB arm's D and reward per training step (one a round here), and their round means.
+  assert rounds[1]["model_step"] == {"rlhb": 2, "kto": 5, "oracle": 2}
+  # The RLHB arm's D and reward per training step (two a round here), and their round means.
   steps = out["runs"]["0"]["steps"]["rlhb"]
-  assert [s["round"] for s in steps] == [0, 1]
+  assert [s["round"] for s in steps] == [0, 0, 1, 1]
   for i, r in enumerate(rounds):
     for key in ("d_real", "d_fake", "reward_mean"):
-      assert r["train"]["rlhb"][key] == pytest.approx(steps[i][key])
-      assert 0.0 <= steps[i][key] <= 1.0
+      mine = [s[key] for s in steps[2 * i : 2 * i + 2]]
+      assert r["train"]["rlhb"][key] == pytest.approx(np.mean(mine))
+      assert all(0.0 <= v <= 1.0 for v in mine)
+  oracle = rounds[0]["train"]["oracle"]  # PPO on the simulator: a reward, no D
+  assert "d_real" not in oracle and "reward_mean" in oracle
+  assert out["runs"]["0"]["targets"] == script.targets(rounds, 1)
+  assert out["runs"]["0"]["targets"]["above_frozen_from_round"] == 2
+  assert out["runs"]["0"]["targets"]["rlhb_above_frozen"] is None  # 2 rounds: none to judge
+  assert set(out["runs"]["0"]["targets"]["post_drift_mean"]) == {"frozen", *ARMS}
+  assert (tmp_path / "plot.png").exists() and (tmp_path / "plot_curves.png").exists()
   # The same users: every arm scores the same frozen policy, and serves the same queries, each
   # shown to as many users, in every round (the frozen like rate moves with the drift).
   summaries = {
@@ -142,3 +152,8 @@ def test_targets_checks_rlhb_against_frozen_and_kto_after_the_drift():
   rounds[3]["like_rate"]["kto"] = 0.6
   out = script.targets(rounds, drift=2)
   assert out["rlhb_above_frozen"] is False and out["rlhb_mean_at_least_kto"] is False
+  # Nothing to judge: no drift, or the rounds gathered end before the second post-drift round.
+  none = script.targets(rounds, drift=-1)
+  assert none["rlhb_above_frozen"] is None and none["post_drift_mean"] == {}
+  assert "rlhb_mean_at_least_kto" not in none
+  assert script.targets(rounds[:3], drift=2)["rlhb_above_frozen"] is None
