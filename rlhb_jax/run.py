@@ -36,6 +36,7 @@ import pathlib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -180,6 +181,8 @@ class Run:
   # -- Stage outputs -------------------------------------------------------------------------------
 
   def save_params(self, name: str, params: Any) -> None:
+    """models/NAME: a plain model's params, written by every process together (global arrays
+    such as `build_lib.merged_params` returns, or host arrays alike on every process)."""
     path = self.workdir / "models" / name
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(path, params, force=True)
@@ -193,13 +196,16 @@ class Run:
     return (self.workdir / "models" / name).exists()
 
   def load_params(self, name: str, like: nnx.Module | Any) -> Any | None:
+    """models/NAME as NumPy arrays shaped like `like` (a module or a params tree), the same on
+    every process whatever layout they were saved from; None when the run has no such model."""
     path = self.workdir / "models" / name
     if not path.exists():
       return None
     target = build_lib.params_of(like) if isinstance(like, nnx.Module) else like
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
-    with ocp.StandardCheckpointer() as ckptr:
-      return ckptr.restore(path, abstract)
+    args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype), abstract)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+      return ckptr.restore(path, args=ocp.args.PyTreeRestore(abstract, restore_args=args))
 
   def read_preferences(self) -> list:
     """Pairwise preferences for RLHF: config.reward.preferences_path, or the simulator's

@@ -71,7 +71,8 @@ def curve_hook(run: Run):
   judge = SimulatedUsersJudge(run.simulator)
 
   def hook(step: int, state) -> dict[str, float]:
-    nnx.update(model, build_lib.merged_params(state.actor, state.frozen["actor"], run.cfg.lora))
+    merged = build_lib.merged_params(state.actor, state.frozen["actor"], run.cfg.lora)
+    nnx.update(model, sharding.to_host(merged))  # a copy: the step donates the state
     answers = respond(run, model, queries)
     wtl = win_tie_loss(judge, queries, answers, baseline)
     truth = ground_truth(run, queries, answers)

@@ -109,7 +109,8 @@ class RLHBLearner:
 
   def generator(self):
     """The plain generator's params on the host (LoRA adapters merged into the base)."""
-    return build_lib.merged_params(self.state.actor, self.state.frozen["actor"], self.cfg.lora)
+    merged = build_lib.merged_params(self.state.actor, self.state.frozen["actor"], self.cfg.lora)
+    return sharding.to_host(merged)  # a copy: the step donates the state
 
   def batcher(self, examples: list[Example]) -> Batcher:
     run, lengths = self.run, (self.base.P, self.base.Pd)

@@ -4,6 +4,7 @@ classifier), LoRA adapters on a role, and its (trainable, frozen) params.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -11,7 +12,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhb_jax.config import Config, ModelSpec
-from rlhb_jax.infra import sharding
 from rlhb_jax.model import lora
 from rlhb_jax.model.heads import ScalarModel
 from rlhb_jax.model.llama import LlamaConfig, Transformer
@@ -83,10 +83,19 @@ def split_params(model: nnx.Module | None) -> tuple[Any, Any]:
 
 
 def merged_params(trainable: Any, frozen: Any, spec: lora.LoraConfig) -> Any:
-  """A role's params on the host with its adapters (of `spec`) folded into the base: the tree of
-  the plain model, as `models/<name>` stores it."""
-  full = lora.join(sharding.to_host(trainable), sharding.to_host(frozen))
-  return lora.merge_params(full, spec.scale) if spec.rank else full
+  """A role's params with its adapters (of `spec`) folded into the base: the tree of the plain
+  model, as `models/<name>` stores it. The merge runs where the weights are: each merged weight
+  keeps its base weight's sharding, so in a multi-process run every leaf is a global array that
+  Orbax saves from all processes together. Without adapters these are the state's own arrays;
+  `sharding.to_host` copies them when the state trains on."""
+  full = lora.join(trainable, frozen)
+  if not spec.rank:
+    return full
+  merge = functools.partial(lora.merge_params, scale=spec.scale)
+  if not all(isinstance(x, jax.Array) for x in jax.tree.leaves(full)):
+    return merge(full)  # host arrays (tests, tools): merged on the default device
+  out_sh = lora.without_adapters(jax.tree.map(lambda x: x.sharding, full))
+  return jax.jit(merge, out_shardings=out_sh)(full)
 
 
 def with_lora(model: nnx.Module, spec: lora.LoraConfig, seed: int) -> nnx.Module:

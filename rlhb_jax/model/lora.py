@@ -176,6 +176,13 @@ def strip(p: dict) -> dict:
   return {k: v for k, v in p.items() if not k.startswith("lora_")}
 
 
+def without_adapters(tree: Any) -> Any:
+  """A params-shaped dict tree without its adapters' leaves (`lora_*` keys, at any depth)."""
+  if not isinstance(tree, dict):
+    return tree
+  return {k: without_adapters(v) for k, v in tree.items() if not str(k).startswith("lora_")}
+
+
 def merge_params(params: Params, scale: float) -> Params:
   """A params tree (pure dict) with every adapter folded into its base weight and removed."""
   if not isinstance(params, dict):
