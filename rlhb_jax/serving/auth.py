@@ -9,9 +9,19 @@
   share it); the identity is `session:<session id>`.
 
 Keys are 32 random bytes, so a plain SHA-256 is enough to store them (a slow password hash guards
-guessable secrets; a 256-bit one is not guessable). `Gate.admit` runs per request: the client
-address's token bucket first (it also slows key guessing), then the identity, then the identity's
-bucket. Refusals are `ServiceError`s: 401 with `WWW-Authenticate`, 429 with `Retry-After`.
+guessable secrets; a 256-bit one is not guessable). `Gate.admit` runs per request, before the body
+is read: the client address's token bucket first (it also slows key guessing), then the identity,
+then the identity's bucket. Refusals are `ServiceError`s: 401 with `WWW-Authenticate`, 429 with
+`Retry-After`.
+
+New identities cost something (docs/SERVING.md, "Threat model"): a client address (an IPv6
+address by its /64, which one subscriber holds whole) gets at most
+`serve.sessions_per_address_per_day` new sessions, and a session's votes count only once it is
+older than `serve.young_seconds` (the cookie says when it was issued) and was shown
+`serve.young_impressions` answers. Addresses are stored only as a keyed hash (`Gate.address_key`,
+HMAC-SHA256 with a secret of the store), so the store shows bursts from one address without
+holding the address. `Gate.refresh` re-reads the secrets: after `mode=keys
+--config.api_keys.action=rotate_sessions`, every session signed before is refused.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import ipaddress
 import secrets
 import time
 
@@ -29,7 +40,8 @@ from rlhb_jax.serving.store import FeedbackStore
 
 SESSION_COOKIE = "rlhb_session"
 KEY_PREFIX = "rlhb-"
-_SECRET_NAME = "session_secret"
+SESSION_SECRET = "session_secret"
+ADDRESS_SECRET = "address_secret"
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="rlhb"'}
 
 
@@ -50,12 +62,32 @@ def add_key(store: FeedbackStore, name: str) -> tuple[str, str]:
   return store.add_key(name, hash_key(key)), key
 
 
+def network_of(address: str) -> str:
+  """The unit an address limit counts: an IPv4 address, or an IPv6 address's /64 (one subscriber
+  gets a whole /64, so counting IPv6 addresses one by one would limit nothing)."""
+  try:
+    ip = ipaddress.ip_address(address)
+  except ValueError:
+    return address
+  if ip.version == 6 and ip.ipv4_mapped is not None:
+    return str(ip.ipv4_mapped)
+  if ip.version == 6:
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+  return str(ip)
+
+
 @dataclasses.dataclass(frozen=True)
 class Caller:
-  """Who made a request: `identity` ("" = nobody identified) from client address `address`."""
+  """Who made a request: `identity` ("" = nobody identified) from client address `address`;
+  `issued` is the time its session was issued (None: no session, e.g. an API key)."""
 
   identity: str
   address: str
+  issued: float | None = None
+
+  @property
+  def is_key(self) -> bool:
+    return self.identity.startswith("key:")
 
 
 class Sessions:
@@ -72,9 +104,10 @@ class Sessions:
     payload = f"{secrets.token_hex(16)}.{int(time.time() if now is None else now)}"
     return f"{payload}.{self._sign(payload)}"
 
-  def identity(self, cookie: str | None, now: float | None = None) -> str | None:
-    """`session:<id>` if `cookie` is one this server signed and it has not expired, else None."""
-    if not cookie or cookie.count(".") != 2:
+  def check(self, cookie: str | None, now: float | None = None) -> tuple[str, float] | None:
+    """`("session:<id>", issued at)` if `cookie` is one this server signed and it has not expired,
+    else None. Never raises, whatever the cookie holds."""
+    if not cookie or not cookie.isascii() or cookie.count(".") != 2:
       return None
     sid, issued, signature = cookie.split(".")
     if not hmac.compare_digest(signature, self._sign(f"{sid}.{issued}")):
@@ -82,7 +115,12 @@ class Sessions:
     now = time.time() if now is None else now
     if not issued.isdigit() or now - int(issued) > self.max_age:
       return None
-    return f"session:{sid}"
+    return f"session:{sid}", float(issued)
+
+  def identity(self, cookie: str | None, now: float | None = None) -> str | None:
+    """`session:<id>` if `cookie` is valid (see `check`), else None."""
+    checked = self.check(cookie, now)
+    return None if checked is None else checked[0]
 
 
 class Gate:
@@ -92,16 +130,28 @@ class Gate:
     self.config = config
     self.store = store
     self.by_identity = RateLimiter(config.identity_rate, config.identity_burst)
-    self.by_address = RateLimiter(config.address_rate, config.address_burst)
+    self.by_address = RateLimiter(*config.address_limit)
     self.sessions = None
-    if config.auth == "keys_or_session":
+    self._address_secret = b""
+    self.refresh()
+
+  def refresh(self) -> None:
+    """(Re-)reads the store's secrets: a rotated session secret refuses every older session."""
+    self._address_secret = self.store.secret(ADDRESS_SECRET).encode()
+    if self.config.auth == "keys_or_session":
       self.sessions = Sessions(
-        store.secret(_SECRET_NAME, lambda: secrets.token_hex(32)), config.session_max_age_seconds
+        self.store.secret(SESSION_SECRET), self.config.session_max_age_seconds
       )
+
+  def address_key(self, address: str) -> str:
+    """What the store keeps of a client address: a keyed hash of its network (`network_of`)."""
+    if not address:
+      return ""
+    return hmac.new(self._address_secret, network_of(address).encode(), "sha256").hexdigest()[:16]
 
   def limit_address(self, address: str) -> None:
     """429 when the client address is over its rate (`serve.address_rate`)."""
-    self._take(self.by_address, f"address {address}", address)
+    self._take(self.by_address, f"address {address}", network_of(address))
 
   def _take(self, limiter: RateLimiter, who: str, key: str) -> None:
     wait = limiter.take(key)
@@ -116,14 +166,15 @@ class Gate:
   def admit(self, address: str, authorization: str | None, cookie: str | None) -> Caller:
     """The caller of a generation or feedback request, or a 401 / 429 `ServiceError`."""
     self.limit_address(address)
-    identity = self.identify(authorization, cookie)
+    identity, issued = self.identify(authorization, cookie)
     if identity:
       self._take(self.by_identity, identity, identity)
-    return Caller(identity, address)
+    return Caller(identity, address, issued)
 
-  def identify(self, authorization: str | None, cookie: str | None) -> str:
+  def identify(self, authorization: str | None, cookie: str | None) -> tuple[str, float | None]:
+    """`(identity, session issued at)`: ("", None) with serve.auth=none; a key has no issue time."""
     if self.config.auth == "none":
-      return ""
+      return "", None
     if authorization:
       scheme, _, key = authorization.partition(" ")
       if scheme.lower() != "bearer" or not key.strip():
@@ -131,18 +182,34 @@ class Gate:
       key_id = self.store.key_id(hash_key(key.strip()))
       if key_id is None:
         raise ServiceError(401, "API key not recognised, or revoked", _CHALLENGE)
-      return f"key:{key_id}"
+      return f"key:{key_id}", None
     if self.sessions is not None:
-      identity = self.sessions.identity(cookie)
-      if identity is not None:
-        return identity
+      checked = self.sessions.check(cookie)
+      if checked is not None:
+        return checked
       raise ServiceError(
         401, "this server needs an API key or a session (open / to get one)", _CHALLENGE
       )
     raise ServiceError(401, "this server needs an API key: Authorization: Bearer <key>", _CHALLENGE)
 
-  def page_session(self, cookie: str | None) -> str | None:
-    """A new session cookie for the page when sessions are on and `cookie` is not a valid one."""
-    if self.sessions is None or self.sessions.identity(cookie) is not None:
+  def is_young(self, caller: Caller, now: float | None = None) -> bool:
+    """Whether `caller`'s session is too recent for its votes to count (keys never are)."""
+    if caller.issued is None:
+      return False
+    now = time.time() if now is None else now
+    return now - caller.issued < self.config.young_seconds
+
+  def page_session(self, cookie: str | None, address: str) -> str | None:
+    """A new session cookie for the page when sessions are on and `cookie` is not a valid one;
+    429 when `address` had its `serve.sessions_per_address_per_day` already."""
+    if self.sessions is None or self.sessions.check(cookie) is not None:
       return None
+    cap = self.config.sessions_per_address_per_day
+    if not self.store.mint_session(self.address_key(address), cap):
+      raise ServiceError(
+        429,
+        f"this address had its {cap} new sessions of the day; use the session you have, or "
+        "come back tomorrow",
+        {"Retry-After": "3600"},
+      )
     return self.sessions.issue()

@@ -36,14 +36,25 @@ class IngestConfig:
   # reacted to as well, at least min_compared, it agrees with their majority on < min_agreement.
   min_agreement: float = 0.2
   min_compared: int = 10
+  # Bursts: at least burst_identities young or one-event identities reacting to one answer (the
+  # same query and text, whatever its response id), or at least address_identities identities
+  # from one address (its keyed hash); the young or one-event ones among them are flagged.
+  burst_identities: int = 10
+  address_identities: int = 20
 
   def __post_init__(self):
     if self.volume_factor < 1 or self.min_volume < 0 or self.min_compared < 1:
       raise ValueError(
         "config.serve.ingest: volume_factor must be >= 1, min_volume >= 0, min_compared >= 1"
       )
+    if self.burst_identities < 2 or self.address_identities < 2:
+      raise ValueError("config.serve.ingest: burst_identities and address_identities must be >= 2")
     if not 0 <= self.min_agreement <= 1:
       raise ValueError(f"config.serve.ingest.min_agreement={self.min_agreement}: expected 0..1")
+
+
+AUTO = -1.0
+PUBLIC_ADDRESS_RATE = 5.0  # serve.address_rate when it is AUTO and the host is not loopback
 
 
 def is_loopback(host: str) -> bool:
@@ -80,15 +91,28 @@ class ServeConfig:
   # the feedback page gets from GET /.
   auth: str = "none"
   session_max_age_seconds: float = 30 * 86400.0  # a session cookie older than this is refused
-  cookie_secure: bool = False  # the cookie's Secure flag; set it when clients come over HTTPS
-  # Proxies trusted to name the client in X-Forwarded-For (comma-separated IPs, "*" = any);
+  # The cookie's Secure flag (clients come over HTTPS); required on a host beyond loopback.
+  cookie_secure: bool = False
+  # Proxies trusted to name the client in X-Forwarded-For (comma-separated IPs; "*" = any, which
+  # lets every client choose its address: refused while an address limit is on);
   # "" = none: the client address is the TCP peer (behind a proxy: the proxy, for every client).
   forwarded_allow_ips: str = ""
   # Token buckets (refill per second, bucket size); a request takes one token; rate 0 = no limit.
   identity_rate: float = 20.0  # per identity (API key or session)
   identity_burst: int = 100
-  address_rate: float = 0.0  # per client address: what an attacker cannot multiply cheaply
-  address_burst: int = 200
+  # Per client address (an IPv6 address by its /64): what an attacker cannot multiply cheaply.
+  # -1 = auto: no limit on a loopback host, PUBLIC_ADDRESS_RATE (5/s) beyond it.
+  address_rate: float = AUTO
+  address_burst: int = 50
+  # New sessions (GET / without a valid cookie) per client address (IPv6: per /64) per day; more
+  # get 429. 0 = no cap. Counted in the store, so replicas share the cap.
+  sessions_per_address_per_day: int = 20
+  # A session's votes are stored but not counted (never, whatever it does later) while it is
+  # younger than this or has been shown fewer than young_impressions answers. API keys, made by
+  # the operator, are exempt.
+  young_seconds: float = 3600.0
+  young_impressions: int = 3
+  max_value: float = 86400.0  # the largest value of a valued event (dwell_seconds: a day)
   # With identities: event types whose value is a measure (others are one vote, value 1), and
   # the types of which an identity's latest vote replaces its earlier one (a dislike after a like).
   valued_types: tuple[str, ...] = ("dwell_seconds",)
@@ -120,14 +144,31 @@ class ServeConfig:
         "server could post behaviors as anyone; set config.serve.auth=keys or keys_or_session "
         "(docs/SERVING.md, 'A public deployment'), or serve on 127.0.0.1"
       )
-    for rate, burst in (
-      (self.identity_rate, self.identity_burst),
-      (self.address_rate, self.address_burst),
-    ):
+    for rate, burst in ((self.identity_rate, self.identity_burst), self.address_limit):
       if rate < 0 or (rate > 0 and burst < 1):
         raise ValueError(
-          "config.serve: identity_rate and address_rate must be >= 0, with a burst >= 1"
+          "config.serve: identity_rate and address_rate must be >= 0 (or -1: auto), with a "
+          "burst >= 1"
         )
+    if self.forwarded_allow_ips.strip() == "*" and (
+      self.address_limit[0] > 0 or self.sessions_per_address_per_day > 0
+    ):
+      raise ValueError(
+        "config.serve.forwarded_allow_ips='*' lets every client name its own address in "
+        "X-Forwarded-For, so the address limits (address_rate, sessions_per_address_per_day) "
+        "would limit nothing: name the proxy's address instead"
+      )
+    if self.auth == "keys_or_session" and not self.cookie_secure and not is_loopback(self.host):
+      raise ValueError(
+        f"config.serve.host={self.host!r} with sessions: set config.serve.cookie_secure=true "
+        "(and serve over HTTPS) so that the session cookie never travels in clear"
+      )
+    if min(self.sessions_per_address_per_day, self.young_seconds, self.young_impressions) < 0:
+      raise ValueError(
+        "config.serve: sessions_per_address_per_day, young_seconds, young_impressions must be >= 0"
+      )
+    if not self.max_value > 0:
+      raise ValueError(f"config.serve.max_value={self.max_value}: must be > 0")
     for name in ("valued_types", "reaction_types"):
       unknown = set(getattr(self, name)) - set(self.feedback_types)
       if unknown:
@@ -136,3 +177,10 @@ class ServeConfig:
         )
     if self.session_max_age_seconds <= 0:
       raise ValueError("config.serve.session_max_age_seconds must be > 0")
+
+  @property
+  def address_limit(self) -> tuple[float, int]:
+    """(rate, burst) per client address, `address_rate=-1` resolved for the host."""
+    if self.address_rate != AUTO:
+      return self.address_rate, self.address_burst
+    return 0.0 if is_loopback(self.host) else PUBLIC_ADDRESS_RATE, self.address_burst

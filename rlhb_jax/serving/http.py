@@ -9,7 +9,8 @@ What the framework does not do the way docs/SERVING.md documents is adapted here
 `{"error": str}`; malformed JSON is 400 (FastAPI says 422); a body over `max_body_bytes` is 413
 before it is read, a POST without `Content-Length` 411 (`_BodyLimit`). Who is asking (the
 `Authorization` header, the session cookie, the client address) is read here and judged by the
-service's `Gate` (auth.py): the routes that generate or record take the `Caller` it admits.
+service's `Gate` (auth.py), before any body is parsed (`_Admission`): the routes that generate or
+record take the `Caller` it admits.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ import fastapi
 import uvicorn
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rlhb_jax.serving.auth import SESSION_COOKIE, Caller
+from rlhb_jax.serving.auth import SESSION_COOKIE, Caller, Gate
 from rlhb_jax.serving.config import ServeConfig
 from rlhb_jax.serving.schemas import (
   ChatCompletion,
@@ -45,6 +47,7 @@ from rlhb_jax.serving.schemas import (
   chat_completion,
   query_of,
   sse,
+  storable,
 )
 from rlhb_jax.serving.service import FeedbackService, Policy, ServiceError
 from rlhb_jax.serving.store import FeedbackStore, open_store
@@ -83,9 +86,45 @@ class _BodyLimit:
     await self.app(scope, receive, send)
 
 
-async def _send_error(send: Any, status: int, message: str) -> None:
+class _Admission:
+  """ASGI middleware: the `Gate` admits the caller of a generation or feedback route (401, 429)
+  before the route reads the body, so an unknown client costs no JSON parsing and a malformed
+  body from it is refused as any other request of its; the route reads `request.state.caller`."""
+
+  ROUTES = (("POST", "/v1/generate"), ("POST", "/v1/feedback"), ("POST", "/v1/chat/completions"))
+
+  def __init__(self, app: Any, gate: Gate) -> None:
+    self.app = app
+    self.gate = gate
+
+  def _admitted(self, scope: dict) -> bool:
+    method, path = scope["method"], scope["path"]
+    if method == "GET" and path.startswith("/v1/responses/"):
+      return True
+    return (method, path) in self.ROUTES
+
+  async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    if scope["type"] == "http" and self._admitted(scope):
+      request = fastapi.Request(scope)
+      try:
+        caller = await run_in_threadpool(
+          self.gate.admit,
+          _address(request),
+          request.headers.get("authorization"),
+          request.cookies.get(SESSION_COOKIE),
+        )
+      except ServiceError as e:
+        return await _send_error(send, e.status, e.message, e.headers)
+      scope.setdefault("state", {})["caller"] = caller
+    await self.app(scope, receive, send)
+
+
+async def _send_error(
+  send: Any, status: int, message: str, extra: dict[str, str] | None = None
+) -> None:
   body = json.dumps({"error": message}).encode()
   headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+  headers += [(k.lower().encode(), v.encode()) for k, v in (extra or {}).items()]
   await send({"type": "http.response.start", "status": status, "headers": headers})
   await send({"type": "http.response.body", "body": body})
 
@@ -155,9 +194,8 @@ def build_app(service: FeedbackService) -> fastapi.FastAPI:
   gate = service.gate
 
   def admit(request: fastapi.Request) -> Caller:
-    """The caller (serve.auth): a 401 without a valid key or session, a 429 over a rate limit."""
-    authorization = request.headers.get("authorization")
-    return gate.admit(_address(request), authorization, request.cookies.get(SESSION_COOKIE))
+    """The caller `_Admission` admitted (serve.auth, rate limits) before the body was read."""
+    return request.state.caller
 
   def limit_address(request: fastapi.Request) -> None:
     gate.limit_address(_address(request))
@@ -168,7 +206,7 @@ def build_app(service: FeedbackService) -> fastapi.FastAPI:
   @app.get("/", response_class=HTMLResponse, include_in_schema=False, dependencies=limited)
   def index(request: fastapi.Request) -> HTMLResponse:
     page = HTMLResponse(service.page, headers=_PAGE_HEADERS)
-    session = gate.page_session(request.cookies.get(SESSION_COOKIE))
+    session = gate.page_session(request.cookies.get(SESSION_COOKIE), _address(request))
     if session is not None:  # serve.auth=keys_or_session: the page's anonymous identity
       page.set_cookie(
         SESSION_COOKIE,
@@ -187,7 +225,10 @@ def build_app(service: FeedbackService) -> fastapi.FastAPI:
 
   @app.get("/v1/responses/{rid}", response_model=ShownAnswer)
   def show(rid: str, caller: Caller = admitted) -> dict[str, Any]:
-    """A stored response; the caller is recorded as shown it, so it may react to it."""
+    """A stored response. An API key's read is recorded as an impression (it may then react to
+    it); a session's is not: it reacts only to what this server generated for it."""
+    if storable(rid) is not None:  # no such id was ever made; the database would refuse it
+      raise ServiceError(404, "unknown response id")
     return service.show(rid, caller)
 
   @app.post("/v1/feedback", response_model=FeedbackAnswer)
@@ -213,7 +254,8 @@ def build_app(service: FeedbackService) -> fastapi.FastAPI:
   def health() -> dict[str, Any]:
     return service.health()
 
-  app.add_middleware(_BodyLimit, limit=service.config.max_body_bytes)
+  app.add_middleware(_Admission, gate=gate)
+  app.add_middleware(_BodyLimit, limit=service.config.max_body_bytes)  # outermost: runs first
   return app
 
 

@@ -49,10 +49,13 @@ class EventRow:
   behavior: str | None
   model_step: int
   identity: str = ""  # who sent it; "" = nobody identified (serve.auth=none)
-  # False: a repeated vote (the identity had already voted this type on the response), stored so
-  # that volume can be told, but not counted.
+  # False: a repeated vote (the identity had already voted this type on the response, in this
+  # read or an earlier one), or a young session's vote: stored so that volume can be told, but not
+  # counted.
   counted: bool = True
   replaces: int | None = None  # seq of the identity's earlier reaction this one replaces
+  address: str = ""  # keyed hash of the sender's address (its /64 for IPv6); "" = not recorded
+  young: bool = False  # from a session too young to count (serve.young_seconds, ...)
 
 
 @dataclasses.dataclass(frozen=True)

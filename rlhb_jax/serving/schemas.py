@@ -12,13 +12,29 @@ import pydantic
 from rlhb_jax.serving.service import ServiceError
 
 
-def _not_blank(value: str) -> str:
+def storable(value: str) -> str | None:
+  """Why `value` cannot be stored as text (UTF-8 in SQLite and PostgreSQL), or None if it can:
+  a lone surrogate ("\\ud800", which JSON can spell) has no UTF-8 form, and PostgreSQL refuses
+  NUL characters in text."""
+  if "\x00" in value:
+    return "must not hold NUL characters"
+  try:
+    value.encode("utf-8")
+  except UnicodeEncodeError:
+    return "is not valid Unicode text (lone surrogate)"
+  return None
+
+
+def _text(value: str) -> str:
   if not value.strip():
     raise ValueError("must not be empty")
+  why = storable(value)
+  if why is not None:
+    raise ValueError(why)
   return value
 
 
-Text = Annotated[pydantic.StrictStr, pydantic.AfterValidator(_not_blank)]
+Text = Annotated[pydantic.StrictStr, pydantic.AfterValidator(_text)]
 Value = Annotated[float, pydantic.Field(strict=True, ge=0, allow_inf_nan=False)]
 
 
@@ -131,6 +147,9 @@ def query_of(messages: list[ChatMessage]) -> str:
   """The policy answers one query: the last user message (system and history are not modelled)."""
   for message in reversed(messages):
     if message.role == "user" and message.text().strip():
+      why = storable(message.text())
+      if why is not None:
+        raise ServiceError(422, f"field 'messages': the user message {why}")
       return message.text()
   raise ServiceError(422, "field 'messages': no user message with text")
 

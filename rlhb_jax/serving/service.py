@@ -6,7 +6,8 @@ batches. It knows nothing of HTTP: a refusal is a `ServiceError(status, message)
 (FastAPI on uvicorn) answers as `{"error": message}` with that status (docs/SERVING.md).
 
 Callers are admitted by its `Gate` (auth.py: `serve.auth`, rate limits); an answer is recorded as
-shown to the identity that asked, and feedback is that identity's one vote (the store decides).
+shown to the identity that asked (the server minted that impression), and feedback is that
+identity's one vote (the store decides), counted once its session is no longer young.
 
 Threads: one batcher that gathers up to `batch_max_size` generation requests (or waits
 `batch_timeout_ms` after the first) and calls the policy once; one watcher that calls
@@ -150,16 +151,37 @@ class _Batcher:
         contexts = [(context(p.query), source(p.query)) for p in batch]
       if len(responses) != len(batch):
         raise RuntimeError(f"policy returned {len(responses)} responses for {len(batch)} queries")
-      asked = [p.identity for p in batch]
-      ids = self._store.add_responses(
-        [p.query for p in batch], behaviors, responses, model_step, asked
-      )
     except Exception as e:
       log.exception("generation batch of %d failed", len(batch))
-      for p in batch:
-        p.error = f"generation failed: {type(e).__name__}: {e}"
-        p.done.set()
+      self._fail(batch, f"generation failed: {type(e).__name__}: {e}")
       return
+    self._store_and_answer(batch, behaviors, responses, contexts, model_step)
+
+  def _store_and_answer(self, batch, behaviors, responses, contexts, model_step) -> None:
+    try:
+      ids = self._store.add_responses(
+        [p.query for p in batch], behaviors, responses, model_step, [p.identity for p in batch]
+      )
+    except Exception as e:
+      if len(batch) > 1:  # stored one by one: a request the store refuses fails alone
+        for i in range(len(batch)):
+          one = (x[i : i + 1] for x in (batch, behaviors, responses, contexts))
+          self._store_and_answer(*one, model_step)
+        return
+      log.exception("storing a generated response failed")
+      # The message names the error, never the request's text (the store's error quotes it).
+      self._fail(batch, f"generation failed: the answer could not be stored ({type(e).__name__})")
+      return
+    self._answer(batch, ids, responses, behaviors, contexts, model_step)
+
+  @staticmethod
+  def _fail(batch: list[_Pending], error: str) -> None:
+    for p in batch:
+      p.error = error
+      p.done.set()
+
+  @staticmethod
+  def _answer(batch, ids, responses, behaviors, contexts, model_step) -> None:
     for p, rid, response, behavior, ctx in zip(
       batch, ids, responses, behaviors, contexts, strict=True
     ):
@@ -233,6 +255,10 @@ class FeedbackService:
   def _watch(self) -> None:
     while not self._stopping.wait(self.config.reload_poll_seconds):
       try:
+        self.gate.refresh()  # a rotated session secret (mode=keys) takes effect here
+      except Exception:
+        log.exception("reading the store's secrets failed; keeping the current ones")
+      try:
         with self._policy_lock:
           if self.policy.maybe_reload():
             log.info("policy reloaded: model_step=%d", self.policy.model_step)
@@ -245,9 +271,12 @@ class FeedbackService:
     return self._batcher.submit(query, behavior, caller.identity if caller else "")
 
   def show(self, rid: str, caller: Caller | None = None) -> dict[str, Any]:
-    """A stored response, shown to `caller` (who may then give feedback on it)."""
+    """A stored response. Reading it is an impression (feedback on it is then accepted) only for
+    an API key: a client the operator vouches for, that shows answers in its own feed. A session
+    that reads an answer by id was not shown it by this server, and may not react to it."""
+    impression = caller.identity if caller and caller.is_key else ""
     try:
-      row = self.store.show(rid, caller.identity if caller else "")
+      row = self.store.show(rid, impression)
     except UnknownResponseError:
       raise ServiceError(404, f"unknown response id {rid!r}") from None
     return {
@@ -261,8 +290,9 @@ class FeedbackService:
   def feedback(
     self, rid: str, event_id: str, kind: str, value: float, caller: Caller | None = None
   ) -> dict[str, Any]:
-    """Records one event; `{"duplicate": true}` when it does not count (its event id was seen, or
-    the caller already voted this type on the response)."""
+    """Records one event; `{"duplicate": true}` when its event id was seen (from this caller), or
+    the caller already voted this type on the response. A young session's vote is stored, not
+    counted, and answered as any other (the answer does not tell a script when it has aged)."""
     if kind not in self._types:
       raise ServiceError(
         422, f"field 'type': {kind!r} is not one of {list(self.config.feedback_types)}"
@@ -273,9 +303,22 @@ class FeedbackService:
       raise ServiceError(
         422, f"field 'value': a {kind!r} event is one vote, value 1 (got {value:g})"
       )
+    if value > self.config.max_value:
+      raise ServiceError(
+        422, f"field 'value': at most {self.config.max_value:g} (serve.max_value), got {value:g}"
+      )
+    young = caller is not None and self.gate.is_young(caller)
     try:
       counted = self.store.add_event(
-        rid, event_id, kind, float(value), identity, self.config.reaction_types
+        rid,
+        event_id,
+        kind,
+        float(value),
+        identity,
+        self.config.reaction_types,
+        address=self.gate.address_key(caller.address) if caller else "",
+        young=young,
+        young_impressions=self.config.young_impressions if caller and caller.issued else 0,
       )
     except UnknownResponseError:
       raise ServiceError(404, f"unknown response id {rid!r}") from None

@@ -8,13 +8,14 @@ upgraded in place when opened (`upgrade`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sqlite3
 from collections.abc import Callable
 from typing import Any
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Arbitrary constant naming the PostgreSQL advisory lock that serialises writers.
 _PG_WRITE_LOCK = 0x726C6862
 
@@ -53,7 +54,23 @@ META = """CREATE TABLE IF NOT EXISTS store_meta (
   value TEXT NOT NULL
 )"""
 
-# Version 2. `identity` is "" where nobody was identified (serve.auth=none, or a version 1 store).
+# Version 3. `identity` is "" where nobody was identified (serve.auth=none, or a version 1 store);
+# event ids are the client's, unique per identity; `address` is the keyed hash of the sender's
+# address ("" before version 3); `young` marks a vote from a session too young to count.
+EVENTS = """CREATE TABLE IF NOT EXISTS events (
+    seq {serial},
+    event_id TEXT NOT NULL,
+    response_id TEXT NOT NULL REFERENCES responses (id),
+    type TEXT NOT NULL,
+    value {real} NOT NULL,
+    created_at TEXT NOT NULL,
+    identity TEXT NOT NULL DEFAULT '',
+    counted SMALLINT NOT NULL DEFAULT 1,
+    replaces BIGINT,
+    address TEXT NOT NULL DEFAULT '',
+    young SMALLINT NOT NULL DEFAULT 0,
+    UNIQUE (identity, event_id)
+  )"""
 TABLES = (
   """CREATE TABLE IF NOT EXISTS responses (
     seq {serial},
@@ -65,17 +82,7 @@ TABLES = (
     created_at TEXT NOT NULL,
     identity TEXT NOT NULL DEFAULT ''
   )""",
-  """CREATE TABLE IF NOT EXISTS events (
-    seq {serial},
-    event_id TEXT NOT NULL UNIQUE,
-    response_id TEXT NOT NULL REFERENCES responses (id),
-    type TEXT NOT NULL,
-    value {real} NOT NULL,
-    created_at TEXT NOT NULL,
-    identity TEXT NOT NULL DEFAULT '',
-    counted SMALLINT NOT NULL DEFAULT 1,
-    replaces BIGINT
-  )""",
+  EVENTS,
   "CREATE INDEX IF NOT EXISTS events_response_id ON events (response_id)",
   "CREATE INDEX IF NOT EXISTS events_vote ON events (response_id, identity, type)",
   """CREATE TABLE IF NOT EXISTS shown (
@@ -84,6 +91,14 @@ TABLES = (
     created_at TEXT NOT NULL,
     PRIMARY KEY (response_id, identity)
   )""",
+  "CREATE INDEX IF NOT EXISTS shown_identity ON shown (identity)",
+  # One row per session minted, by the keyed hash of the client's network (the young rule's and
+  # the per-address cap's memory, shared by replicas).
+  """CREATE TABLE IF NOT EXISTS session_mints (
+    network TEXT NOT NULL,
+    created_at TEXT NOT NULL
+  )""",
+  "CREATE INDEX IF NOT EXISTS session_mints_network ON session_mints (network, created_at)",
   """CREATE TABLE IF NOT EXISTS api_keys (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -102,18 +117,47 @@ _FROM_1 = (
 )
 
 
+_EVENT_COLUMNS_2 = (
+  "seq, event_id, response_id, type, value, created_at, identity, counted, replaces"
+)
+
+
+def _from_2(execute: Callable[..., Any], dialect: Dialect) -> None:
+  """Version 2 -> 3: event ids unique per identity (no longer globally), `address`, `young`."""
+  if dialect.name == "postgresql":
+    execute("ALTER TABLE events DROP CONSTRAINT IF EXISTS events_event_id_key")
+    execute("ALTER TABLE events ADD COLUMN address TEXT NOT NULL DEFAULT ''")
+    execute("ALTER TABLE events ADD COLUMN young SMALLINT NOT NULL DEFAULT 0")
+    execute(
+      "ALTER TABLE events ADD CONSTRAINT events_identity_event_id_key UNIQUE (identity, event_id)"
+    )
+    return
+  # SQLite cannot drop a constraint: the table is rebuilt (seq values kept; AUTOINCREMENT's
+  # counter follows the largest inserted).
+  execute("ALTER TABLE events RENAME TO events_v2")
+  for index in ("events_response_id", "events_vote"):
+    execute(f"DROP INDEX IF EXISTS {index}")
+  execute(EVENTS.format(serial=dialect.serial, real=dialect.real))
+  execute(
+    f"INSERT INTO events ({_EVENT_COLUMNS_2}) SELECT {_EVENT_COLUMNS_2} FROM events_v2 ORDER BY seq"
+  )
+  execute("DROP TABLE events_v2")
+
+
 def create_or_upgrade(execute: Callable[..., Any], dialect: Dialect, where: str) -> None:
   """Creates the schema, or upgrades an older one, inside the caller's write transaction."""
   execute(META)
   row = execute("SELECT value FROM store_meta WHERE key = 'schema_version'").fetchone()
   version = None if row is None else int(row[0])
-  if version not in (None, 1, SCHEMA_VERSION):
+  if version not in (None, 1, 2, SCHEMA_VERSION):
     raise RuntimeError(
       f"{where}: feedback store schema version {version}, this code reads {SCHEMA_VERSION}"
     )
   if version == 1:
     for statement in _FROM_1:
       execute(statement)
+  if version in (1, 2):
+    _from_2(execute, dialect)
   for statement in TABLES:
     execute(statement.format(serial=dialect.serial, real=dialect.real))
   execute(
@@ -124,7 +168,14 @@ def create_or_upgrade(execute: Callable[..., Any], dialect: Dialect, where: str)
 
 
 def connect_sqlite(path: str, synchronous: str) -> Any:
+  """A connection to the SQLite file `path`, made readable by its owner only (0600: it holds the
+  session secret and the address key); SQLite gives its -wal and -shm files the same mode."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+  for name in (path, path + "-wal", path + "-shm"):  # a store made 0644 by an older version
+    if os.path.exists(name):
+      with contextlib.suppress(OSError):  # not ours to change: left as it is
+        os.chmod(name, 0o600)
   # isolation_level=None: no implicit transactions; writes open theirs with BEGIN IMMEDIATE.
   conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
   mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]

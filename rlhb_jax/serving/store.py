@@ -1,7 +1,8 @@
 """Append-only, crash-safe store of served responses and the behavior events users send back.
 
 Two tables (schema in docs/SERVING.md): `responses`, one row per answer the server gave, and
-`events`, one row per behavior event, unique on `event_id` so a retried POST is stored once. Every
+`events`, one row per behavior event, unique on its sender's `(identity, event_id)` so a retried
+POST is stored once (and nobody can spend another sender's event ids). Every
 row gets a monotonically increasing `seq`; the trainer keeps a cursor `{"responses": int, "events":
 int}` (the last `seq` it consumed from each table) in its checkpoint and asks `read_new(cursor)` for
 what came after. Writes are serialised (SQLite has one writer; on PostgreSQL a transaction-scoped
@@ -15,14 +16,14 @@ may lose the last commits on power loss; it is a config option for throughput-bo
 
 Identities (docs/SERVING.md, "Identity and abuse"): a response records who asked for it, `shown`
 records every identity shown a response, and an event from an identity is accepted only for a
-response it was shown, and counts only as that identity's one vote of its type on the response.
-API keys are kept as hashes in `api_keys`. The SQL and the schema are in `sql.py`.
+response it was shown, and counts only as that identity's one vote of its type on the response
+(across the consumer's reads as well: `read_new`), and only once the identity is no longer young.
+API keys, secrets and session mints are in `identities.py`; the SQL and the schema in `sql.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import functools
 import logging
 import os
@@ -32,10 +33,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from rlhb_jax.serving import sql
+from rlhb_jax.serving.identities import IdentityTables, utc_now
 from rlhb_jax.serving.records import (
+  REACTIONS,
   EventRow,
   Feed,
-  KeyRow,
   NotShownError,
   ResponseRow,
   UnknownResponseError,
@@ -46,12 +48,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
-def _utc_now() -> str:
-  now = datetime.datetime.now(datetime.UTC)
-  return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-class FeedbackStore:
+class FeedbackStore(IdentityTables):
   """Served responses and behavior events behind one DB-API connection (thread-safe).
 
   Open with `open_store`. Producers call `add_responses` / `add_event`; the trainer calls
@@ -135,13 +132,13 @@ class FeedbackStore:
     """Records a batch of served responses in one transaction; returns their new ids.
 
     `identities[i]` asked for response i ("" or None: nobody identified); it is recorded as shown
-    the response, so its feedback on it is accepted.
+    the response (an impression the server minted), so its feedback on it is accepted.
     """
     identities = [""] * len(queries) if identities is None else list(identities)
     if not len(queries) == len(behaviors) == len(responses) == len(identities):
       raise ValueError("add_responses: queries, behaviors, responses, identities differ in length")
     ids = [uuid.uuid4().hex for _ in queries]
-    now = _utc_now()
+    now = utc_now()
     rows = zip(ids, queries, behaviors, responses, identities, strict=True)
 
     def insert():
@@ -179,7 +176,7 @@ class FeedbackStore:
         self._execute(
           "INSERT INTO shown (response_id, identity, created_at) VALUES (?, ?, ?) "
           "ON CONFLICT (response_id, identity) DO NOTHING",
-          (response_id, identity, _utc_now()),
+          (response_id, identity, utc_now()),
         )
       return ResponseRow(*row)
 
@@ -193,22 +190,30 @@ class FeedbackStore:
     value: float = 1.0,
     identity: str = "",
     reaction_types: Sequence[str] = (),
+    address: str = "",
+    young: bool = False,
+    young_impressions: int = 0,
   ) -> bool:
     """Records one behavior event; True if it counts, False if not.
 
-    The first event with a given `event_id` wins; a repeat changes nothing, whatever it carries.
-    From an identified sender (`identity` not ""), an event counts as its one vote of `type` on the
-    response: a second one of that type is stored with `counted` false (a repeated vote, kept so
-    that its volume shows); of `reaction_types` (likes, dislikes) the identity holds one vote, and
-    a different reaction replaces the one it holds (`replaces`, its seq). Unidentified events
-    (`identity` "", serve.auth=none) all count.
+    Event ids are the sender's: the first event with a given `(identity, event_id)` wins, and a
+    repeat changes nothing, whatever it carries. From an identified sender (`identity` not ""), an
+    event counts as its one vote of `type` on the response: a second one of that type is stored
+    with `counted` false (a repeated vote, kept so that its volume shows); of `reaction_types`
+    (likes, dislikes) the identity holds one vote, and a different reaction replaces the one it
+    holds (`replaces`, its seq). A vote from a young session (`young`: too recent, or shown fewer
+    than `young_impressions` answers) is stored with `young` and `counted` false. Unidentified
+    events (`identity` "", serve.auth=none) all count. `address` is the sender's address as a
+    keyed hash (auth.py).
 
     Raises:
       UnknownResponseError: `response_id` was never served.
       NotShownError: `identity` was never shown `response_id`.
     """
     if not identity:
-      return self._write(lambda: self._insert_unidentified(response_id, event_id, type, value))
+      return self._write(
+        lambda: self._insert_unidentified(response_id, event_id, type, value, address)
+      )
     group = tuple(reaction_types) if type in reaction_types else (type,)
 
     def insert():
@@ -217,94 +222,57 @@ class FeedbackStore:
       shown = "SELECT 1 FROM shown WHERE response_id = ? AND identity = ?"
       if self._one(shown, (response_id, identity)) is None:
         raise NotShownError(f"{identity} was not shown response {response_id}")
-      if self._one("SELECT 1 FROM events WHERE event_id = ?", (event_id,)) is not None:
+      seen = "SELECT 1 FROM events WHERE identity = ? AND event_id = ?"
+      if self._one(seen, (identity, event_id)) is not None:
         return False
+      is_young = young
+      if not is_young and young_impressions > 0:
+        (n,) = self._one("SELECT COUNT(*) FROM shown WHERE identity = ?", (identity,))
+        is_young = n < young_impressions
       held = self._one(
         "SELECT seq, type FROM events WHERE response_id = ? AND identity = ? AND counted = 1 "
         f"AND type IN ({', '.join('?' * len(group))}) ORDER BY seq DESC LIMIT 1",
         (response_id, identity, *group),
       )
-      counted = held is None or held[1] != type
+      vote = held is None or held[1] != type  # not a repeat of the vote it holds
+      counted = vote and not is_young
       self._execute(
         "INSERT INTO events (event_id, response_id, type, value, created_at, identity, counted, "
-        "replaces) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "replaces, address, young) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
           event_id,
           response_id,
           type,
           float(value),
-          _utc_now(),
+          utc_now(),
           identity,
           int(counted),
           held[0] if counted and held is not None else None,
+          address,
+          int(is_young),
         ),
       )
-      return counted
+      # A young vote is no repeat: it is stored, and `young` says why it does not count.
+      return vote
 
     return self._write(insert)
 
-  def _insert_unidentified(self, response_id: str, event_id: str, type: str, value: float) -> bool:
+  def _insert_unidentified(
+    self, response_id: str, event_id: str, type: str, value: float, address: str
+  ) -> bool:
     # One statement on the common path (a new event for a known response): a round trip less on
     # PostgreSQL. Nothing inserted means a duplicate, or an unknown response (checked then).
     cur = self._execute(
-      "INSERT INTO events (event_id, response_id, type, value, created_at) "
-      "SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM responses WHERE id = ?) "
-      "ON CONFLICT (event_id) DO NOTHING",
-      (event_id, response_id, type, float(value), _utc_now(), response_id),
+      "INSERT INTO events (event_id, response_id, type, value, created_at, address) "
+      "SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM responses WHERE id = ?) "
+      "ON CONFLICT (identity, event_id) DO NOTHING",
+      (event_id, response_id, type, float(value), utc_now(), address, response_id),
     )
     if cur.rowcount == 1:
       return True
     if self._one("SELECT 1 FROM responses WHERE id = ?", (response_id,)) is None:
       raise UnknownResponseError(response_id)
     return False
-
-  # -- API keys (their secrets are never stored: `key_hash` is a SHA-256, see auth.py) ------------
-
-  def add_key(self, name: str, key_hash: str) -> str:
-    """Stores a new active key under `name`; returns its id (public, names it in lists)."""
-    key_id = uuid.uuid4().hex[:12]
-    self._write(
-      lambda: self._execute(
-        "INSERT INTO api_keys (id, name, key_hash, created_at) VALUES (?, ?, ?, ?)",
-        (key_id, name, key_hash, _utc_now()),
-      )
-    )
-    return key_id
-
-  def list_keys(self) -> list[KeyRow]:
-    rows = self._read("SELECT id, name, created_at, revoked_at FROM api_keys ORDER BY created_at")
-    return [KeyRow(*row) for row in rows]
-
-  def revoke_key(self, key_id: str) -> bool:
-    """Revokes the key; False if no active key has that id."""
-
-    def revoke():
-      cur = self._execute(
-        "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
-        (_utc_now(), key_id),
-      )
-      return cur.rowcount == 1
-
-    return self._write(revoke)
-
-  def key_id(self, key_hash: str) -> str | None:
-    """The id of the active key with this hash, or None (unknown or revoked)."""
-    rows = self._read(
-      "SELECT id FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL", (key_hash,)
-    )
-    return rows[0][0] if rows else None
-
-  def secret(self, name: str, make: Callable[[], str]) -> str:
-    """A server secret kept in `store_meta` (made once with `make`), shared by every replica."""
-
-    def get_or_make():
-      self._execute(
-        "INSERT INTO store_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
-        (name, make()),
-      )
-      return self._one("SELECT value FROM store_meta WHERE key = ?", (name,))[0]
-
-    return self._write(get_or_make)
 
   # -- consumers ----------------------------------------------------------------------------------
 
@@ -316,7 +284,10 @@ class FeedbackStore:
     return {"responses": int(row[0]), "events": int(row[1])}
 
   def read_new(
-    self, cursor: dict[str, int] | None = None, limit: int | None = None
+    self,
+    cursor: dict[str, int] | None = None,
+    limit: int | None = None,
+    reaction_types: Sequence[str] = REACTIONS,
   ) -> tuple[Feed, dict[str, int]]:
     """Rows committed after `cursor`, and the cursor to pass next time.
 
@@ -326,6 +297,11 @@ class FeedbackStore:
         consumed the rows: restoring both together gives exactly-once consumption.
       limit: at most this many rows from each table (None = all); the cursor then advances only
         past the rows returned.
+      reaction_types: an identity's vote among these (likes, dislikes) on a response is read as
+        counted once across reads: a later one whose identity held a counted vote of these on
+        the same response before the cursor (one the consumer has read already, in an earlier
+        round) comes back with `counted` false. One vote per identity and response, across
+        rounds, while a flip inside one read still replaces the earlier vote (`one_vote`).
 
     Returns:
       `(feed, new_cursor)`; `feed.events` carry their response's query, text and condition.
@@ -341,14 +317,23 @@ class FeedbackStore:
         (cursor["responses"],),
       )
     ]
+    group = tuple(reaction_types) or ("",)
+    marks = ", ".join("?" * len(group))
+    voted_before = (  # the identity's vote on this response was read in an earlier round
+      f"e.identity <> '' AND e.type IN ({marks}) AND EXISTS (SELECT 1 FROM events p "
+      "WHERE p.response_id = e.response_id AND p.identity = e.identity AND p.counted = 1 "
+      f"AND p.type IN ({marks}) AND p.seq <= ?)"
+    )
     events = [
-      EventRow(*row[:11], bool(row[11]), row[12])
+      EventRow(*row[:11], bool(row[11]), row[12], row[13], bool(row[14]))
       for row in self._read(
         "SELECT e.seq, e.event_id, e.response_id, e.type, e.value, e.created_at, "
-        "r.query, r.response, r.behavior, r.model_step, e.identity, e.counted, e.replaces "
+        "r.query, r.response, r.behavior, r.model_step, e.identity, "
+        f"CASE WHEN e.counted = 1 AND NOT ({voted_before}) THEN 1 ELSE 0 END, "
+        "e.replaces, e.address, e.young "
         "FROM events e JOIN responses r ON r.id = e.response_id "
         "WHERE e.seq > ? ORDER BY e.seq" + tail,
-        (cursor["events"],),
+        (*group, *group, cursor["events"], cursor["events"]),
       )
     ]
     new_cursor = {
