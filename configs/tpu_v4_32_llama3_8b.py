@@ -17,4 +17,5 @@ def get_config():
   c.mesh.shape = (2, 4, 2)
   c.model.param_dtype = "float32"  # room for f32 base weights
   c.ppo.prompts_per_step = 64
+  c.compile.topology = "v4:2x2x4"  # the v4-32 slice: 4 hosts x 4 chips (libtpu's description)
   return c

@@ -23,6 +23,8 @@ def get_config():
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "bfloat16"
   c.model.remat = True
+  c.compile.shape = "llama3-8b"  # mode=compile builds this architecture without the checkpoint
+  c.compile.topology = "v5e:2x4"
   for spec in (c.lora, c.disc.lora, c.reward.lora):
     spec.rank = 16
     spec.alpha = 32.0

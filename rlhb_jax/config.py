@@ -24,7 +24,13 @@ from rlhb_jax.data.behavior import BehaviorConfig
 from rlhb_jax.data.config import DataConfig, PromptConfig
 from rlhb_jax.eval.config import EvalConfig
 from rlhb_jax.infra.config import CheckpointConfig, DistributedConfig, MeshConfig
-from rlhb_jax.jobs.config import ExportConfig, GenerateConfig, KeysConfig, OnlineConfig
+from rlhb_jax.jobs.config import (
+  CompileConfig,
+  ExportConfig,
+  GenerateConfig,
+  KeysConfig,
+  OnlineConfig,
+)
 from rlhb_jax.methods.config import DiscConfig, DPOConfig, KTOConfig, SFTConfig
 from rlhb_jax.methods.ppo.config import PPOConfig, RewardConfig, RLHBConfig
 from rlhb_jax.model.config import ModelSpec, SamplingConfig
@@ -64,6 +70,7 @@ class Config:
   serve: ServeConfig = ServeConfig()
   api_keys: KeysConfig = KeysConfig()
   export: ExportConfig = ExportConfig()
+  compile: CompileConfig = CompileConfig()
 
   def __post_init__(self):
     """What no one section can check alone (each section checks its own fields)."""

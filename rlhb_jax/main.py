@@ -73,6 +73,11 @@ MODES = {
   "serve": Mode("the newest generator over HTTP", "jobs.serve:run", single_process=True),
   "keys": Mode("add, list or revoke the server's API keys", "jobs.keys:run", single_process=True),
   "export": Mode("a model as HF or GGUF", "jobs.export:run", single_process=True),
+  "compile": Mode(
+    "every jitted step compiled for config.compile.topology, from abstract shapes",
+    "jobs.compile:run",
+    single_process=True,
+  ),
 }
 
 

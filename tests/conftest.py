@@ -2,6 +2,9 @@
 
 import os
 
+# The CPU backend only, here and in every subprocess a test starts: with libtpu installed (the dev
+# requirements bring it for tests/test_aot.py) JAX would otherwise look for a TPU first and warn.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -1,4 +1,4 @@
-"""Job sections of the config: generation, online rounds and export."""
+"""Job sections of the config: generation, online rounds, export and ahead-of-time compiles."""
 
 from __future__ import annotations
 
@@ -68,13 +68,17 @@ class KeysConfig:
   """mode=keys: the API keys of the run's feedback store (`serve.store_url`, default
   DIR/feedback.db) that `serve.auth=keys` / `keys_or_session` accept (docs/SERVING.md)."""
 
-  action: str = "list"  # add (prints the new key once) | list | revoke
+  # add (prints the new key once) | list | revoke | rotate_sessions (a new session secret: every
+  # page session issued before is refused, by every replica, within serve.reload_poll_seconds)
+  action: str = "list"
   name: str = ""  # add: who or what holds the key
   id: str = ""  # revoke: the key's id, as add and list print it
 
   def __post_init__(self):
-    if self.action not in ("add", "list", "revoke"):
-      raise ValueError(f"config.api_keys.action={self.action!r}: expected add, list or revoke")
+    if self.action not in ("add", "list", "revoke", "rotate_sessions"):
+      raise ValueError(
+        f"config.api_keys.action={self.action!r}: expected add, list, revoke or rotate_sessions"
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,3 +106,29 @@ class ExportConfig:
     dtypes = ("float32", "float16") if self.format == "gguf" else ("float32", "float16", "bfloat16")
     if self.dtype not in dtypes:
       raise ValueError(f"config.export.dtype={self.dtype!r}: expected one of {dtypes}")
+
+
+# The jitted steps of the stages (the sampler's prefill and decode run inside rlhb as well).
+COMPILE_STEPS = ("sft", "disc_warmup", "rlhb", "kto", "prefill", "decode")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileConfig:
+  """mode=compile: every jitted step of the config compiled ahead of time for a device topology,
+  from abstract shapes (jobs/compile.py, docs/TPU.md)."""
+
+  # A TPU slice as libtpu names it ("v5e:2x4", "v4:2x2x4": the TPU compiler, no TPU attached) or
+  # "cpu:N" (N local CPU devices: memory only).
+  topology: str = ""
+  # The generator's architecture, a preset of model/shapes.py, when model.source is a checkpoint
+  # the compile does not read ("hf", "gguf"); "" = config.model (tiny) or the built-in model's.
+  shape: str = ""
+  mfu: float = 0.4  # model-FLOPs utilisation the predicted step times assume
+  prompt_len: int = 0  # prompt and prefix length P; 0 = the longest of sampling.prompt_buckets
+  steps: tuple[str, ...] = COMPILE_STEPS  # which of them to compile
+
+  def __post_init__(self):
+    if unknown := sorted(set(self.steps) - set(COMPILE_STEPS)):
+      raise ValueError(f"config.compile.steps: unknown {unknown}; known: {COMPILE_STEPS}")
+    if not 0 < self.mfu <= 1:
+      raise ValueError(f"config.compile.mfu={self.mfu}: expected a fraction in (0, 1]")

@@ -14,3 +14,15 @@ SHAPES = {
     ("llama3.2-1b", (128256, 2048, 16, 32, 8, 64), 8192, 500000.0),
   )
 }
+# Meta-Llama-3-8B(-Instruct): untied embeddings, no RoPE scaling (3.1 adds it).
+SHAPES["llama3-8b"] = LlamaConfig(
+  vocab_size=128256,
+  embed_dim=4096,
+  num_layers=32,
+  num_heads=32,
+  num_kv_heads=8,
+  head_dim=128,
+  mlp_dim=14336,
+  rope_theta=500000.0,
+  tie_embeddings=False,
+)
