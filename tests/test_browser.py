@@ -53,8 +53,8 @@ def server(tmp_path_factory):
   server.sent = []
   add_event = server.store.add_event
 
-  def recording_add_event(response_id, event_id, type, *args):
-    new = add_event(response_id, event_id, type, *args)
+  def recording_add_event(response_id, event_id, type, *args, **kwargs):
+    new = add_event(response_id, event_id, type, *args, **kwargs)
     server.sent.append((response_id, event_id, type, new))
     return new
 
@@ -119,14 +119,20 @@ def test_ask_like_twice_and_click_the_source_once(server, browser, tmp_path):
   browser.switch_to.window(page)
 
   # Both likes reached the server with the same event id; the store kept the first only.
-  assert sorted(server.sent) == sorted(
+  assert sorted((rid, kind, new) for rid, _, kind, new in server.sent) == sorted(
     [
-      (row.id, f"{row.id}-impressions", "impressions", True),
-      (row.id, f"{row.id}-likes", "likes", True),
-      (row.id, f"{row.id}-likes", "likes", False),
-      (row.id, f"{row.id}-clicks", "clicks", True),
+      (row.id, "impressions", True),
+      (row.id, "likes", True),
+      (row.id, "likes", False),
+      (row.id, "clicks", True),
     ]
   )
+  likes = [event_id for _, event_id, kind, _ in server.sent if kind == "likes"]
+  assert likes[0] == likes[1] and len({e for _, e, _, _ in server.sent}) == 3
+  # The ids are random, 128 bits a page's answer: nothing anyone else could guess from the id.
+  nonces = {event_id.split("-")[0] for _, event_id, _, _ in server.sent}
+  assert len(nonces) == 1 and len(nonces.pop()) == 32
+  assert not any(row.id in event_id for _, event_id, _, _ in server.sent)
   events = server.store.read_new()[0].events
   assert collections.Counter((e.response_id, e.type) for e in events) == {
     (row.id, "impressions"): 1,
@@ -167,8 +173,15 @@ def test_bad_input_gets_a_readable_message_and_the_documented_status(
 
 def test_the_page_votes_as_its_own_session(browser, tmp_path):
   """serve.auth=keys_or_session: the page gets an HttpOnly session and votes as it, one vote per
-  answer (a dislike replaces the like; the like again is the same event id, a duplicate)."""
-  config = ServeConfig(port=0, auth="keys_or_session", sqlite_synchronous="NORMAL")
+  answer: a dislike replaces the like, the like again replaces the dislike (a new random event
+  id: issue #39), and a second click on it is a duplicate. The young-session rule is off here."""
+  config = ServeConfig(
+    port=0,
+    auth="keys_or_session",
+    sqlite_synchronous="NORMAL",
+    young_seconds=0,
+    young_impressions=0,
+  )
   server = make_server(config, tmp_path, EchoPolicy()).start()
   try:
     browser.delete_all_cookies()
@@ -180,7 +193,7 @@ def test_the_page_votes_as_its_own_session(browser, tmp_path):
     browser.find_element("id", "query").send_keys(QUERY)
     browser.find_element("id", "ask").click()
     _wait(browser, lambda d: _text(d, "events") == "1")  # the impression
-    for button, events in (("like", "2"), ("dislike", "3"), ("like", "3")):
+    for button, events in (("like", "2"), ("dislike", "3"), ("like", "4"), ("like", "4")):
       browser.find_element("id", button).click()
       _wait(browser, lambda d, n=events: _text(d, "events") == n)
     _wait(browser, lambda d: "Already recorded" in _text(d, "message"))
@@ -189,7 +202,8 @@ def test_the_page_votes_as_its_own_session(browser, tmp_path):
     assert row.identity.startswith("session:")
     assert {e.identity for e in feed.events} == {row.identity}
     (record,) = aggregate_records(feed.events, ("impressions", "likes", "dislikes"))
-    assert record["behavior"] == {"impressions": 1, "likes": 0, "dislikes": 1}
+    assert record["behavior"] == {"impressions": 1, "likes": 1, "dislikes": 0}
+    assert len({e.event_id for e in feed.events}) == 4
   finally:
     server.shutdown()
 
@@ -242,6 +256,8 @@ def test_a_person_on_the_page_reaches_a_training_round_and_sees_its_model(browse
       "online.poll_seconds": 0.2,
       "serve.port": 0,
       "serve.auth": "keys_or_session",
+      "serve.young_seconds": 0.0,  # the person's fresh session votes at once (issue #39's rule off)
+      "serve.young_impressions": 0,
     }
   )
   second = "What is the capital of Albania?"

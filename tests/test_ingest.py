@@ -103,8 +103,10 @@ def test_a_version_1_store_is_upgraded_in_place(store_url):
     assert s.counts() == {"responses": 1, "events": 2}
 
 
-def ev(seq, identity, rid, kind, counted=True):
-  return EventRow(seq, f"e{seq}", rid, kind, 1.0, "t", "q", "a", None, 0, identity, counted)
+def ev(seq, identity, rid, kind, counted=True, text=None):
+  """An event on response `rid`, whose text is its own unless `text` names a shared one."""
+  text = f"a-{rid}" if text is None else text
+  return EventRow(seq, f"e{seq}", rid, kind, 1.0, "t", "q", text, None, 0, identity, counted)
 
 
 def test_one_vote_keeps_the_first_vote_and_the_latest_reaction():
@@ -117,8 +119,9 @@ def test_one_vote_keeps_the_first_vote_and_the_latest_reaction():
     ev(6, "", "r", "likes"),
     ev(7, "", "r", "likes"),  # unidentified: all count
     ev(8, "key:a", "s", "likes"),  # another response: another vote
+    ev(9, "key:a", "s2", "likes", text="a-s"),  # the same answer again (issue #39): no new vote
   ]
-  assert [e.seq for e in one_vote(events, REACT)] == [3, 4, 6, 7, 8]
+  assert [e.seq for e in one_vote(events, REACT)] == [3, 4, 6, 7, 9]
   records = aggregate_records(events, ("likes", "dislikes", "clicks"))
   assert [r["behavior"] for r in records] == [
     {"likes": 2, "dislikes": 1, "clicks": 1},

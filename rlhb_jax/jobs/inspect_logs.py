@@ -7,9 +7,10 @@ quarantine mode, DIR/quarantine.jsonl. With data.on_error=fail the first bad rec
 `BadRecordError`.
 
 When the run has a feedback store (`serve.store_url`, or DIR/feedback.db), its identified events
-are screened too (`serving.ingest`): identities whose volume or agreement is anomalous are reported
-in DIR/inspect_identities.json, and their events quarantined to DIR/quarantine_identities.jsonl
-and counted (with `serve.ingest.quarantine`), like bad lines. The store's events are read whole.
+are screened too (`serving.ingest`): identities whose volume or agreement is anomalous, and bursts
+of new identities on one answer or from one address, are reported in DIR/inspect_identities.json,
+and their events quarantined to DIR/quarantine_identities.jsonl and counted (with
+`serve.ingest.quarantine`), like bad lines. The store's events are read whole.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from rlhb_jax.serving import ingest, open_store
 
 _RESERVOIR = 10_000
 _SAMPLES = 5
+_SHOWN = 10  # flagged identities printed (all are written)
 
 
 def inspect_store(config: Config, workdir: pathlib.Path) -> dict | None:
@@ -51,12 +53,19 @@ def inspect_store(config: Config, workdir: pathlib.Path) -> dict | None:
   (workdir / "inspect_identities.json").write_text(json.dumps(out, indent=1) + "\n")
   print(
     f"inspect_logs: feedback store {where}: {out['events_read']} events from "
-    f"{out['identities']} identities (median {out['median_events_per_identity']:g} events), "
-    f"{len(out['flagged'])} anomalous, {out['quarantined_events']} events quarantined, "
-    f"{out['not_counted_events']} repeated votes not counted"
+    f"{out['identities']} identities ({out['young_identities']} young; median established "
+    f"{out['median_events_per_identity']:g} events), {len(out['flagged'])} anomalous, "
+    f"{out['quarantined_events']} events quarantined, {out['not_counted_events']} not counted "
+    f"(repeated votes, or {out['young_events']} from young sessions)"
   )
-  for identity, why in out["flagged"].items():
+  for answer, n in out["bursts"].items():
+    print(f"  burst: {n} young or one-event identities reacted to {answer}")
+  for address, n in out["crowded_addresses"].items():
+    print(f"  burst: {n} young sessions from address {address} (keyed hash)")
+  for identity, why in list(out["flagged"].items())[:_SHOWN]:
     print(f"  {identity}: {why['reason']}")
+  if len(out["flagged"]) > _SHOWN:
+    print(f"  ... and {len(out['flagged']) - _SHOWN} more (all in inspect_identities.json)")
   if out["quarantine_path"]:
     print(f"  quarantine: {out['quarantine_path']}")
   return out

@@ -5,6 +5,7 @@
     --config.api_keys.action=add --config.api_keys.name=alice  # prints the key, once
   ... --config.api_keys.action=list  # ids, names, dates; never the keys
   ... --config.api_keys.action=revoke --config.api_keys.id=KEY_ID  # refused from then on
+  ... --config.api_keys.action=rotate_sessions  # a new session secret: every session refused
 
 The store keeps a key's SHA-256 only, so a lost key cannot be shown again: revoke it, add another.
 """
@@ -16,6 +17,7 @@ import pathlib
 
 from rlhb_jax.config import Config
 from rlhb_jax.serving import add_key, open_store
+from rlhb_jax.serving.auth import SESSION_SECRET
 
 
 class KeysError(Exception):
@@ -34,6 +36,13 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
       print(f"key: {key}")
       print("Shown once: the store keeps only its hash. Clients send: Authorization: Bearer <key>")
       return {"id": key_id, "key": key}
+    if action == "rotate_sessions":
+      store.rotate_secret(SESSION_SECRET)
+      print(
+        f"new session secret in {store.where}: every session issued before is refused once the "
+        "servers re-read it (within serve.reload_poll_seconds); the page gets a new one"
+      )
+      return {"rotated": SESSION_SECRET}
     if action == "revoke":
       if not store.revoke_key(cfg.api_keys.id):
         raise KeysError(

@@ -36,9 +36,9 @@ class IngestConfig:
   # reacted to as well, at least min_compared, it agrees with their majority on < min_agreement.
   min_agreement: float = 0.2
   min_compared: int = 10
-  # Bursts: at least burst_identities young or one-event identities reacting to one answer (the
-  # same query and text, whatever its response id), or at least address_identities identities
-  # from one address (its keyed hash); the young or one-event ones among them are flagged.
+  # Bursts, whose identities are flagged: at least burst_identities young or one-event identities
+  # reacting to one answer (the same query and text, whatever its response id), or at least
+  # address_identities young sessions from one address (its keyed hash).
   burst_identities: int = 10
   address_identities: int = 20
 

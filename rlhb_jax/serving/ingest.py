@@ -4,11 +4,19 @@ The store already gives each identity one vote per response and type, on respons
 and the gate caps its request rate; this is the last layer, on what a consumer reads. An identity is
 anomalous when, among the events read:
 
-- its volume is: more events (counted or not) than `volume_factor` x the median identity's and
-  more than `min_volume` (a script posting a thousand likes; a sender of a hundred answers' worth);
+- its volume is: more events (counted or not) than `volume_factor` x the median established
+  identity's and more than `min_volume` (a script posting a thousand likes; a sender of a hundred
+  answers' worth). Established: not young (some of its events came after its session's young
+  period, or it is an API key), so that a crowd of fresh one-event identities cannot pull the
+  median down and get an honest heavy user flagged;
 - its agreement is: on at least `min_compared` responses where others reacted too (like or
   dislike), its reaction matches the most common of theirs on fewer than `min_agreement` of them
-  (ties are not compared).
+  (ties are not compared);
+- it is part of a burst: young or one-event (new) identities, at least `burst_identities` of
+  them, reacting to one answer (the same query and response text, whatever the response ids:
+  every fresh identity gets its own id for the text it asks for), or young identities, at least
+  `address_identities` of them, from one address (its keyed hash; API keys all come from the
+  operator's clients, so only young sessions are counted).
 
 With `quarantine`, their events are set aside (returned apart, to be written out and counted, like
 bad lines of a log) and the records are built from the rest. Unidentified events (identity "",
@@ -32,6 +40,12 @@ class IdentityStats:
   events: int  # events read from it, counted or not
   compared: int  # responses where it and others reacted (no tie among the others)
   agreed: int  # of those, where its reaction was the others' most common one
+  young: bool = False  # every event of it came from a young session
+
+  @property
+  def new(self) -> bool:
+    """Young, or seen once: what a freshly minted identity looks like."""
+    return self.young or self.events == 1
 
   @property
   def agreement(self) -> float | None:
@@ -44,7 +58,9 @@ class Screened:
   quarantined: list[EventRow]  # the flagged identities' events, when quarantining
   flagged: dict[str, str]  # identity -> why it is anomalous
   stats: dict[str, IdentityStats]  # every identity read
-  median_events: float  # events of the median identity
+  median_events: float  # events of the median established (not young) identity
+  bursts: dict[str, int] = dataclasses.field(default_factory=dict)  # answer -> new identities
+  crowded: dict[str, int] = dataclasses.field(default_factory=dict)  # address -> young ones
 
 
 def identity_stats(
@@ -52,6 +68,7 @@ def identity_stats(
 ) -> dict[str, IdentityStats]:
   """Volume and agreement of every identity among `events` (unidentified events left out)."""
   volume = collections.Counter(e.identity for e in events if e.identity)
+  grown = {e.identity for e in events if e.identity and not e.young}
   reactions: dict[str, dict[str, str]] = collections.defaultdict(dict)  # response -> who -> type
   for e in events:  # in seq order: the latest counted reaction stands
     if e.identity and e.counted and e.type in reaction_types:
@@ -70,7 +87,40 @@ def identity_stats(
         continue  # the others did not react, or are split evenly
       compared[identity] += 1
       agreed[identity] += top[0][0] == mine
-  return {i: IdentityStats(n, compared[i], agreed[i]) for i, n in volume.items()}
+  return {i: IdentityStats(n, compared[i], agreed[i], i not in grown) for i, n in volume.items()}
+
+
+def bursts(
+  events: Sequence[EventRow],
+  stats: dict[str, IdentityStats],
+  cfg: IngestConfig,
+  reaction_types: Sequence[str] = REACTIONS,
+) -> tuple[dict[str, str], dict[str, int], dict[str, int]]:
+  """New identities in bursts: `(identity -> why, answer -> new identities reacting to it,
+  address -> young identities from it)`, the last two for the answers and addresses over the
+  limits."""
+  on_answer: dict[tuple[str, str], set[str]] = collections.defaultdict(set)
+  at_address: dict[str, set[str]] = collections.defaultdict(set)
+  for e in events:
+    if not e.identity:
+      continue
+    if e.address and stats[e.identity].young:
+      at_address[e.address].add(e.identity)
+    if e.type in reaction_types and stats[e.identity].new:
+      on_answer[(e.query, e.response)].add(e.identity)
+  why, answers, addresses = {}, {}, {}
+  for (query, response), who in on_answer.items():
+    if len(who) >= cfg.burst_identities:
+      answer = f"{query[:60]!r} -> {response[:60]!r}"
+      answers[answer] = len(who)
+      for i in who:
+        why[i] = f"burst: one of {len(who)} new identities reacting to the answer {answer}"
+  for address, who in at_address.items():
+    if len(who) >= cfg.address_identities:
+      addresses[address] = len(who)
+      for i in who:
+        why.setdefault(i, f"burst: one of {len(who)} young identities from address {address}")
+  return why, answers, addresses
 
 
 def screen(
@@ -79,9 +129,12 @@ def screen(
   """Flags anomalous identities among `events`; with `cfg.quarantine`, sets their events apart."""
   events = list(events)
   stats = identity_stats(events, reaction_types)
-  median = statistics.median(s.events for s in stats.values()) if stats else 0.0
-  flagged = {}
+  established = [s.events for s in stats.values() if not s.young]
+  median = statistics.median(established) if established else 0.0
+  flagged, answers, addresses = bursts(events, stats, cfg, reaction_types)
   for identity, s in stats.items():
+    if identity in flagged:
+      continue
     if s.events > max(cfg.min_volume, cfg.volume_factor * median):
       flagged[identity] = (
         f"volume: {s.events} events, over {cfg.volume_factor:g} x the median identity's "
@@ -93,10 +146,10 @@ def screen(
         f"under {cfg.min_agreement:g}"
       )
   if not cfg.quarantine or not flagged:
-    return Screened(events, [], flagged, stats, median)
+    return Screened(events, [], flagged, stats, median, answers, addresses)
   kept = [e for e in events if e.identity not in flagged]
   quarantined = [e for e in events if e.identity in flagged]
-  return Screened(kept, quarantined, flagged, stats, median)
+  return Screened(kept, quarantined, flagged, stats, median, answers, addresses)
 
 
 def quarantine_rows(screened: Screened) -> list[dict[str, Any]]:
@@ -110,11 +163,15 @@ def summary(screened: Screened) -> dict[str, Any]:
   """What a report says about the screening (counts, and each flagged identity with why)."""
   return {
     "identities": len(screened.stats),
+    "young_identities": sum(s.young for s in screened.stats.values()),
     "median_events_per_identity": screened.median_events,
+    "bursts": dict(sorted(screened.bursts.items(), key=lambda kv: -kv[1])),
+    "crowded_addresses": dict(sorted(screened.crowded.items(), key=lambda kv: -kv[1])),
     "flagged": {
       i: {"reason": why, "events": screened.stats[i].events}
       for i, why in sorted(screened.flagged.items())
     },
     "quarantined_events": len(screened.quarantined),
     "not_counted_events": sum(not e.counted for e in screened.kept),
+    "young_events": sum(e.young for e in screened.kept),
   }

@@ -102,20 +102,22 @@ def one_vote(
   events: Iterable[EventRow], reaction_types: Sequence[str] = REACTIONS
 ) -> list[EventRow]:
   """The events that count, in their order: those the store counted, and of those at most one per
-  identity, response and type; of `reaction_types`, one per identity and response (the latest).
+  identity, answer and type; of `reaction_types`, one per identity and answer (the latest). An
+  answer is a query and a response text: an identity that asks the same query again and likes
+  each of the identical answers (new response ids) holds one vote on that answer, not one each.
 
   The store already refuses repeated votes as it writes them; this re-applies the rule to what a
   consumer reads (defence in depth: rows written by another producer, or by an older version).
   Unattributed events (identity "", serve.auth=none) are not grouped: they all count.
   """
   kept: list[EventRow | None] = []
-  voted: dict[tuple[str, str, str], int] = {}  # (response, identity, type or group) -> kept index
+  voted: dict[tuple[str, ...], int] = {}  # (query, response, identity, type or group) -> index
   for event in events:
     if not event.counted:
       continue
     if event.identity:
       group = "|".join(reaction_types) if event.type in reaction_types else event.type
-      key = (event.response_id, event.identity, group)
+      key = (event.query, event.response, event.identity, group)
       if key in voted:
         if event.type not in reaction_types:
           continue  # a repeat: the first vote stands
