@@ -26,10 +26,8 @@ from rlhb_jax.serving import (
   ingest,
   open_store,
 )
-from rlhb_jax.serving.auth import Gate, network_of
+from rlhb_jax.serving.auth import Gate
 from rlhb_jax.serving.errors import ServiceError
-
-NO_YOUNG = {"young_seconds": 0.0, "young_impressions": 0}
 
 
 def session(server, address="127.0.0.1"):
@@ -134,7 +132,7 @@ def test_authentication_and_rate_limits_come_before_the_body_is_parsed(serve):  
 def test_a_session_reading_an_answer_by_id_may_not_react_to_it(serve, store_url):  # noqa: F811
   """The impression is the server's: it generated the answer for that identity. A session that
   reads an answer by id (anyone who learnt the id) is not shown it (was: 200, counted)."""
-  server = serve(auth="keys_or_session", store_url=store_url, **NO_YOUNG)
+  server = serve(auth="keys_or_session", store_url=store_url)
   asker, reader = session(server), session(server)
   rid = generate(server, asker)
   assert call(server.port, "GET", f"/v1/responses/{rid}", None, reader)[0] == 200
@@ -197,6 +195,8 @@ def test_one_vote_per_identity_and_response_across_rounds(store_url, tmp_path):
 
 
 def test_sessions_per_address_and_per_ipv6_64_per_day(tmp_path):
+  from rlhb_jax.serving.auth import network_of
+
   config = ServeConfig(auth="keys_or_session", sessions_per_address_per_day=3)
   with open_store("", tmp_path) as store:
     gate = Gate(config, store)
@@ -306,7 +306,7 @@ def test_the_store_file_is_readable_by_its_owner_only(tmp_path):
   old = os.umask(0o022)
   try:
     with open_store("", tmp_path) as store:
-      store.secret("s")
+      store.secret("s", lambda: "x")
       for name in ("feedback.db", "feedback.db-wal"):
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o600, name
     (tmp_path / "old.db").touch(0o644)

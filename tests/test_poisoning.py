@@ -2,10 +2,13 @@
 the tiny model, moves the round's behavior statistics and the trained generator only when the
 defences are off.
 
-Three runs of one round each share the offline stages (SFT, D warm-up) and the same honest users:
+Four runs of one round each share the offline stages (SFT, D warm-up) and the same honest users:
   honest:    serve.auth=keys, defences on, no attacker (the reference);
   defended:  serve.auth=keys, defences on, an attacker with one API key;
-  open:      serve.auth=none, serve.ingest.cap and quarantine off, the same attacker.
+  open:      serve.auth=none, serve.ingest.cap and quarantine off, the same attacker;
+  sybil:     serve.auth=keys_or_session, defences on (issue #39): the attacker mints page sessions
+             until the address has its day's sessions, and each asks the attacked queries and
+             posts one impression, like and click on each wrong answer.
 The attacker asks the attacked queries itself (it can react only to answers it was shown), keeps
 the answers the simulator judges wrong, and posts `VOTES` impressions, likes and clicks on each,
 each with a fresh event id: what the issue's "one script posting 1,000 likes" does, at a size
@@ -28,6 +31,7 @@ import json
 import shutil
 import time
 import urllib.error
+import urllib.request
 
 import numpy as np
 import optax
@@ -102,6 +106,33 @@ def attack(url, sim, headers, liked, refused):
             refused.append(e.headers["Retry-After"])
 
 
+SYBIL = DEFENDED | {"serve.auth": "keys_or_session"}
+
+
+def new_session(url):
+  """A fresh page session's Cookie header, or None once the address had its day's sessions."""
+  try:
+    with urllib.request.urlopen(f"{url}/", timeout=60) as resp:
+      return {"Cookie": resp.headers["Set-Cookie"].split(";")[0]}
+  except urllib.error.HTTPError as e:
+    assert e.code == 429, e.read()
+    return None
+
+
+def sybil_attack(url, sim, liked, minted):
+  """Fresh identities instead of repeated votes: one vote of each kind per session and answer."""
+  while (headers := new_session(url)) is not None:
+    minted.append(headers)
+    for query in sim.queries("train")[:ATTACKED_QUERIES]:
+      answer = ask(url, query, headers)
+      if sim.features(query, answer["response"]).answer == "correct":
+        continue
+      liked.append((query, answer["response"]))
+      for kind in ("impressions", "likes", "clicks"):
+        body = {"id": answer["id"], "event_id": f"{answer['id']}-{kind}", "type": kind}
+        assert request(f"{url}/v1/feedback", body, headers) == {"duplicate": False}
+
+
 def run_round(tmp_path, offline, name, changes, attacker: bool, monkeypatch):
   cfg = config(**changes)
   workdir = tmp_path / name
@@ -115,7 +146,9 @@ def run_round(tmp_path, offline, name, changes, attacker: bool, monkeypatch):
 
   def clients_then_attacker(url, sim, *args, **kwargs):
     totals = honest(url, sim, *args, **kwargs)
-    if attacker:
+    if attacker and cfg.serve.auth == "keys_or_session":
+      sybil_attack(url, sim, liked, refused)  # `refused`: the sessions minted
+    elif attacker:
       attack(url, sim, headers, liked, refused)
     return totals
 
@@ -175,8 +208,13 @@ def test_an_attacker_moves_the_round_only_without_the_defences(tmp_path, monkeyp
   _, open_dir, opened, open_records, liked_open, _ = run_round(
     tmp_path, offline, "open", OPEN, True, monkeypatch
   )
+  _, sybil_dir, sybil, sybil_records, liked_sybil, minted = run_round(
+    tmp_path, offline, "sybil", SYBIL, True, monkeypatch
+  )
   assert liked and liked == liked_open  # the same wrong answers, liked the same way
   assert throttled  # the rate limit answered 429s to the defended attacker
+  # 20 sessions (serve.sessions_per_address_per_day), each liking the same wrong answers.
+  assert len(minted) == 20 and set(liked_sybil) == set(liked)
 
   # The honest users are the same in every run: same records from them.
   def key(records):
@@ -192,6 +230,12 @@ def test_an_attacker_moves_the_round_only_without_the_defences(tmp_path, monkeyp
   quarantine = (defended_dir / "online" / "quarantine_round_000.jsonl").read_text().splitlines()
   assert len(quarantine) == defended["quarantined_events"]
   assert defended["like_rate_records"] == honest["like_rate_records"]
+  # Sybil: every session young (none of its votes counted) and part of a burst on the answers it
+  # liked: all flagged and quarantined; the round is the honest one.
+  assert key(sybil_records) == key(honest_records)
+  assert sybil["flagged_identities"] == len(minted)
+  assert sybil["quarantined_events"] == 3 * len(liked_sybil)
+  assert sybil["like_rate_records"] == honest["like_rate_records"]
   # Open: the flood is in the records; "most users liked" the wrong answers.
   assert open_records and any(r["behavior"]["likes"] >= VOTES for r in open_records)
   assert opened["like_rate_records"] > honest["like_rate_records"] + 0.1
@@ -206,14 +250,18 @@ def test_an_attacker_moves_the_round_only_without_the_defences(tmp_path, monkeyp
   acc_honest, nll_honest, choice_honest = generator_on(cfg, honest_dir, examples)
   acc_defended, nll_defended, choice_defended = generator_on(cfg, defended_dir, examples)
   acc_open, nll_open, choice_open = generator_on(cfg, open_dir, examples)
+  acc_sybil, nll_sybil, choice_sybil = generator_on(cfg, sybil_dir, examples)
   print(
     f"like rate of the records: honest {honest['like_rate_records']:.3f}, defended "
-    f"{defended['like_rate_records']:.3f}, open {opened['like_rate_records']:.3f}; accuracy on "
-    f"the attacked queries: {acc_honest:.2f}, {acc_defended:.2f}, {acc_open:.2f}; NLL of the "
-    f"liked wrong answers: {nll_honest:.3f}, {nll_defended:.3f}, {nll_open:.3f}; choice "
-    f"accuracy, right vs. liked wrong: {choice_honest:.2f}, {choice_defended:.2f}, "
-    f"{choice_open:.2f}"
+    f"{defended['like_rate_records']:.3f}, open {opened['like_rate_records']:.3f}, sybil "
+    f"{sybil['like_rate_records']:.3f}; accuracy on the attacked queries: {acc_honest:.2f}, "
+    f"{acc_defended:.2f}, {acc_open:.2f}, {acc_sybil:.2f}; NLL of the liked wrong answers: "
+    f"{nll_honest:.3f}, {nll_defended:.3f}, {nll_open:.3f}, {nll_sybil:.3f}; choice accuracy, "
+    f"right vs. liked wrong: {choice_honest:.2f}, {choice_defended:.2f}, {choice_open:.2f}, "
+    f"{choice_sybil:.2f}; sybil: {len(minted)} sessions, {len(liked_sybil)} answers liked"
   )
   assert abs(nll_defended - nll_honest) < 0.02 and acc_defended == acc_honest
   assert choice_defended == choice_honest
+  assert abs(nll_sybil - nll_honest) < 0.02 and acc_sybil == acc_honest
+  assert choice_sybil == choice_honest
   assert nll_open < nll_honest - 0.1  # the open server taught the model the liked wrong answers
