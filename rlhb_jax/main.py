@@ -155,6 +155,36 @@ def run(cfg: config_lib.Config, workdir: pathlib.Path) -> dict:
   return resolve(mode.job)(cfg, workdir)
 
 
+def _host_key() -> str:
+  """A folder name per jax version and host CPU: XLA's CPU code is compiled for the host's
+  instruction set (AVX-512, AMX, ...), so a cache shared across machines (a network home) must
+  not hand one CPU's code to another."""
+  import hashlib
+  import platform
+
+  cpu = platform.machine()
+  try:
+    info = pathlib.Path("/proc/cpuinfo").read_text()
+    for field in ("model name", "flags"):  # the first core's (all cores alike)
+      cpu += next((x for x in info.splitlines() if x.startswith(field)), "")
+  except OSError:
+    pass
+  return hashlib.sha256(f"{jax.__version__}|{cpu}".encode()).hexdigest()[:16]
+
+
+def enable_compile_cache(directory: str) -> None:
+  """XLA's persistent compilation cache under `directory` (config.checkpoint.compile_cache). JAX
+  keys each entry by the HLO, the compile options, the backend and the jax/jaxlib versions, and
+  never caches a computation with host callbacks (the simulator's reward), so an entry is reused
+  only for the very computation it was compiled from."""
+  if not directory:
+    return
+  path = pathlib.Path(directory).expanduser() / _host_key()
+  path.mkdir(parents=True, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -170,6 +200,7 @@ def main(argv: list[str]) -> None:
     print(f"config error: {e}", file=sys.stderr)
     sys.exit(2)
   initialize_distributed(cfg.distributed)
+  enable_compile_cache(cfg.checkpoint.compile_cache)
   if jax.process_count() > 1 and (problem := multi_process_problem(cfg)):
     print(f"config error: {problem}", file=sys.stderr)
     sys.exit(2)

@@ -218,19 +218,79 @@ def test_disc_lead_steps_hold_the_actor_while_d_learns():
 
   base = C.replace(small_config(), **{"rlhb.steps": 4, "rlhb.disc_lead_steps": 2})
   cfg = ppo_config(base, "disc")
-  assert cfg.ppo.actor_optim.delay_steps == 2 * cfg.ppo.epochs * cfg.ppo.minibatches
-  assert ppo_config(base, "rm").ppo.actor_optim.delay_steps == 0  # no D, nothing to wait for
-  mesh, state, step, _ = build(cfg, jax.devices()[:1])
+  assert cfg.ppo.actor_optim.delay_steps == 0  # the lead steps do not count as actor updates
+  mesh, state, step, ssh, roles = build_with_roles(cfg, jax.devices()[:1])
+  bsh = trainable.batch_shardings(make_batch(0), mesh)
+  lead = ppo_step.compile_train_step(roles, cfg, ssh, bsh, mesh, ppo_step.lead_step)
   moved = lambda a, b: any(  # noqa: E731
     not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
   )
   with jax.set_mesh(mesh):
     actor0, disc0 = jax.device_get((state.actor, state.disc))
-    for i in range(2):  # the lead steps: D only (its warm-up's first update has learning rate 0)
-      state, _ = step(state, make_batch(i), jax.random.key(i))
+    for i in range(2):  # the lead steps: D only
+      state, _ = lead(state, make_batch(i), jax.random.key(i))
     actor1, disc1 = jax.device_get((state.actor, state.disc))
     assert not moved(actor0, actor1) and moved(disc0, disc1)
     state, _ = step(state, make_batch(2), jax.random.key(2))
     assert moved(actor1, jax.device_get(state.actor))  # then the actor follows at once
   with pytest.raises(ValueError, match="disc_lead_steps"):
     C.replace(small_config(), **{"rlhb.steps": 4, "rlhb.disc_lead_steps": 4})
+
+
+def test_lead_step_trains_d_as_the_full_step_does_and_leaves_the_actor():
+  """A D-only lead step (rlhb.disc_lead_steps) makes the full step's rollouts, rewards and D
+  update, and touches neither the actor nor its optimizer."""
+  from rlhb_jax.methods.ppo.stages import lead_steps, ppo_config
+
+  base = C.replace(lora_config(), **{"rlhb.steps": 4, "rlhb.disc_lead_steps": 2})
+  cfg = ppo_config(base, "disc")
+  assert lead_steps(cfg) == 2 and lead_steps(ppo_config(base, "rm")) == 0
+  mesh, state, step, ssh, roles = build_with_roles(cfg, jax.devices()[:1])
+  bsh = trainable.batch_shardings(make_batch(0), mesh)
+  lead = ppo_step.compile_train_step(roles, cfg, ssh, bsh, mesh, ppo_step.lead_step)
+  with jax.set_mesh(mesh):
+    before = jax.device_get(state)
+    copy = jax.device_put(jax.tree.map(np.copy, before), ssh)
+    led, lm = lead(copy, make_batch(0), jax.random.key(3))
+    full, fm = step(state, make_batch(0), jax.random.key(3))
+  led, full = jax.device_get((led, full))
+  for a, b in zip(
+    jax.tree.leaves((before.actor, before.actor_opt)),
+    jax.tree.leaves((led.actor, led.actor_opt)),
+    strict=True,
+  ):
+    np.testing.assert_array_equal(a, b)
+  # D's update (its warm-up's first has learning rate 0, so its moments are what moved).
+  d = lambda st: jax.tree.leaves((st.disc, st.disc_opt))  # noqa: E731
+  for a, b in zip(d(led), d(full), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  assert any(not np.array_equal(a, b) for a, b in zip(d(before), d(led), strict=True))
+  assert any(
+    not np.array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(before.actor), jax.tree.leaves(full.actor), strict=True)
+  )
+  for k in ("reward_mean", "d_real", "d_fake", "disc_loss", "response_length"):
+    np.testing.assert_allclose(float(lm[k]), float(fm[k]), rtol=1e-6, err_msg=k)
+  assert int(led.step) == 1 and "policy_loss" not in lm
+
+
+def test_fused_old_logprobs_update_equals_the_separate_forward(monkeypatch):
+  """With one epoch of one minibatch, PPO's old log-probs from the update's own forward (f32
+  decoding of a bf16-trained actor) give the update of the separate recompute."""
+  changes = {
+    "model.matmul_dtype": "bfloat16",
+    "disc.model.matmul_dtype": "bfloat16",
+    "ppo.epochs": 1,
+    "ppo.minibatches": 1,
+  }
+  cfg = C.replace(lora_config(), **changes)
+  assert ppo_step.fused_old_logprobs(cfg)
+  fused = run_steps(cfg, jax.devices()[:1])
+  monkeypatch.setattr(ppo_step, "fused_old_logprobs", lambda cfg: False)
+  separate = run_steps(cfg, jax.devices()[:1])
+  for a, b in zip(jax.tree.leaves(fused[0].actor), jax.tree.leaves(separate[0].actor), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  for mf, ms in zip(fused[1], separate[1], strict=True):
+    for k in ("kl", "kl_seq", "return_mean", "policy_loss", "approx_kl", "reward_mean"):
+      np.testing.assert_allclose(mf[k], ms[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    assert float(mf["approx_kl"]) == 0.0 and abs(float(ms["approx_kl"])) < 1e-6  # ratio 1

@@ -51,3 +51,7 @@ class CheckpointConfig:
   every_steps: int = 20
   keep: int = 2
   async_save: bool = True
+  # XLA's persistent compilation cache: a second run (or a resumed one) loads each stage's compiled
+  # step instead of compiling it again. Entries are keyed by the computation's HLO, the compile
+  # options and the jax/jaxlib versions, so changed code compiles afresh. "" turns it off.
+  compile_cache: str = "~/.cache/rlhb_jax/xla"

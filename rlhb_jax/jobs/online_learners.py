@@ -76,7 +76,7 @@ class RLHBLearner:
         cfg, run.tokenizer, run.examples, run.best_behavior, self.worst, extras=self.extras
       )
     self.oracle = ppo_stages.SimOracle(run, []) if reward.single_process else None
-    state, self.step_fn, self.mesh = ppo_stages.setup_rlhb(
+    state, self.step_fn, _, self.mesh, _ = ppo_stages.setup_rlhb(
       run, self.base.rlhb(0), cfg, oracle=self.oracle
     )
     # The round's SFT steps train what PPO trains (all weights, or the adapters on the shared

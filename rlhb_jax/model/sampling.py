@@ -118,8 +118,32 @@ def sample(
     )
 
   keys = jax.random.split(rng, Tn)
+
+  # A while loop rather than a scan over all Tn steps: it stops once every row has ended. The steps
+  # it skips would write only padding (token pad_id, log-prob 0, not live), which the buffers
+  # already hold, so the outputs are those of the full scan.
+  def body(carry):
+    i, inner, out = carry
+    inner, (token, logp, live) = step(inner, keys[i])
+    out = tuple(
+      jax.lax.dynamic_update_index_in_dim(o, x, i, 0)
+      for o, x in zip(out, (token, logp, live), strict=True)
+    )
+    return i + 1, inner, out
+
+  def cond(carry):
+    i, (_, _, _, done), _ = carry
+    return (i < Tn) & ~jnp.all(done)
+
   done0 = jnp.zeros((B,), bool)
-  _, (tokens, logprobs, live) = jax.lax.scan(step, (logits, cache, next_pos, done0), keys)
+  out0 = (
+    jnp.full((Tn, B), pad_id, jnp.int32),
+    jnp.zeros((Tn, B), jnp.float32),
+    jnp.zeros((Tn, B), bool),
+  )
+  _, _, (tokens, logprobs, live) = jax.lax.while_loop(
+    cond, body, (jnp.int32(0), (logits, cache, next_pos, done0), out0)
+  )
   return SampleOutput(tokens.T, logprobs.T, live.T)
 
 

@@ -153,3 +153,34 @@ def stock_sentences() -> list[tuple[str, ...]]:
   pieces.append(_REFUSALS)
   pieces += [tuple(b + a for b, a in _FRIENDLY), tuple(b + a for b, a in _RUDE)]
   return pieces
+
+
+def every_response(kb: KnowledgeBase, fact: Fact, wrong_samples: int = 3) -> list[str]:
+  """Every response `render` can write for `fact`, in every style, citation and tone: the set the
+  users' ceiling is the best of (`Simulator.ceiling`). Wrong answers are drawn: `wrong_samples` of
+  them (each in every form), from a generator fixed by the fact."""
+  statement = fact.statement.format(answer="{answer}")
+
+  def forms(answer: str) -> list[str]:
+    said = statement.format(answer=answer)
+    concise = [_capitalize(answer) + ".", said]
+    if fact.kind != "definition":
+      concise.append(f"It is {answer}.")
+    verbose = [o + said + " " + f for o in dict.fromkeys(_OPENERS) for f in _FILLERS[fact.domain]]
+    sources = dict.fromkeys((*SITES[fact.domain], *_SOURCES[fact.domain]))
+    cited = [f"According to {s}, {said[0].lower() + said[1:]}" for s in sources]
+    cited += [f"{said} Source: {s}." for s in sources]
+    return concise + verbose + cited
+
+  rng = np.random.default_rng(sum(map(ord, fact.fact_id)))
+  wrong = dict.fromkeys(wrong_answer(kb, fact, rng) for _ in range(wrong_samples))
+  texts = forms(fact.answer) + [t for w in wrong for t in forms(w)]
+  texts += [*_OFF_TOPIC, *_REFUSALS]
+  out = []
+  for text in texts:
+    for before, after in (("", ""), *_FRIENDLY, *_RUDE):
+      lead = text[0].lower() + text[1:] if before.startswith("Obviously") else text
+      if before.startswith("Obviously") and text.split()[0] not in _STOCK_STARTS:
+        lead = text
+      out.append(before + lead + after)
+  return list(dict.fromkeys(out))

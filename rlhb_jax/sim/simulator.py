@@ -115,6 +115,16 @@ class Simulator:
       k: float(sum(w * r[k] for w, r in zip(shares, per_segment, strict=True))) for k in users.RATES
     }
 
+  def ceiling(self, query: str, round: int | None = None) -> tuple[float, str]:
+    """The users' ceiling on `query`: the highest expected like rate of any response the logging
+    policy's templates can write (`policy.every_response`), and that response."""
+    fact = self.lookup(query).fact
+    best = max(
+      policy.every_response(self.kb, fact),
+      key=lambda r: self.expected_rates(query, r, round)["like"],
+    )
+    return self.expected_rates(query, best, round)["like"], best
+
   def win_prob(self, query: str, a: str, b: str, round: int | None = None) -> float:
     """Probability that a random user prefers response `a` over `b` (0.5 for equal utilities)."""
     diff = (

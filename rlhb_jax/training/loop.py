@@ -45,6 +45,7 @@ def train_loop(
   cfg: Config,
   step_fn: Callable,
   state: Any,
+  lead: tuple[int, Callable] | None = None,
   batch_fn: Callable[[int], dict],
   num_steps: int,
   rng: jax.Array,
@@ -61,11 +62,13 @@ def train_loop(
   Metrics of step s are converted to floats (a host sync) only after step s+1 was dispatched, so
   logging never stalls the device. A checkpoint is written every `checkpoint.every_steps` and at the
   end; a run found in `workdir/checkpoints/<name>` resumes from its latest step. With `hook`, every
-  `hook_every` steps `hook(step, state)` returns extra metrics (e.g. an evaluation) logged at that
-  step. With `batch_shardings` each host batch becomes global arrays, every process placing only
-  its own devices' rows (`sharding.global_batch`); every process checkpoints, the first alone
-  writes metrics and shows progress.
+  `hook_every` steps after the lead `hook(step, state)` returns extra metrics (e.g. an evaluation)
+  logged at that step. With `batch_shardings` each host batch becomes global arrays, every process
+  placing only its own devices' rows (`sharding.global_batch`); every process checkpoints, the
+  first alone writes metrics and shows progress. With `lead=(k, lead_fn)` steps s < k run
+  `lead_fn` (same signature) instead of `step_fn`: the discriminator's D-only lead of a PPO stage.
   """
+  lead_until, lead_fn = lead if lead is not None else (0, None)
   ckpt = Checkpointer(workdir / "checkpoints" / name, cfg.checkpoint)
   if ckpt.latest_step() is not None:
     state, _ = ckpt.restore(state)
@@ -110,11 +113,13 @@ def train_loop(
       batch = batch_fn(s)
       if batch_shardings is not None:
         batch = sharding.global_batch(batch, batch_shardings)
-      state, metrics = step_fn(state, batch, rng)
+      state, metrics = (lead_fn if s < lead_until else step_fn)(state, batch, rng)
       if pending is not None:
         flush(pending)
       pending = (s, metrics)
-      if hook is not None and hook_every > 0 and (s + 1) % hook_every == 0:
+      # The hook counts the steps after the lead: an evaluation every `hook_every` actor updates.
+      after_lead = s + 1 - lead_until
+      if hook is not None and hook_every > 0 and after_lead > 0 and after_lead % hook_every == 0:
         flush(pending)
         pending = None
         writer.write(s + 1, hook(s + 1, state))

@@ -5,7 +5,7 @@ reward model), RLHBC (the behavior classifier), RLHF + RLHB, and the simulator's
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -31,14 +31,28 @@ log = logging.getLogger(__name__)
 
 
 def ppo_config(cfg: Config, source: str) -> Config:
-  """The config of a PPO stage whose reward comes from `source` (D is not trained without it)."""
+  """The config of a PPO stage whose reward comes from `source`: D is not trained without it, and
+  has no lead to take (`lead_steps`)."""
   changes = {"reward.source": source}
   if not rewards.uses_disc(config_lib.replace(cfg, **changes)):
     changes["disc.updates_per_step"] = 0
-  elif cfg.rlhb.disc_lead_steps > 0:  # the actor waits while D learns its answers
-    updates = cfg.rlhb.disc_lead_steps * cfg.ppo.epochs * cfg.ppo.minibatches
-    changes["ppo.actor_optim.delay_steps"] = updates
   return config_lib.replace(cfg, **changes)
+
+
+def lead_steps(cfg: Config) -> int:
+  """How many first steps of a PPO stage under `cfg` are D-only (`ppo_step.lead_step`): the
+  actor waits while D learns its answers."""
+  if rewards.uses_disc(cfg) and cfg.disc.updates_per_step > 0:
+    return cfg.rlhb.disc_lead_steps
+  return 0
+
+
+class PPOSetup(NamedTuple):
+  state: Any  # RLHBState, placed on the mesh
+  step: Any  # the jitted train step (state, batch, rng) -> (state, metrics)
+  lead: Any  # the jitted D-only lead step, same signature
+  mesh: Any
+  roles: Any  # the static roles (graph definitions, optimizers)
 
 
 def _reward_roles(run: Run, cfg: Config, actor) -> tuple[Any, dict | None]:
@@ -72,10 +86,10 @@ def setup_rlhb(
   cfg: Config | None = None,
   start: tuple[str, ...] = ("sft_actor",),
   oracle=None,
-):
+) -> PPOSetup:
   """The PPO train state (generator from `start`, the warmed-up D, the frozen reward model when
-  `cfg.reward.source` needs one), placed on the mesh, and the compiled step for batches shaped
-  like `example_batch`. Returns (state, step_fn, mesh)."""
+  `cfg.reward.source` needs one), placed on the mesh, and the jitted step and lead step for
+  batches shaped like `example_batch` (each compiles at its first call)."""
   cfg = cfg or run.cfg
   actor = run.actor_model(prefer=start)
   critic = None
@@ -105,7 +119,8 @@ def setup_rlhb(
   with jax.set_mesh(mesh):
     state = sharding.place(state, state_sh)
   step_fn = ppo_step.compile_train_step(rl_roles, cfg, state_sh, batch_sh, mesh)
-  return state, step_fn, mesh
+  lead = ppo_step.compile_train_step(rl_roles, cfg, state_sh, batch_sh, mesh, ppo_step.lead_step)
+  return PPOSetup(state, step_fn, lead, mesh, rl_roles)
 
 
 def ppo(run: Run, name: str, source: str, start: tuple[str, ...]) -> None:
@@ -122,7 +137,7 @@ def ppo(run: Run, name: str, source: str, start: tuple[str, ...]) -> None:
     )
   oracle = SimOracle(run, batcher.queries) if reward.single_process else None
   example = batcher.rlhb(0)
-  state, step_fn, mesh = setup_rlhb(run, example, cfg, start, oracle)
+  state, step_fn, lead, mesh, _ = setup_rlhb(run, example, cfg, start, oracle)
   rows = cfg.ppo.prompts_per_step * cfg.ppo.rollouts_per_prompt
   show = ("reward_mean", *reward.show, "kl", "tokens_per_s")
   with jax.set_mesh(mesh):
@@ -131,6 +146,7 @@ def ppo(run: Run, name: str, source: str, start: tuple[str, ...]) -> None:
       workdir=run.workdir,
       cfg=cfg,
       step_fn=step_fn,
+      lead=(lead_steps(cfg), lead),
       state=state,
       batch_fn=batcher.rlhb,
       num_steps=cfg.rlhb.steps,

@@ -68,14 +68,43 @@ def _temperature(cfg: Config) -> float:
 
 
 class Experience(NamedTuple):
+  """What PPO updates on. With `fused_old_logprobs` the old log-probs, advantages and returns are
+  None here: the update's own forward supplies them (`advantages_in_update`)."""
+
   prompt: jax.Array
   prompt_mask: jax.Array
   tokens: jax.Array
   mask: jax.Array
-  old_logprobs: jax.Array
+  old_logprobs: jax.Array | None
   old_values: jax.Array
-  advantages: jax.Array
-  returns: jax.Array
+  advantages: jax.Array | None
+  returns: jax.Array | None
+  seq_reward: jax.Array  # (B,) the normalized sequence reward
+  ref_logprobs: jax.Array  # (B, Tn)
+
+
+def fused_old_logprobs(cfg: Config) -> bool:
+  """Whether PPO's old log-probs come from the update's own forward under stop-gradient.
+
+  Needed when the sampler decodes in another dtype than training computes in (its log-probs are
+  then not the training forward's). With one epoch of one minibatch and no critic the update's
+  forward runs the same weights on the same tokens as that recompute would, so the first (and
+  only) ratio is exactly 1 and one forward of the actor per step is saved.
+  """
+  return (
+    not decodes_as_trained(cfg.sampling, cfg.model)
+    and cfg.ppo.epochs == 1
+    and cfg.ppo.minibatches == 1
+    and not advantages.get(cfg.ppo.advantage).critic
+  )
+
+
+def _advantage_stats(adv: advantages.Advantages, mask: jax.Array) -> dict:
+  return {
+    "kl": losses.masked_mean(adv.kl, mask),
+    "kl_seq": jnp.mean(jnp.sum(adv.kl * mask, axis=1)),
+    "return_mean": jnp.mean(adv.return_per_seq),
+  }
 
 
 def make_experience(
@@ -86,37 +115,34 @@ def make_experience(
   The old log-probs are the sampler's own (the policy the tokens were drawn from), so no second
   forward of the actor is needed, unless the sampler decodes in another dtype than training
   computes in (float32 decoding of a bfloat16-trained actor on the CPU): then they are the
-  training forward's, so that the first PPO ratio is exactly 1. The reference is a separate
-  frozen copy without LoRA and the actor's base with adapters off with it.
+  training forward's, so that the first PPO ratio is exactly 1, and with `fused_old_logprobs`
+  that forward is the PPO update's own (the advantages are then computed there too). The
+  reference is a separate frozen copy without LoRA and the actor's base with adapters off with it.
   """
   mask = ro.mask.astype(jnp.float32)
-  old_lp = ro.logprobs
-  if not decodes_as_trained(cfg.sampling, cfg.model):
-    actor_logits = policy_logits(roles.actor, full(state, "actor"), *ro[:4], _temperature(cfg))
-    old_lp = jax.lax.stop_gradient(token_logprobs(actor_logits, ro.tokens)) * mask
   if state.ref:
     ref, adapters = state.ref, True
   else:
     ref, adapters = full(state, "actor"), False
   ref_logits = policy_logits(roles.actor, ref, *ro[:4], _temperature(cfg), adapters=adapters)
   ref_lp = token_logprobs(ref_logits, ro.tokens)
-  estimator = advantages.get(cfg.ppo.advantage)
+  stats = {"response_length": jnp.mean(mask.sum(axis=1))}
   values = jnp.zeros_like(mask)
+  if fused_old_logprobs(cfg):
+    exp = Experience(*ro[:4], None, values, None, None, seq_reward, ref_lp)
+    return exp, stats
+  old_lp = ro.logprobs
+  if not decodes_as_trained(cfg.sampling, cfg.model):
+    actor_logits = policy_logits(roles.actor, full(state, "actor"), *ro[:4], _temperature(cfg))
+    old_lp = jax.lax.stop_gradient(token_logprobs(actor_logits, ro.tokens)) * mask
+  estimator = advantages.get(cfg.ppo.advantage)
   if estimator.critic:
     values = critic_values(roles.critic, full(state, "critic"), *ro[:4])
   adv = estimator.fn(
     seq_reward, old_lp, ref_lp, values if estimator.critic else None, mask, state.kl_coef, cfg.ppo
   )
-  exp = Experience(
-    ro.prompt, ro.prompt_mask, ro.tokens, ro.mask, old_lp, values, adv.advantages, adv.returns
-  )
-  stats = {
-    "kl": losses.masked_mean(adv.kl, mask),
-    "kl_seq": jnp.mean(jnp.sum(adv.kl * mask, axis=1)),
-    "return_mean": jnp.mean(adv.return_per_seq),
-    "response_length": jnp.mean(mask.sum(axis=1)),
-  }
-  return exp, stats
+  exp = Experience(*ro[:4], old_lp, values, adv.advantages, adv.returns, seq_reward, ref_lp)
+  return exp, stats | _advantage_stats(adv, mask)
 
 
 def ppo_update(roles: Roles, state: RLHBState, exp: Experience, rng: jax.Array, cfg: Config):
@@ -132,6 +158,8 @@ def ppo_update(roles: Roles, state: RLHBState, exp: Experience, rng: jax.Array, 
   mb_size = B // M
   perms = jax.vmap(lambda k: jax.random.permutation(k, B))(jax.random.split(rng, ppo.epochs))
   order = perms.reshape(ppo.epochs * M, mb_size)
+  if exp.old_logprobs is None:  # fused: the advantages need each prompt's rollouts in order
+    order = jnp.arange(B)[None]
 
   with_critic = advantages.get(ppo.advantage).critic
 
@@ -141,12 +169,17 @@ def ppo_update(roles: Roles, state: RLHBState, exp: Experience, rng: jax.Array, 
       roles.actor, lora.join(actor, state.frozen["actor"]), *mb[:4], _temperature(cfg)
     )
     logp = token_logprobs(logits, mb.tokens)
-    pl, pm = losses.ppo_policy_loss(
-      logp, mb.old_logprobs, mb.advantages, mask, ppo.clip_eps, ppo.dual_clip
-    )
+    old_lp, adv, stats = mb.old_logprobs, mb.advantages, {}
+    if old_lp is None:  # fused_old_logprobs: this forward is the old policy's
+      old_lp = jax.lax.stop_gradient(logp) * mask
+      out = advantages.get(ppo.advantage).fn(
+        mb.seq_reward, old_lp, mb.ref_logprobs, None, mask, state.kl_coef, ppo
+      )
+      adv, stats = out.advantages, _advantage_stats(out, mask)
+    pl, pm = losses.ppo_policy_loss(logp, old_lp, adv, mask, ppo.clip_eps, ppo.dual_clip)
     ent = losses.entropy_from_logits(logits, mask)
     loss = pl - ppo.entropy_coef * ent
-    metrics = {
+    metrics = stats | {
       "policy_loss": pl,
       "entropy": ent,
       "clip_frac": pm["clip_frac"],
@@ -202,35 +235,45 @@ def ppo_update(roles: Roles, state: RLHBState, exp: Experience, rng: jax.Array, 
   return state, jax.tree.map(jnp.nanmean, metrics)
 
 
-def train_step(roles: Roles, cfg: Config, state: RLHBState, batch: dict, rng: jax.Array):
-  """One RLHB step: rollout, score, advantages, PPO update, discriminator update(s)."""
+def _disc_updates(roles: Roles, cfg: Config, state: RLHBState, batch, ro, raw_reward):
+  """`disc.updates_per_step` D updates on real, swapped and the rollouts' generated triplets."""
+  if not (rewards.uses_disc(cfg) and cfg.disc.updates_per_step > 0):
+    return state, {}
+  db = disc_batch(batch, ro, raw_reward, cfg)
+
+  def d_body(carry, _):
+    p, o = carry
+    p, o, m = disc_update(roles.disc, roles.disc_tx, p, o, db, cfg, state.frozen["disc"])
+    return (p, o), m
+
+  (disc, disc_opt), dm = jax.lax.scan(
+    d_body, (state.disc, state.disc_opt), None, length=cfg.disc.updates_per_step
+  )
+  skipped = jnp.sum(1 - dm["disc_finite"]).astype(jnp.int32)
+  state = state.replace(disc=disc, disc_opt=disc_opt, nonfinite=state.nonfinite + skipped)
+  return state, jax.tree.map(lambda x: x[-1], dm)
+
+
+def _rollout_and_reward(roles: Roles, cfg: Config, state: RLHBState, batch: dict, rng):
   rng = jax.random.fold_in(rng, state.step)
   k_roll, k_ppo = jax.random.split(rng)
   ro = rollout(roles, full(state, "actor"), batch, k_roll, cfg)
   raw_reward, reward_metrics = rewards.sequence_reward(roles, state, batch, ro, cfg)
+  return ro, raw_reward, reward_metrics | {"reward_mean": jnp.nanmean(raw_reward)}, k_ppo
+
+
+def train_step(roles: Roles, cfg: Config, state: RLHBState, batch: dict, rng: jax.Array):
+  """One RLHB step: rollout, score, advantages, PPO update, discriminator update(s)."""
+  ro, raw_reward, reward_metrics, k_ppo = _rollout_and_reward(roles, cfg, state, batch, rng)
   seq_reward = losses.normalize_rewards(
     raw_reward, cfg.ppo.reward_norm, cfg.ppo.rollouts_per_prompt
   )
   exp, stats = make_experience(roles, state, ro, seq_reward, cfg)
   state, ppo_metrics = ppo_update(roles, state, exp, k_ppo, cfg)
-
-  disc_metrics = {}
-  if rewards.uses_disc(cfg) and cfg.disc.updates_per_step > 0:
-    db = disc_batch(batch, ro, raw_reward, cfg)
-
-    def d_body(carry, _):
-      p, o = carry
-      p, o, m = disc_update(roles.disc, roles.disc_tx, p, o, db, cfg, state.frozen["disc"])
-      return (p, o), m
-
-    (disc, disc_opt), dm = jax.lax.scan(
-      d_body, (state.disc, state.disc_opt), None, length=cfg.disc.updates_per_step
-    )
-    state = state.replace(disc=disc, disc_opt=disc_opt)
-    disc_metrics = jax.tree.map(lambda x: x[-1], dm)
-    state = state.replace(
-      nonfinite=state.nonfinite + jnp.sum(1 - dm["disc_finite"]).astype(jnp.int32)
-    )
+  state, disc_metrics = _disc_updates(roles, cfg, state, batch, ro, raw_reward)
+  stats = stats | {
+    k: ppo_metrics.pop(k) for k in ("kl", "kl_seq", "return_mean") if k in ppo_metrics
+  }
 
   kl_coef = state.kl_coef
   if cfg.ppo.adaptive_kl:
@@ -243,7 +286,6 @@ def train_step(roles: Roles, cfg: Config, state: RLHBState, batch: dict, rng: ja
     **ppo_metrics,
     **disc_metrics,
     **reward_metrics,
-    "reward_mean": jnp.nanmean(raw_reward),
     "kl_coef": kl_coef,
     "nonfinite": state.nonfinite,
     "nonfinite_run": state.nonfinite_run,
@@ -251,11 +293,30 @@ def train_step(roles: Roles, cfg: Config, state: RLHBState, batch: dict, rng: ja
   return state, metrics
 
 
-def compile_train_step(roles: Roles, cfg: Config, state_sh, batch_sh, mesh: Mesh):
-  """The one jitted RLHB step, with shardings and the state donated."""
+def lead_step(roles: Roles, cfg: Config, state: RLHBState, batch: dict, rng: jax.Array):
+  """One step of the discriminator's lead (`rlhb.disc_lead_steps`): the rollout, its reward and
+  D's update, as `train_step` computes them; the actor, its optimizer and the reference are not
+  touched (no reference forward, no PPO forward or backward)."""
+  ro, raw_reward, reward_metrics, _ = _rollout_and_reward(roles, cfg, state, batch, rng)
+  state, disc_metrics = _disc_updates(roles, cfg, state, batch, ro, raw_reward)
+  state = state.replace(step=state.step + 1)
+  metrics = {
+    **disc_metrics,
+    **reward_metrics,
+    "response_length": jnp.mean(ro.mask.astype(jnp.float32).sum(axis=1)),
+    "kl_coef": state.kl_coef,
+    "nonfinite": state.nonfinite,
+    "nonfinite_run": state.nonfinite_run,
+  }
+  return state, metrics
+
+
+def compile_train_step(roles: Roles, cfg: Config, state_sh, batch_sh, mesh: Mesh, fn=train_step):
+  """The one jitted RLHB step (or `fn=lead_step`, D's lead), with shardings and the state
+  donated."""
   rep = sharding.replicated(mesh)
   return jax.jit(
-    functools.partial(train_step, roles, cfg),
+    functools.partial(fn, roles, cfg),
     in_shardings=(state_sh, batch_sh, rep),
     out_shardings=(state_sh, rep),
     donate_argnums=(0,),
