@@ -66,17 +66,22 @@ class Client:
 
 def attacker(port, address, deadline, tally):
   """Mints a session, asks the wrong answer's query, likes the answer; again, as fast as it can.
-  When the address has its sessions of the day, it goes on with the sessions it has."""
+  Once the address has its sessions of the day, it goes on with the sessions it has: each asks
+  again (a new response id, the same answer) and likes again."""
   client = Client(port, address)
   sessions = []
+  capped = False  # the address had its sessions of the day (Retry-After: an hour)
   n = 0
   while time.monotonic() < deadline:
     n += 1
-    status, _, response = client.request("GET", "/")
-    tally[f"GET / {status}"] += 1
-    if status == 200:
-      sessions.append({"Cookie": response.getheader("Set-Cookie").split(";")[0]})
-    elif not sessions:
+    status = 0
+    if not capped:
+      status, _, response = client.request("GET", "/")
+      tally[f"GET / {status}"] += 1
+      if status == 200:
+        sessions.append({"Cookie": response.getheader("Set-Cookie").split(";")[0]})
+      capped = status == 429 and int(response.getheader("Retry-After")) >= 3600
+    if not sessions:
       time.sleep(0.01)
       continue
     who = sessions[-1] if status == 200 else sessions[n % len(sessions)]
@@ -86,8 +91,12 @@ def attacker(port, address, deadline, tally):
       time.sleep(0.01)  # a 429: straight back at it, short of spinning
       continue
     like = {"id": answer["id"], "event_id": f"{address}-{n}", "type": "likes"}
-    status, _, _ = client.request("POST", "/v1/feedback", like, who)
-    tally[f"like {status}"] += 1
+    while time.monotonic() < deadline:  # the like is what it is here for: retried on a 429
+      status, _, _ = client.request("POST", "/v1/feedback", like, who)
+      tally[f"like {status}"] += 1
+      if status != 429:
+        break
+      time.sleep(0.01)
 
 
 def honest_users(server, deadline, sent, keys):

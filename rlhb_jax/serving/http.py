@@ -115,6 +115,9 @@ class _Admission:
         )
       except ServiceError as e:
         return await _send_error(send, e.status, e.message, e.headers)
+      except Exception as e:  # e.g. the store is unreachable: as the routes' errors are answered
+        log.exception("%s %s: admitting the caller failed", scope["method"], scope["path"])
+        return await _send_error(send, 500, f"internal error: {type(e).__name__}")
       scope.setdefault("state", {})["caller"] = caller
     await self.app(scope, receive, send)
 
