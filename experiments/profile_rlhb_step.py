@@ -5,7 +5,8 @@
 
 Phases, in the order the step runs them (methods/ppo/step.py):
   rollout      prefill and decode of prompts_per_step x rollouts_per_prompt rows (the sampler)
-  reward       D's scoring of the rollouts (rewards.py)
+  reward       D's scoring of the rollouts (rewards.py; inside D's update with
+               `step.fused_disc_scoring`)
   old_logprobs the training forward's log-probs of the rollouts (only when decoding and training
                compute in different dtypes, and not folded into the update:
                `step.fused_old_logprobs`)
@@ -85,7 +86,9 @@ def profile(cfg, workdir: pathlib.Path, repeats: int) -> dict:
     out["rollout"] = timed(roll, state, batch, rng, repeats=repeats)
     ro = roll(state, batch, rng)
     reward = jax.jit(lambda st, b, r: rewards.sequence_reward(roles, st, b, r, cfg)[0])
-    out["reward"] = timed(reward, state, batch, ro, repeats=repeats)
+    fused_d = ppo_step.fused_disc_scoring(cfg)  # then D's update scores the rollouts
+    if not fused_d:
+      out["reward"] = timed(reward, state, batch, ro, repeats=repeats)
     raw = reward(state, batch, ro)
 
     def logprobs(st, r, adapters):
@@ -109,9 +112,10 @@ def profile(cfg, workdir: pathlib.Path, repeats: int) -> dict:
     if rewards.uses_disc(cfg):
 
       def d_update(st, b, r, raw):
-        db = disc_batch(b, r, raw, cfg)
+        db = disc_batch(b, r, None if fused_d else raw, cfg)
+        scored = r.tokens.shape[0] if fused_d else 0
         return disc_update(
-          roles.disc, roles.disc_tx, st.disc, st.disc_opt, db, cfg, st.frozen["disc"]
+          roles.disc, roles.disc_tx, st.disc, st.disc_opt, db, cfg, st.frozen["disc"], scored
         )[0]
 
       out["disc_update"] = timed(jax.jit(d_update), state, batch, ro, raw, repeats=repeats)

@@ -294,3 +294,22 @@ def test_fused_old_logprobs_update_equals_the_separate_forward(monkeypatch):
     for k in ("kl", "kl_seq", "return_mean", "policy_loss", "approx_kl", "reward_mean"):
       np.testing.assert_allclose(mf[k], ms[k], rtol=1e-4, atol=1e-6, err_msg=k)
     assert float(mf["approx_kl"]) == 0.0 and abs(float(ms["approx_kl"])) < 1e-6  # ratio 1
+
+
+def test_fused_disc_scoring_equals_a_scoring_pass_of_its_own(monkeypatch):
+  """D's rewards read off its own update's forward (same pre-update weights) equal a separate
+  scoring pass: the same rewards, D update and actor update, to rounding."""
+  changes = {"ppo.reward_contrast": False, "disc.updates_per_step": 1, "disc.bootstrap_ratio": 0.25}
+  cfg = C.replace(lora_config(), **changes)
+  assert ppo_step.fused_disc_scoring(cfg)
+  assert not ppo_step.fused_disc_scoring(C.replace(cfg, **{"ppo.reward_contrast": True}))
+  fused = run_steps(cfg, jax.devices()[:1])
+  monkeypatch.setattr(ppo_step, "fused_disc_scoring", lambda cfg: False)
+  separate = run_steps(cfg, jax.devices()[:1])
+  for role in ("disc", "disc_opt", "actor"):
+    a, b = getattr(fused[0], role), getattr(separate[0], role)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+      np.testing.assert_allclose(x, y, rtol=2e-4, atol=1e-6, err_msg=role)
+  for mf, ms in zip(fused[1], separate[1], strict=True):
+    for k in ("reward_mean", "d_fake_rollout", "disc_loss", "d_real", "d_fake", "kl"):
+      np.testing.assert_allclose(mf[k], ms[k], rtol=1e-4, atol=1e-6, err_msg=k)

@@ -40,11 +40,21 @@ class DiscBatch(NamedTuple):
   kind: jax.Array  # (R,) 0 real, 1 generated, 2 behavior-swapped
 
 
+def bootstrap_weights(w: jax.Array, seq_reward: jax.Array, ratio: float) -> jax.Array:
+  """The generated rows' weights `w` with the top `ratio` share of them by reward counting twice."""
+  if ratio <= 0:
+    return w
+  k = max(1, int(round(ratio * w.shape[0])))
+  top = jax.lax.top_k(seq_reward, k)[1]
+  return w.at[top].multiply(2.0)
+
+
 def disc_batch(batch: dict, ro: Rollout | None, seq_reward, cfg: Config) -> DiscBatch:
   """Real triplets vs. generated, behavior-swapped and bootstrapped (top-rho generated) fakes.
 
   Real rows weigh 1 each; the fakes share the same total weight, `swap_fraction` of it on swapped
-  rows. The top `bootstrap_ratio` share of generated rows by reward counts twice.
+  rows. The top `bootstrap_ratio` share of generated rows by reward counts twice (`seq_reward`
+  None leaves that to `disc_update`'s `scored`). Generated rows come last.
   """
   d = cfg.disc
   real_t, real_m = concat(
@@ -63,10 +73,8 @@ def disc_batch(batch: dict, ro: Rollout | None, seq_reward, cfg: Config) -> Disc
     gen_t, gen_m = concat(ro.prefix, ro.prefix_mask, ro.tokens, ro.mask)
     B = gen_t.shape[0]
     w = jnp.full(B, (1.0 - swap_share) * Bp / B)
-    if d.bootstrap_ratio > 0:
-      k = max(1, int(round(d.bootstrap_ratio * B)))
-      top = jax.lax.top_k(seq_reward, k)[1]
-      w = w.at[top].multiply(2.0)
+    if seq_reward is not None:
+      w = bootstrap_weights(w, seq_reward, d.bootstrap_ratio)
     parts_t.append(gen_t)
     parts_m.append(gen_m)
     labels.append(jnp.zeros(B))
@@ -76,21 +84,35 @@ def disc_batch(batch: dict, ro: Rollout | None, seq_reward, cfg: Config) -> Disc
   return DiscBatch(cat(parts_t), cat(parts_m), cat(labels), cat(weights), cat(kinds))
 
 
-def disc_update(disc_def, tx, params, opt_state, db: DiscBatch, cfg: Config, frozen=None):
+def disc_update(
+  disc_def, tx, params, opt_state, db: DiscBatch, cfg: Config, frozen=None, scored: int = 0
+):
   """One discriminator step on a DiscBatch (the optimizer skips it if the gradients are not
-  finite; `disc_finite` reports it). `params` are
-  the trainable half (adapters and head under LoRA), `frozen` the base ({} or None without)."""
+  finite; `disc_finite` reports it). `params` are the trainable half (adapters and head under
+  LoRA), `frozen` the base ({} or None without). Returns (params, opt_state, metrics, scores).
+
+  With `scored` = B > 0 the last B rows are the step's rollouts, their bootstrap weights not yet
+  applied: the update's forward runs D's weights from before the update, so its logits there are
+  D's scores of the rollouts (`scores`, (B,), gradient-free), from which the bootstrap weights
+  follow. RLHB then needs no scoring pass of its own (`step.fused_disc_scoring`).
+  """
 
   def loss_fn(p):
     logits = nnx.merge(disc_def, lora.join(p, frozen or {})).last_token(db.tokens, db.mask)[:, 0]
-    loss, m = losses.disc_loss(logits, db.labels, db.weights, cfg.disc.label_smoothing)
+    weights, scores = db.weights, None
+    if scored:
+      scores = jax.lax.stop_gradient(logits[-scored:])
+      reward = losses.reward_from_disc(scores, cfg.ppo.reward_transform)
+      gen_w = bootstrap_weights(weights[-scored:], reward, cfg.disc.bootstrap_ratio)
+      weights = jnp.concatenate([weights[:-scored], gen_w])
+    loss, m = losses.disc_loss(logits, db.labels, weights, cfg.disc.label_smoothing)
     prob = jax.nn.sigmoid(logits)
     for name, kind in (("d_real", 0), ("d_fake", 1), ("d_swap", 2)):
       sel = (db.kind == kind).astype(jnp.float32)
       m[name] = jnp.sum(prob * sel) / jnp.maximum(sel.sum(), 1.0)
-    return loss, m
+    return loss, (m, scores)
 
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  (loss, (metrics, scores)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   finite = all_finite(loss, grads)  # the optimizer skips the update when the grads are not
   updates, opt_state = tx.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
@@ -104,6 +126,7 @@ def disc_update(disc_def, tx, params, opt_state, db: DiscBatch, cfg: Config, fro
       "disc_grad_norm": optax.global_norm(grads),
       "disc_finite": finite.astype(jnp.float32),
     },
+    scores,
   )
 
 
@@ -111,7 +134,9 @@ def disc_warmup_step(graphdef, tx, cfg: Config, state: SupervisedState, batch: d
   """Real logged triplets (label 1) vs. the same triplets with a swapped behavior (label 0)."""
   del rng
   db = disc_batch(batch, None, None, cfg)
-  params, opt, metrics = disc_update(graphdef, tx, state.params, state.opt, db, cfg, state.frozen)
+  params, opt, metrics, _ = disc_update(
+    graphdef, tx, state.params, state.opt, db, cfg, state.frozen
+  )
   return state.replace(step=state.step + 1, params=params, opt=opt), metrics
 
 

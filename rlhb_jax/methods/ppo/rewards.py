@@ -76,8 +76,13 @@ def disc_reward(roles, state, batch: dict, ro, cfg: Config):
     tokens, mask = both(tokens, tokens), both(mask, mask)
   logits = score(roles.disc, disc, prefix, prefix_mask, tokens, mask)
   B = ro.tokens.shape[0]
-  d_logits = logits[:B]
-  reward_logits = d_logits - logits[B:] if cfg.ppo.reward_contrast else d_logits
+  contrast = logits[B:] if cfg.ppo.reward_contrast else None
+  return reward_from_scores(logits[:B], contrast, cfg)
+
+
+def reward_from_scores(d_logits, contrast_logits, cfg: Config):
+  """The RLHB reward f(D) (or f(D - D(least preferred))) from D's logits on the rollouts."""
+  reward_logits = d_logits if contrast_logits is None else d_logits - contrast_logits
   reward = losses.reward_from_disc(reward_logits, cfg.ppo.reward_transform)
   return reward, {"d_fake_rollout": jnp.nanmean(jax.nn.sigmoid(d_logits))}
 

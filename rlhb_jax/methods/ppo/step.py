@@ -235,6 +235,15 @@ def ppo_update(roles: Roles, state: RLHBState, exp: Experience, rng: jax.Array, 
   return state, jax.tree.map(jnp.nanmean, metrics)
 
 
+def fused_disc_scoring(cfg: Config) -> bool:
+  """Whether D scores the rollouts inside its own update (`disc_update(scored=B)`) rather than
+  in a pass of its own: with the plain D reward (no contrast prefix, no reward model beside it)
+  and one D update per step, that update's forward runs the very weights the reward reads."""
+  return (
+    cfg.reward.source == "disc" and not cfg.ppo.reward_contrast and cfg.disc.updates_per_step == 1
+  )
+
+
 def _disc_updates(roles: Roles, cfg: Config, state: RLHBState, batch, ro, raw_reward):
   """`disc.updates_per_step` D updates on real, swapped and the rollouts' generated triplets."""
   if not (rewards.uses_disc(cfg) and cfg.disc.updates_per_step > 0):
@@ -243,37 +252,60 @@ def _disc_updates(roles: Roles, cfg: Config, state: RLHBState, batch, ro, raw_re
 
   def d_body(carry, _):
     p, o = carry
-    p, o, m = disc_update(roles.disc, roles.disc_tx, p, o, db, cfg, state.frozen["disc"])
+    p, o, m, _ = disc_update(roles.disc, roles.disc_tx, p, o, db, cfg, state.frozen["disc"])
     return (p, o), m
 
   (disc, disc_opt), dm = jax.lax.scan(
     d_body, (state.disc, state.disc_opt), None, length=cfg.disc.updates_per_step
   )
-  skipped = jnp.sum(1 - dm["disc_finite"]).astype(jnp.int32)
-  state = state.replace(disc=disc, disc_opt=disc_opt, nonfinite=state.nonfinite + skipped)
-  return state, jax.tree.map(lambda x: x[-1], dm)
+  return _with_disc(state, disc, disc_opt, jax.tree.map(lambda x: x[-1], dm))
 
 
-def _rollout_and_reward(roles: Roles, cfg: Config, state: RLHBState, batch: dict, rng):
+def _with_disc(state: RLHBState, disc, disc_opt, metrics: dict):
+  skipped = (1 - metrics["disc_finite"]).astype(jnp.int32)
+  return state.replace(disc=disc, disc_opt=disc_opt, nonfinite=state.nonfinite + skipped), metrics
+
+
+def _rollout_reward_and_disc(roles: Roles, cfg: Config, state: RLHBState, batch: dict, rng):
+  """The rollouts, their rewards, and (with `fused_disc_scoring`) D's update from the forward
+  that scored them. Returns (rollout, raw reward, metrics, the next D or None, PPO's key)."""
   rng = jax.random.fold_in(rng, state.step)
   k_roll, k_ppo = jax.random.split(rng)
   ro = rollout(roles, full(state, "actor"), batch, k_roll, cfg)
-  raw_reward, reward_metrics = rewards.sequence_reward(roles, state, batch, ro, cfg)
-  return ro, raw_reward, reward_metrics | {"reward_mean": jnp.nanmean(raw_reward)}, k_ppo
+  disc = None
+  if fused_disc_scoring(cfg):
+    db = disc_batch(batch, ro, None, cfg)
+    B = ro.tokens.shape[0]
+    p, o, dm, scores = disc_update(
+      roles.disc, roles.disc_tx, state.disc, state.disc_opt, db, cfg, state.frozen["disc"], B
+    )
+    raw_reward, reward_metrics = rewards.reward_from_scores(scores, None, cfg)
+    disc = (p, o, dm)
+  else:
+    raw_reward, reward_metrics = rewards.sequence_reward(roles, state, batch, ro, cfg)
+  reward_metrics = reward_metrics | {"reward_mean": jnp.nanmean(raw_reward)}
+  return ro, raw_reward, reward_metrics, disc, k_ppo
+
+
+def _update_disc(roles, cfg, state, batch, ro, raw_reward, disc):
+  if disc is not None:  # fused: computed with the reward, applied now
+    return _with_disc(state, *disc)
+  return _disc_updates(roles, cfg, state, batch, ro, raw_reward)
 
 
 def train_step(roles: Roles, cfg: Config, state: RLHBState, batch: dict, rng: jax.Array):
   """One RLHB step: rollout, score, advantages, PPO update, discriminator update(s)."""
-  ro, raw_reward, reward_metrics, k_ppo = _rollout_and_reward(roles, cfg, state, batch, rng)
+  ro, raw_reward, reward_metrics, disc, k_ppo = _rollout_reward_and_disc(
+    roles, cfg, state, batch, rng
+  )
   seq_reward = losses.normalize_rewards(
     raw_reward, cfg.ppo.reward_norm, cfg.ppo.rollouts_per_prompt
   )
   exp, stats = make_experience(roles, state, ro, seq_reward, cfg)
   state, ppo_metrics = ppo_update(roles, state, exp, k_ppo, cfg)
-  state, disc_metrics = _disc_updates(roles, cfg, state, batch, ro, raw_reward)
-  stats = stats | {
-    k: ppo_metrics.pop(k) for k in ("kl", "kl_seq", "return_mean") if k in ppo_metrics
-  }
+  state, disc_metrics = _update_disc(roles, cfg, state, batch, ro, raw_reward, disc)
+  moved = ("kl", "kl_seq", "return_mean")  # computed by the update with fused old log-probs
+  stats = stats | {k: ppo_metrics.pop(k) for k in moved if k in ppo_metrics}
 
   kl_coef = state.kl_coef
   if cfg.ppo.adaptive_kl:
@@ -297,8 +329,8 @@ def lead_step(roles: Roles, cfg: Config, state: RLHBState, batch: dict, rng: jax
   """One step of the discriminator's lead (`rlhb.disc_lead_steps`): the rollout, its reward and
   D's update, as `train_step` computes them; the actor, its optimizer and the reference are not
   touched (no reference forward, no PPO forward or backward)."""
-  ro, raw_reward, reward_metrics, _ = _rollout_and_reward(roles, cfg, state, batch, rng)
-  state, disc_metrics = _disc_updates(roles, cfg, state, batch, ro, raw_reward)
+  ro, raw_reward, reward_metrics, disc, _ = _rollout_reward_and_disc(roles, cfg, state, batch, rng)
+  state, disc_metrics = _update_disc(roles, cfg, state, batch, ro, raw_reward, disc)
   state = state.replace(step=state.step + 1)
   metrics = {
     **disc_metrics,
