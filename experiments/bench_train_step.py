@@ -342,20 +342,27 @@ def cpu_model() -> str:
 def compare_ref(args) -> None:
   """--compare-ref: the stages of `args.compare_ref` and of this checkout, timed in one run."""
   ref = reference_checkout(args.compare_ref)
-  print(f"CPU: {cpu_model()}; reference {args.compare_ref} at {ref}", flush=True)
+  # The new code is this checkout's HEAD, checked out the same way (edits made while it runs are
+  # not measured); uncommitted changes are not part of it.
+  head = subprocess.run(
+    ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=True
+  ).stdout.strip()
+  new_code = reference_checkout(head)
+  print(f"CPU: {cpu_model()}; reference {args.compare_ref} at {ref}, new {head}", flush=True)
   dtype = args.dtype.split(",")[-1]
   old = stage_times(args.stages, [dtype], args.steps, ref, args.lead)[dtype]
   new = stage_times(
-    args.stages, [dtype], args.steps, ROOT, args.lead, ("--config.checkpoint.compile_cache=",)
+    args.stages, [dtype], args.steps, new_code, args.lead, ("--config.checkpoint.compile_cache=",)
   )[dtype]
   out = {
     "cpu": cpu_model(),
     "config": args.stages,
     "reference": args.compare_ref,
+    "new": head,
     "steps": args.steps,
     "lead": args.lead,
-    "old": old,
-    "new": new,
+    "old_times": old,
+    "new_times": new,
     "speedup": {
       k: round(old["s_per_step"][k] / new["s_per_step"][k], 2)
       for k in old["s_per_step"]
