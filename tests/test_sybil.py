@@ -155,9 +155,15 @@ def test_sybil_sessions_cannot_buy_likes(tmp_path, store_url, addresses, capsys)
   counted = sum(r["behavior"]["likes"] for r in records if r["query"] == WRONG)
   stored = sum(e.type == "likes" for e in feed.events if e.query == WRONG)
   minted = tally["GET / 200"]
+  honest = [e for e in feed.events if e.query != WRONG]
+  kind = "postgresql" if store_url.startswith("postgresql") else "sqlite"
+  print(  # before the asserts: what the attack got, whatever holds
+    f"\nsybil[{kind}, {addresses} address(es), {SECONDS:g} s]: {minted} sessions minted, "
+    f"{dict(tally)}; likes on the wrong answer: {stored} stored, {counted} counted; honest: "
+    f"{len(honest)} events stored, {sum(e.counted for e in honest)} counted"
+  )
   # Honest users: every event stored; the sessions past the young rule and the keys counted. An
   # aged session's first answers come before its third impression: those votes are young.
-  honest = [e for e in feed.events if e.query != WRONG]
   assert sorted((e.response_id, e.type) for e in honest) == sorted(sent)
   young_honest = [e for e in honest if e.young]
   assert all(e.identity.startswith("session:") for e in young_honest)
@@ -190,13 +196,10 @@ def test_sybil_sessions_cannot_buy_likes(tmp_path, store_url, addresses, capsys)
       per_address[e.address].add(e.identity)
   crowded = {a: len(who) for a, who in per_address.items() if len(who) >= 20}
   assert report["crowded_addresses"] == crowded
-  kind = "postgresql" if store_url.startswith("postgresql") else "sqlite"
   print(
-    f"\nsybil[{kind}, {addresses} address(es), {SECONDS:g} s]: {minted} "
-    f"sessions minted, {dict(tally)}; likes on the wrong answer: {stored} stored, {counted} "
-    f"counted; honest: {len(honest)} events stored, {sum(e.counted for e in honest)} counted "
-    f"({len(young_honest)} young); inspect_logs: {len(flagged)} identities flagged, bursts "
-    f"{report['bursts']}, addresses {list(report['crowded_addresses'].values())}"
+    f"sybil[{kind}, {addresses} address(es)]: honest events {len(young_honest)} young; "
+    f"inspect_logs: {len(flagged)} identities flagged, bursts {report['bursts']}, addresses "
+    f"{list(report['crowded_addresses'].values())}"
   )
 
 
