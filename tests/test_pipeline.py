@@ -69,12 +69,24 @@ def test_default_pipeline_smoke(tmp_path):
   )
   assert out.returncode == 0, why(out.stderr)
   summary = json.loads((tmp_path / "summary.json").read_text())
-  for method in ("sft", "rlhb"):
-    for key in ("like_rate", "dislike_rate", "requery_rate", "accuracy"):
-      assert 0.0 <= summary["methods"][method][key] <= 1.0
-  rl = summary["methods"]["rlhb"]
-  assert rl["win"] + rl["tie"] + rl["loss"] == pytest.approx(1.0)
   assert 0.0 < summary["disc"]["fake_mean"] < 1.0
+  # The showcase (eval/showcase.py): the ceiling, the changed answers, the knob, the report.
+  samples = json.loads((tmp_path / "eval_samples.json").read_text())
+  differ = [s for s in samples if " ".join(s["sft"].split()) != " ".join(s["rlhb"].split())]
+  assert summary["changed"]["changed"] == len(differ)
+  assert summary["changed"]["total"] == len(samples) == summary["ceiling"]["num_queries"]
+  sft_like = float(np.mean([s["like"]["sft"] for s in samples]))
+  assert summary["methods"]["sft"]["like_rate"] == pytest.approx(sft_like)
+  top = summary["ceiling"]["like_rate"]
+  rl_like = summary["methods"]["rlhb"]["like_rate"]
+  assert summary["ceiling"]["gap_closed"]["rlhb"] == pytest.approx(
+    (rl_like - sft_like) / (top - sft_like)
+  )
+  assert list(summary["knob"]) == ["most preferred", "least preferred", "mixed"]
+  assert len({v["behavior"] for v in summary["knob"].values()}) == 3
+  report = (tmp_path / "report.html").read_text()
+  assert report.count("data:image/png;base64,") >= 3 and "behavior knob" in report
+  assert out.stdout.rstrip().endswith(f"report: {tmp_path / 'report.html'}")
   rows = [json.loads(line) for line in (tmp_path / "rlhb.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == [1, 2]
   assert (tmp_path / "plots" / "disc_scores.png").exists()
@@ -157,7 +169,9 @@ def test_smollm2_sim_pipeline_end_to_end(tmp_path):
   out = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=1500)
   assert out.returncode == 0, why(out.stderr)
   summary = json.loads((tmp_path / "summary.json").read_text())
-  assert set(summary) == {"methods", "disc", "wall_seconds"}
+  assert set(summary) == {
+    "methods", "ceiling", "changed", "knob", "knob_seconds", "disc", "wall_seconds"
+  }  # fmt: skip
   assert set(summary["methods"]["rlhb"]) >= {"like_rate", "accuracy", "win", "tie", "loss"}
   rows = [json.loads(line) for line in (tmp_path / "rlhb.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == [1, 2]

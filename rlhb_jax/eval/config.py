@@ -19,6 +19,9 @@ class EvalConfig:
   # SFT, like rate) and log it as eval_* metrics: the win-rate-over-training curves. 0 = off.
   curve_every: int = 0
   curve_queries: int = 48
+  # The pipeline's behavior knob: the RLHB generator's answers under the most preferred, the least
+  # preferred and a mixed behavior sentence (eval/showcase.py), three more greedy evaluations.
+  knob: bool = True
 
   def __post_init__(self):
     if self.num_queries < 0:

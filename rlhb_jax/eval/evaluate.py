@@ -35,12 +35,12 @@ def heldout_queries(run: Run) -> list[str]:
   return [queries[i] for i in sorted(rng.choice(len(queries), n, replace=False))]
 
 
-def respond(run: Run, model, queries: list[str]) -> list[str]:
-  """Greedy responses conditioned on the most preferred behavior."""
+def respond(run: Run, model, queries: list[str], behavior: str | None = None) -> list[str]:
+  """Greedy responses conditioned on `behavior` (default: the most preferred behavior)."""
   cfg = run.cfg
   shown = simulator_results(run.simulator)
   contexts = [shown(q) for q in queries] if run.uses_context else None
-  prompts = run.batcher.eval_prompts(queries, run.best_behavior, contexts)
+  prompts = run.batcher.eval_prompts(queries, behavior or run.best_behavior, contexts)
   sampling = dataclasses.replace(cfg.sampling, greedy=True)
   outs = generate_texts(
     model, run.tokenizer, prompts, jax.random.key(cfg.seed), sampling, cfg.eval.batch_size
@@ -48,9 +48,19 @@ def respond(run: Run, model, queries: list[str]) -> list[str]:
   return [text for _, text in outs]
 
 
-def ground_truth(run: Run, queries: list[str], responses: list[str], round: int | None = None):
+def ground_truth(
+  run: Run,
+  queries: list[str],
+  responses: list[str],
+  round: int | None = None,
+  per_query: list | None = None,
+):
+  """The users' mean expected rates, accuracy and citation shares of `responses`; with
+  `per_query` (a list) each query's rates are appended to it too."""
   sim = run.simulator
   rates = [sim.expected_rates(q, r, round) for q, r in zip(queries, responses, strict=True)]
+  if per_query is not None:
+    per_query.extend(rates)
   features = [sim.features(q, r) for q, r in zip(queries, responses, strict=True)]
   out = {f"{k}_rate": float(np.mean([r[k] for r in rates])) for k in rates[0]}
   out["accuracy"] = float(np.mean([f.answer == "correct" for f in features]))
@@ -101,29 +111,37 @@ def make_judge(cfg: Config, simulator):
 
 
 def evaluate(run: Run, methods: dict[str, str]) -> dict:
-  """Scores each method's generator (name -> models/<params>) and compares it with SFT."""
+  """Scores each method's generator (name -> models/<params>) and compares it with SFT; every
+  query's answers and like rates go to eval_samples.json."""
   queries = heldout_queries(run)
-  responses, results = {}, {}
+  responses, results, likes = {}, {}, {}
   for name, params_name in methods.items():
     model = run.actor_model(prefer=(params_name,))
     responses[name] = respond(run, model, queries)
-    results[name] = ground_truth(run, queries, responses[name])
+    per_query = []
+    results[name] = ground_truth(run, queries, responses[name], per_query=per_query)
+    likes[name] = [r["like"] for r in per_query]
   judge = make_judge(run.cfg, run.simulator)
   for name in methods:
     if name != "sft" and "sft" in responses:
       results[name] |= win_tie_loss(judge, queries, responses[name], responses["sft"])
   samples = [
-    {"query": q, **{m: responses[m][i] for m in methods}} for i, q in enumerate(queries[:20])
+    {"query": q, **{m: responses[m][i] for m in methods}, "like": {m: likes[m][i] for m in methods}}
+    for i, q in enumerate(queries)
   ]
   if sharding.is_primary():
     (run.workdir / "eval_samples.json").write_text(json.dumps(samples, indent=1))
   return results
 
 
-def print_results(results: dict) -> None:
+def format_results(results: dict) -> str:
   rows = [{"method": m, **v} for m, v in results.items()]
   cols = ["method", *RATE_KEYS, *CITE_KEYS, "win", "tie", "loss"]
-  print(format_table(rows, [c for c in cols if any(c in r for r in rows)]))
+  return format_table(rows, [c for c in cols if any(c in r for r in rows)])
+
+
+def print_results(results: dict) -> None:
+  print(format_results(results))
 
 
 class MissingModelError(Exception):
