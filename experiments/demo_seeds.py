@@ -83,6 +83,21 @@ def main() -> None:
   out |= aggregate(seeds, summaries)
   out["disc"] = {k: [s["disc"][k] for s in summaries] for k in ("real_mean", "fake_mean")}
   out["wall_seconds"] = [s["wall_seconds"] for s in summaries]
+  if all("ceiling" in s for s in summaries):  # the showcase (eval/showcase.py), since #36
+    out["ceiling"] = [s["ceiling"]["like_rate"] for s in summaries]
+    out["gap_closed"] = [s["ceiling"]["gap_closed"]["rlhb"] for s in summaries]
+    out["changed"] = [s["changed"]["changed"] for s in summaries]
+  if all(s.get("knob") for s in summaries):
+    out["knob"] = {
+      name: {k: [s["knob"][name][k] for s in summaries] for k in ("like_rate", "grounded_rate")}
+      for name in summaries[0]["knob"]
+    }
+    spread = [
+      s["knob"]["most preferred"]["like_rate"] - s["knob"]["least preferred"]["like_rate"]
+      for s in summaries
+    ]
+    out["knob"]["most_minus_least_like"] = spread
+    out["knob"]["separates_by_5_points"] = [d >= 0.05 for d in spread]
   if args.note:
     out["note"] = args.note
   if heldout:
