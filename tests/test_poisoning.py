@@ -213,8 +213,9 @@ def test_an_attacker_moves_the_round_only_without_the_defences(tmp_path, monkeyp
   )
   assert liked and liked == liked_open  # the same wrong answers, liked the same way
   assert throttled  # the rate limit answered 429s to the defended attacker
-  # 20 sessions (serve.sessions_per_address_per_day), each liking the same wrong answers.
-  assert len(minted) == 20 and set(liked_sybil) == set(liked)
+  # 20 sessions (serve.sessions_per_address_per_day), each liking its own wrong answers (sampled:
+  # not the other attackers' texts).
+  assert len(minted) == 20 and len(liked_sybil) >= 20
 
   # The honest users are the same in every run: same records from them.
   def key(records):
@@ -251,6 +252,16 @@ def test_an_attacker_moves_the_round_only_without_the_defences(tmp_path, monkeyp
   acc_defended, nll_defended, choice_defended = generator_on(cfg, defended_dir, examples)
   acc_open, nll_open, choice_open = generator_on(cfg, open_dir, examples)
   acc_sybil, nll_sybil, choice_sybil = generator_on(cfg, sybil_dir, examples)
+  # And the answers the Sybils liked, under the model trained without them and with them.
+  by_query = {e.query: e for e in examples}
+  sybil_liked = [
+    dataclasses.replace(by_query[q], response=r)
+    for q, r in dict.fromkeys(liked_sybil)
+    if q in by_query
+  ]
+  assert sybil_liked
+  _, nll_sybil_honest, _ = generator_on(cfg, honest_dir, sybil_liked)
+  _, nll_sybil_sybil, _ = generator_on(cfg, sybil_dir, sybil_liked)
   print(
     f"like rate of the records: honest {honest['like_rate_records']:.3f}, defended "
     f"{defended['like_rate_records']:.3f}, open {opened['like_rate_records']:.3f}, sybil "
@@ -258,10 +269,12 @@ def test_an_attacker_moves_the_round_only_without_the_defences(tmp_path, monkeyp
     f"{acc_defended:.2f}, {acc_open:.2f}, {acc_sybil:.2f}; NLL of the liked wrong answers: "
     f"{nll_honest:.3f}, {nll_defended:.3f}, {nll_open:.3f}, {nll_sybil:.3f}; choice accuracy, "
     f"right vs. liked wrong: {choice_honest:.2f}, {choice_defended:.2f}, {choice_open:.2f}, "
-    f"{choice_sybil:.2f}; sybil: {len(minted)} sessions, {len(liked_sybil)} answers liked"
+    f"{choice_sybil:.2f}; sybil: {len(minted)} sessions, {len(liked_sybil)} answers liked, "
+    f"their NLL {nll_sybil_honest:.3f} honest, {nll_sybil_sybil:.3f} sybil"
   )
   assert abs(nll_defended - nll_honest) < 0.02 and acc_defended == acc_honest
   assert choice_defended == choice_honest
   assert abs(nll_sybil - nll_honest) < 0.02 and acc_sybil == acc_honest
   assert choice_sybil == choice_honest
+  assert abs(nll_sybil_sybil - nll_sybil_honest) < 0.02
   assert nll_open < nll_honest - 0.1  # the open server taught the model the liked wrong answers
