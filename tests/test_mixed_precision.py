@@ -156,3 +156,27 @@ def test_bf16_ppo_step_compiles_once_with_old_logprobs_from_the_training_forward
       assert all(np.isfinite(v) for v in jax.tree.leaves(jax.device_get(m)))
   assert step._cache_size() == 1
   assert jax.tree.leaves(state.actor)[0].dtype == jnp.float32  # float32 master weights
+
+
+def test_auto_matmul_dtype_follows_the_cpu(monkeypatch):
+  """model.matmul_dtype="auto": bf16 operands on CPUs with AMX-BF16 or AVX-512 BF16, else the
+  activations' dtype; the sampler's "does it decode as trained" check sees the resolved value."""
+  from rlhb_jax.model import precision
+  from rlhb_jax.model.config import ModelSpec, SamplingConfig
+  from rlhb_jax.model.sampling import decodes_as_trained
+
+  assert jax.default_backend() == "cpu"
+  for flags, want in (
+    ({"avx2", "amx_bf16"}, "bfloat16"),
+    ({"avx512_bf16"}, "bfloat16"),
+    ({"avx2"}, ""),
+  ):
+    precision.native_bf16.cache_clear()
+    monkeypatch.setattr(precision, "cpu_flags", lambda flags=flags: frozenset(flags))
+    assert precision.matmul_dtype("auto") == want
+    assert precision.matmul_dtype("float32") == "float32"
+    spec = ModelSpec(matmul_dtype="auto")
+    assert decodes_as_trained(SamplingConfig(dtype="float32"), spec) == (want == "")
+  precision.native_bf16.cache_clear()
+  with pytest.raises(ValueError, match="matmul_dtype"):
+    ModelSpec(matmul_dtype="bf16")

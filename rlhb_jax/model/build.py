@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhb_jax.config import Config, ModelSpec
-from rlhb_jax.model import lora
+from rlhb_jax.model import lora, precision
 from rlhb_jax.model.heads import ScalarModel
 from rlhb_jax.model.llama import LlamaConfig, Transformer
 
@@ -24,7 +24,9 @@ _TINY_FIELDS = (
 
 
 def tiny_llama_config(spec: ModelSpec, vocab_size: int) -> LlamaConfig:
-  return LlamaConfig(vocab_size=vocab_size, **{f: getattr(spec, f) for f in _TINY_FIELDS})
+  fields = {f: getattr(spec, f) for f in _TINY_FIELDS}
+  fields["matmul_dtype"] = precision.matmul_dtype(spec.matmul_dtype)
+  return LlamaConfig(vocab_size=vocab_size, **fields)
 
 
 def build_lm(spec: ModelSpec, vocab_size: int, seed: int) -> tuple[Transformer, Any]:

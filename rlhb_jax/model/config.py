@@ -25,10 +25,17 @@ class ModelSpec:
   tie_embeddings: bool = True
   dtype: str = "float32"  # activations: float32 | bfloat16
   param_dtype: str = "float32"  # parameters: float32 | bfloat16
-  # Matmul operands, summed in float32 ("" = dtype). On a CPU with AMX, "bfloat16" with float32
-  # activations is the fast mix for training (docs/PERFORMANCE.md).
+  # Matmul operands, summed in float32 ("" = dtype). On accelerators and CPUs with AMX-BF16 or
+  # AVX-512 BF16, "bfloat16" with float32 activations is the fast mix for training; elsewhere it is
+  # twice as slow as float32. "auto" picks per machine (model/precision.py, docs/PERFORMANCE.md).
   matmul_dtype: str = ""
   remat: bool = False  # rematerialise each layer in the backward pass
+
+  def __post_init__(self):
+    if self.matmul_dtype not in ("", "auto", "float32", "bfloat16"):
+      raise ValueError(
+        f"config.model.matmul_dtype={self.matmul_dtype!r}: expected '', auto, float32 or bfloat16"
+      )
 
 
 @dataclasses.dataclass(frozen=True)

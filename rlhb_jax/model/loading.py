@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from rlhb_jax.data.tokenization import Tokenizer
-from rlhb_jax.model import gguf_file
+from rlhb_jax.model import gguf_file, precision
 from rlhb_jax.model.config import ModelSpec
 from rlhb_jax.model.llama import LlamaConfig, Transformer
 
@@ -304,7 +304,7 @@ def load_model(spec: ModelSpec, *, rngs_seed: int = 0) -> tuple[Transformer, Tok
     cfg,
     dtype=spec.dtype,
     param_dtype=spec.param_dtype,
-    matmul_dtype=spec.matmul_dtype,
+    matmul_dtype=precision.matmul_dtype(spec.matmul_dtype),
     remat=spec.remat,
   )
   return build_transformer(cfg, params), tokenizer

@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from rlhb_jax.data.batches import pad_prompts
+from rlhb_jax.model import precision
 from rlhb_jax.model.config import SamplingConfig
 from rlhb_jax.model.llama import Cache, LayerCache, Transformer, positions_from_mask
 
@@ -72,7 +73,8 @@ def decodes_as_trained(cfg: SamplingConfig, spec) -> bool:
   """Whether the sampler computes exactly as the training forward of a model built from `spec`
   (a `ModelSpec`: `dtype`, `matmul_dtype`)."""
   dtype = decode_dtype(cfg)
-  return dtype is None or (spec.dtype == dtype and (spec.matmul_dtype or spec.dtype) == dtype)
+  matmul = precision.matmul_dtype(spec.matmul_dtype) or spec.dtype
+  return dtype is None or (spec.dtype == dtype and matmul == dtype)
 
 
 def sample(
