@@ -12,9 +12,10 @@ bf16 8192^2 on GPU).
   python experiments/bench_train_step.py --stages configs/default.py --compare-ref 6c2aec5 --steps 7
 
 `--compare-ref REV` times the stages of the code at git revision REV (checked out once into
-runs/.ref-REV, a git worktree) and of this checkout in the same run, on the same machine, and
-prints the ratios: the RLHB stage runs a D-only lead of `--lead` steps, then `--steps` actor steps;
-each median leaves out the first step of its kind (the compile).
+runs/.ref-REV, a git worktree) and of this checkout's HEAD in the same run, on the same machine,
+each with its own config (its matmul dtype included), and prints the ratios: the RLHB stage runs
+a D-only lead of `--lead` steps, then `--steps` actor steps; each median leaves out the first step
+of its kind (the compile).
 
 `--compare-trl` times TRL 1.12's PPO step (experiments/trl_ppo_step.py) on the same prompt rows in
 the same run, in a virtual environment it creates once under runs/.trl-venv with pinned versions
@@ -295,15 +296,16 @@ def stage_times(
   `sampling.dtype` (float32 on the CPU)."""
   out = {}
   rlhb_steps = steps + (lead or 0)
-  for dtype in dtypes:
+  for dtype in dtypes:  # "config": the config's own matmul dtype
     with tempfile.TemporaryDirectory() as workdir:
       cmd = [
         sys.executable, "-m", "rlhb_jax.main", "--config", str(ROOT / config),
-        f"--workdir={workdir}", "--config.mode=rlhb", f"--config.model.matmul_dtype={dtype}",
-        f"--config.disc.model.matmul_dtype={dtype}", f"--config.sft.steps={steps}",
+        f"--workdir={workdir}", "--config.mode=rlhb", f"--config.sft.steps={steps}",
         f"--config.disc.warmup_steps={steps}", f"--config.rlhb.steps={rlhb_steps}",
         "--config.log.progress=False", *extra,
       ]  # fmt: skip
+      if dtype != "config":
+        cmd += [f"--config.model.matmul_dtype={dtype}", f"--config.disc.model.matmul_dtype={dtype}"]
       if lead is not None:
         cmd.append(f"--config.rlhb.disc_lead_steps={lead}")
       env = dict(os.environ, PYTHONPATH=str(code))
@@ -313,7 +315,8 @@ def stage_times(
       times = {}
       for stream, _ in STAGES:
         rows = [json.loads(x) for x in (pathlib.Path(workdir) / f"{stream}.jsonl").open()]
-        t = [r["step_time"] for r in rows]
+        t = [r["step_time"] for r in rows if "step_time" in r]  # not the evaluation rows
+        times[f"{stream}_all"] = t
         if stream == "rlhb" and lead:
           times["rlhb_lead"] = statistics.median(t[1:lead])
           times["rlhb"] = statistics.median(t[lead + 1 :])
@@ -321,7 +324,10 @@ def stage_times(
         else:
           times[stream] = statistics.median(t[2:])
         times[f"{stream}_first_step"] = t[0]
-    out[dtype] = {"s_per_step": {k: round(v, 3) for k, v in times.items()}, "wall_s": round(wall)}
+    per_step = {k: round(v, 3) for k, v in times.items() if not k.endswith("_all")}
+    every = {k: [round(x, 2) for x in v] for k, v in times.items() if k.endswith("_all")}
+    out[dtype] = {"s_per_step": per_step, "step_times": every, "wall_s": round(wall)}
+    print(json.dumps({"code": str(code), "dtype": dtype, **out[dtype]}), flush=True)
   return out
 
 
@@ -349,7 +355,7 @@ def compare_ref(args) -> None:
   ).stdout.strip()
   new_code = reference_checkout(head)
   print(f"CPU: {cpu_model()}; reference {args.compare_ref} at {ref}, new {head}", flush=True)
-  dtype = args.dtype.split(",")[-1]
+  dtype = "config"  # each code with its own config's matmul dtype
   old = stage_times(args.stages, [dtype], args.steps, ref, args.lead)[dtype]
   new = stage_times(
     args.stages, [dtype], args.steps, new_code, args.lead, ("--config.checkpoint.compile_cache=",)
