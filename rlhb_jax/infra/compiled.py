@@ -5,14 +5,14 @@
            arguments, temporaries (the peak of XLA's buffer assignment) and generated code;
   cost     `Compiled.cost_analysis()`: FLOPs and bytes accessed (HBM traffic);
   HLO      `Compiled.as_text()`, the optimized module: every all-gather, reduce-scatter, all-reduce,
-           all-to-all and collective-permute with the bytes of its result, and the bytes each
-           instruction outside fusions reads and writes (HBM traffic).
+           all-to-all and collective-permute, with the bytes of its result.
 XLA's cost analysis counts a loop body once, however often it runs (checked: a 10-step scan of a
 matmul reports the FLOPs of one). The steps loop over layers, decoded tokens and minibatches, so
-what they run per step is counted here through the loops: collectives and HBM bytes from the
-optimized HLO, each computation weighted by the known trip counts of the loops around it; FLOPs
-from the step's jaxpr (every dot_general, scans times their length, rematerialised forwards
-included). The cost analysis's own figures are kept beside them (`xla_*`).
+collectives are counted here through the loops (each computation of the optimized HLO weighted by
+the trip counts of the loops around it; on a TPU the FSDP all-gathers of big matmuls become
+loops of collective-permutes, "collective matmuls") and FLOPs come from the step's jaxpr (every
+dot_general, scans times their length, rematerialised forwards included). The cost analysis's
+own figures are kept beside them (`xla_*`).
 `Chip` holds the published peak figures a prediction divides by (Google Cloud TPU docs, "TPU
 v5e" and "TPU v4" system architecture pages).
 """
@@ -35,6 +35,7 @@ _CALLEE = re.compile(
   r"\b(?:body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)"
 )
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_CONSTANT = re.compile(r"%([\w.\-]+)\s*=\s*[su](?:8|16|32|64)\[\][^ ]*\s+constant\((\d+)\)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
 
@@ -78,7 +79,7 @@ def _blocks(lines: list[str]) -> list[tuple[str, list[str]]]:
   blocks: list[tuple[str, list[str]]] = []
   for line in lines:
     m = _COMPUTATION.match(line)
-    if m and "=" not in line.split("{")[0]:
+    if m and not line[:1].isspace():
       blocks.append((m.group("name"), []))
     elif blocks:
       blocks[-1][1].append(line)
@@ -92,7 +93,7 @@ def _trip_count(line: str, blocks: dict[str, list[str]]) -> int:
     return int(m.group(1))
   cond = re.search(r"condition=%?([\w.\-]+)", line)
   body = blocks.get(cond.group(1), []) if cond else []
-  consts = dict(re.findall(r"%([\w.\-]+)\s*=\s*s32\[\][^ ]*\s+constant\((\d+)\)", "\n".join(body)))
+  consts = dict(_CONSTANT.findall("\n".join(body)))
   for b in body:
     if "compare(" in b and "direction=LT" in b:
       for operand in re.findall(r"%([\w.\-]+)", b.split("compare(", 1)[1].split(")")[0]):
@@ -131,7 +132,7 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
   current = None
   for line in lines:
     m = _COMPUTATION.match(line)
-    if m and "=" not in line.split("{")[0]:
+    if m and not line[:1].isspace():
       current = m.group("name")
       continue
     op = _OP.search(line)
@@ -143,42 +144,6 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
     entry["count"] += n
     entry["bytes"] += n * _result_bytes(op.group("op"), bool(op.group("start")), op.group("type"))
   return out
-
-
-_SKIP = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant", "while", "call"}
-_SKIP |= {"conditional", "after-all", "partition-id", "replica-id", "opt-barrier"}
-_INSTR = re.compile(
-  r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<type>.*?)\s(?P<op>[a-z][\w\-]*)\("
-)
-
-
-def hbm_bytes(hlo: str) -> float:
-  """Bytes read and written per step by the instructions outside fusions (a fusion's operands
-  and result; the insides of a fusion stay on chip), through the loops' trip counts."""
-  lines = hlo.splitlines()
-  mult = _multiplicities(lines)
-  fused = set()
-  sizes: dict[str, int] = {}
-  for line in lines:
-    m = _INSTR.match(line)
-    if m:
-      sizes[m.group("name")] = sum(_array_bytes(m.group("type")))
-      if m.group("op") == "fusion":
-        fused.update(re.findall(r"calls=%?([\w.\-]+)", line))
-  total, current = 0.0, None
-  for line in lines:
-    c = _COMPUTATION.match(line)
-    if c and "=" not in line.split("{")[0]:
-      current = c.group("name")
-      continue
-    m = _INSTR.match(line)
-    if not m or current in fused or m.group("op") in _SKIP or m.group("op").endswith("-done"):
-      continue
-    args = line[m.end() :].split(")", 1)[0]
-    operands = re.findall(r"%([\w.\-]+)", args)
-    moved = sizes[m.group("name")] + sum(sizes.get(o, 0) for o in operands)
-    total += max(mult.get(current, 1), 1) * moved
-  return total
 
 
 def jaxpr_flops(jaxpr: Any) -> float:
@@ -210,9 +175,9 @@ def step_stats(
   """Memory, FLOPs, HBM bytes, collectives and a predicted time of one step, per device, from
   its `jax.stages.Traced` (for the jaxpr) and `Compiled`.
 
-  predicted_s = max(FLOPs / (peak x mfu), HBM bytes / HBM bandwidth): the compute time at the
-  stated model-FLOPs utilisation, or the time to stream the bytes the step moves, whichever is
-  longer (decoding a few tokens is bound by the second)."""
+  predicted_s = max(FLOPs / (peak x mfu), argument bytes / HBM bandwidth): the compute time at
+  the stated model-FLOPs utilisation, or the time to read every argument (weights, state, cache)
+  once, whichever is longer; a decode step is bound by the second."""
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list | tuple) else cost
@@ -225,7 +190,6 @@ def step_stats(
     "code_bytes": int(mem.generated_code_size_in_bytes),
     # The jaxpr is the whole step on all `devices`: an even share each, as MFU counts.
     "flops": jaxpr_flops(traced.jaxpr) / devices,
-    "hbm_bytes": hbm_bytes(hlo),
     "xla_flops": float(cost.get("flops", 0.0)),
     "xla_bytes_accessed": float(cost.get("bytes accessed", 0.0)),
     "collectives": collectives(hlo),
@@ -241,7 +205,7 @@ def step_stats(
   if chip is not None:
     out["hbm_share"] = out["total_bytes"] / chip.hbm_bytes
     compute = out["flops"] / (chip.peak_flops * mfu)
-    memory = out["hbm_bytes"] / chip.hbm_bytes_per_s
+    memory = out["argument_bytes"] / chip.hbm_bytes_per_s
     out["predicted_s"] = max(compute, memory)
     out["bound"] = "compute" if compute >= memory else "memory"
   return out

@@ -75,11 +75,10 @@ def model_shape(cfg: Config) -> LlamaConfig:
   return dataclasses.replace(SHAPES[preset], **{f: getattr(spec, f) for f in fields})
 
 
-def for_target(cfg: Config, platform: str) -> Config:
-  """`cfg` as it runs on `platform`: the sampler's "auto" settings resolve by the backend, which
-  here is the host's CPU, so they are set to what they pick on an accelerator."""
-  if platform == "cpu":
-    return cfg
+def on_accelerator(cfg: Config) -> Config:
+  """`cfg` as it runs on an accelerator: the sampler's "auto" settings resolve by the backend,
+  which here is the host's CPU (also for "cpu:N", which stands in for a GPU's memory), so they
+  are set to what they pick on a TPU or GPU (the layer scan, the model's dtypes)."""
   s = cfg.sampling
   layers = "scan" if s.decode_layers == "auto" else s.decode_layers
   dtype = "model" if s.dtype == "auto" else s.dtype
@@ -263,6 +262,10 @@ def traced_steps(cfg: Config, mesh, steps=COMPILE_STEPS) -> dict[str, Any]:
   return out
 
 
+_COLUMNS = ("step", "args", "out", "alias", "temp", "code", "total GiB", "HBM", "TFLOP")
+_COLUMNS += ("XLA GB accessed", "predicted", "collectives (per step)")
+
+
 def _row(name: str, s: dict, chip) -> dict:
   gib = lambda b: f"{b / 2**30:.2f}"
   coll = ", ".join(
@@ -280,7 +283,7 @@ def _row(name: str, s: dict, chip) -> dict:
     "total GiB": gib(s["total_bytes"]),
     "HBM": f"{100 * s['hbm_share']:.0f} %" if chip else "-",
     "TFLOP": f"{s['flops'] / 1e12:.2f}",
-    "HBM GB moved": f"{s['hbm_bytes'] / 1e9:.1f}",
+    "XLA GB accessed": f"{s['xla_bytes_accessed'] / 1e9:.1f}",
     "predicted": f"{s['predicted_s']:.3f} s ({s['bound']})" if chip else "-",
     "collectives (per step)": coll or "none",
   }
@@ -295,19 +298,27 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
   jax.config.update("jax_enable_compilation_cache", False)
   devices = topology_devices(cc.topology)
   chip = compiled_lib.CHIPS.get(devices[0].device_kind)
-  cfg = for_target(cfg, devices[0].platform)
+  cfg = on_accelerator(cfg)
   mesh = sharding.make_mesh(cfg.mesh, devices)
   kind = devices[0].device_kind
   print(f"compile: {len(devices)} x {kind} ({cc.topology}), mesh {dict(mesh.shape)}", flush=True)
   results, rows = {}, []
   for name, traced in traced_steps(cfg, mesh, cc.steps).items():
     t0 = time.perf_counter()
-    exe = traced.lower().compile()
+    try:
+      exe = traced.lower().compile()
+    except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses what does not fit in HBM
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      results[name] = {"fits": False, "error": str(e).strip().splitlines()[0]}
+      rows.append({"step": name, "HBM": "does not fit", "collectives (per step)": str(e)[:160]})
+      print(f"{name}: {results[name]['error']}", flush=True)
+      continue
     stats = compiled_lib.step_stats(traced, exe, len(devices), chip, cc.mfu)
     stats["compile_s"] = time.perf_counter() - t0
-    results[name] = stats
+    results[name] = stats | {"fits": True}
     rows.append(_row(name, stats, chip))
-    log.info("compiled %s in %.1f s", name, stats["compile_s"])
+    print(format_table(rows[-1:], list(rows[-1])), f"(compiled in {stats['compile_s']:.0f} s)")
   versions = {"jax": jax.__version__, "libtpu": _libtpu_version()}
   report = {
     "topology": cc.topology,
@@ -323,7 +334,7 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
   }
   if jax.process_index() == 0:
     (workdir / "compile.json").write_text(json.dumps(report, indent=2))
-  print(format_table(rows, list(rows[0])))
+  print(format_table(rows, _COLUMNS))
   note = f"at {cc.mfu:.0%} MFU of {chip.peak_flops / 1e12:.0f} TFLOP/s" if chip else ""
   print(f"bytes per device; {note}; jax {versions['jax']}, libtpu {versions['libtpu']}")
   return report

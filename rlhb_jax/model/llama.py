@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rlhb_jax.infra import sharding
 from rlhb_jax.model import lora
 
 _MASKED = -1e30  # finite, so fully masked rows (left padding) give a uniform softmax, not NaN
@@ -229,6 +230,7 @@ def _lora_scale(cfg: LlamaConfig) -> float:
 
 def _layer(cfg: LlamaConfig, x, p, k_cache, v_cache, positions, allowed, index, inv_freq):
   """One decoder layer. x: (B, T, D); k_cache/v_cache: (B, S, K, H); allowed: (B, T, S)."""
+  x = sharding.constrain_batch(x)
   scale = _lora_scale(cfg)
   q, k, v = _qkv(cfg, x, p, positions, inv_freq, scale)
   if k_cache is None:
@@ -293,7 +295,7 @@ class Transformer(nnx.Module):
     cfg = self.cfg if dtype is None else dataclasses.replace(self.cfg, dtype=dtype, matmul_dtype="")
     dt = jnp.dtype(cfg.dtype)
     B, T = tokens.shape
-    x = self.embed[...].astype(dt)[tokens]
+    x = sharding.constrain_batch(self.embed[...].astype(dt)[tokens])
     inv_freq = rope_frequencies(cfg)
     if cache is None:
       causal = jnp.tril(jnp.ones((T, T), bool))
@@ -351,7 +353,7 @@ class Transformer(nnx.Module):
     """
     cfg = self.cfg if dtype is None else dataclasses.replace(self.cfg, dtype=dtype, matmul_dtype="")
     dt = jnp.dtype(cfg.dtype)
-    x = self.embed[...].astype(dt)[tokens]
+    x = sharding.constrain_batch(self.embed[...].astype(dt)[tokens])
     inv_freq = rope_frequencies(cfg)
     index = cache.index
     kv_mask, allowed = _cached_attention(cache.mask, mask, index)
