@@ -37,6 +37,9 @@ class RewardSource:
   show: tuple[str, ...] = ()  # the progress bar's metrics besides reward_mean, kl, tokens_per_s
   single_process: bool = False  # a host callback: one process only
   simulator_only: bool = False  # needs the simulator's own logs and is an offline ceiling
+  # The reward is D's score of the rollouts alone (without ppo.reward_contrast), which D's update
+  # computes anyway: `step.fused_disc_scoring` reads it off that update's forward.
+  disc_score_only: bool = False
 
 
 SOURCES = Registry("config.reward.source", RewardSource)
@@ -46,6 +49,11 @@ get = SOURCES.get
 
 def uses_disc(cfg: Config) -> bool:
   return get(cfg.reward.source).uses_disc
+
+
+def disc_score_only(cfg: Config) -> bool:
+  """Whether the reward is D's score of the rollouts alone (no contrast prefix, nothing beside)."""
+  return get(cfg.reward.source).disc_score_only and not cfg.ppo.reward_contrast
 
 
 def classifier_reward(logits: jax.Array, bin_counts, num, den) -> jax.Array:
@@ -61,7 +69,7 @@ def classifier_reward(logits: jax.Array, bin_counts, num, den) -> jax.Array:
   return top / jnp.maximum(bottom, 1e-6)
 
 
-@register("disc", uses_disc=True, show=("d_real", "d_fake"))
+@register("disc", uses_disc=True, show=("d_real", "d_fake"), disc_score_only=True)
 def disc_reward(roles, state, batch: dict, ro, cfg: Config):
   """f(D(q, r, target)), or with `ppo.reward_contrast` f(D(target) - D(least preferred)); the two
   prefixes are scored in one batched pass over the rollouts."""

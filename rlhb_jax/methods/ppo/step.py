@@ -239,9 +239,7 @@ def fused_disc_scoring(cfg: Config) -> bool:
   """Whether D scores the rollouts inside its own update (`disc_update(scored=B)`) rather than
   in a pass of its own: with the plain D reward (no contrast prefix, no reward model beside it)
   and one D update per step, that update's forward runs the very weights the reward reads."""
-  return (
-    cfg.reward.source == "disc" and not cfg.ppo.reward_contrast and cfg.disc.updates_per_step == 1
-  )
+  return rewards.disc_score_only(cfg) and cfg.disc.updates_per_step == 1
 
 
 def _disc_updates(roles: Roles, cfg: Config, state: RLHBState, batch, ro, raw_reward):
