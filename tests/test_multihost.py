@@ -2,7 +2,10 @@
 
 The same pipeline through `python -m rlhb_jax.infra.launch` must give the per-step metrics and final
 parameters of one process with 8 devices on the same (2, 2, 2) mesh, write each file once, and
-resume after one of its processes is killed to the parameters of the uninterrupted run.
+resume after one of its processes is killed to the parameters of the uninterrupted run. The tiny
+model carries LoRA adapters on the generator (and its critic) and on D, as configs/default.py
+does: every stage trains adapters on a frozen base and saves the merged weights, global arrays
+that all processes write together.
 
 The one-process reference is launched the same way (`--num_processes 1 --devices_per_process 8`),
 so both use gloo's collectives; on this tiny model they agree bit for bit (on the default model
@@ -37,6 +40,8 @@ ARGS = [
   "--config.checkpoint.every_steps=2",
   "--config.checkpoint.async_save=False",
   "--config.mesh.shape=2,2,2",
+  "--config.lora.rank=4",
+  "--config.disc.lora.rank=4",
 ]
 TIMING = ("time", "step_time", "tokens_per_s")
 
@@ -52,8 +57,14 @@ def rows(path: pathlib.Path) -> list[dict]:
 
 
 def params(path: pathlib.Path):
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(path)
+  """models/NAME as NumPy arrays: saved as global arrays from 2 processes, which this process
+  (one, 8 devices) cannot lay out as they were."""
+  with ocp.PyTreeCheckpointer() as ckptr:
+    tree = ckptr.metadata(path).item_metadata
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    out = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+  assert not any("lora_" in jax.tree_util.keystr(k) for k, _ in jax.tree.leaves_with_path(out))
+  return out
 
 
 def assert_params_close(a, b, rtol):
