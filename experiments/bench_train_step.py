@@ -299,7 +299,7 @@ def stage_times(
   for dtype in dtypes:  # "config": the config's own matmul dtype
     with tempfile.TemporaryDirectory() as workdir:
       cmd = [
-        sys.executable, "-m", "rlhb_jax.main", "--config", str(ROOT / config),
+        sys.executable, "-m", "rlhb_jax.main", "--config", str(code / config),
         f"--workdir={workdir}", "--config.mode=rlhb", f"--config.sft.steps={steps}",
         f"--config.disc.warmup_steps={steps}", f"--config.rlhb.steps={rlhb_steps}",
         "--config.log.progress=False", *extra,
