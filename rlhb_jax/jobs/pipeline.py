@@ -100,7 +100,8 @@ def run(cfg: Config, workdir: pathlib.Path) -> dict:
       for name, v in knob.items():
         ex = v["example"]
         print(f"  {name}: {v['behavior']!r}\n    {ex['query']} -> {' '.join(ex['answer'].split())}")
-    print(f"summary: {run_.workdir / 'summary.json'}")
+  print(f"summary: {run_.workdir / 'summary.json'}")  # every process: each evaluated alike
+  if sharding.is_primary():
     header = f"{cfg.model.source}, seed {cfg.seed}, {summary['wall_seconds']:.0f} s"
     report = showcase.write_report(
       run_.workdir / "report.html",
