@@ -162,13 +162,9 @@ def _host_key() -> str:
   import hashlib
   import platform
 
-  cpu = platform.machine()
-  try:
-    info = pathlib.Path("/proc/cpuinfo").read_text()
-    for field in ("model name", "flags"):  # the first core's (all cores alike)
-      cpu += next((x for x in info.splitlines() if x.startswith(field)), "")
-  except OSError:
-    pass
+  from rlhb_jax.model.precision import cpu_flags
+
+  cpu = platform.machine() + " ".join(sorted(cpu_flags()))
   return hashlib.sha256(f"{jax.__version__}|{cpu}".encode()).hexdigest()[:16]
 
 
